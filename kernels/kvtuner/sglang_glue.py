@@ -1,0 +1,102 @@
+"""What the SGLang patches call.  Kept here so the patches stay a few lines each.
+
+Nothing in this module imports SGLang at import time; ``server_args`` is SGLang's
+``ServerArgs`` (or anything with the same fields).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from kvtuner.config import KVTUNER_DTYPES, KVQuantConfig, KVTunerConfigError
+
+logger = logging.getLogger(__name__)
+
+# Attention backends whose kvtuner path exists (prefill and decode).  Others are refused.
+SUPPORTED_BACKENDS = ("triton",)
+DEFAULT_BACKEND = "triton"
+
+
+def is_quantized_dtype(kv_cache_dtype: Optional[str]) -> bool:
+    return kv_cache_dtype in KVTUNER_DTYPES
+
+
+def config_from_server_args(server_args: Any) -> Optional[KVQuantConfig]:
+    """The typed config the server args describe, or None for an unquantized cache."""
+    return KVQuantConfig.from_flags(
+        kv_cache_dtype=getattr(server_args, "kv_cache_dtype", "auto"),
+        enable_kvtuner_quant=bool(getattr(server_args, "enable_kvtuner_quant", False)),
+        nbits_key=getattr(server_args, "kvtuner_nbits_key", None),
+        nbits_value=getattr(server_args, "kvtuner_nbits_value", None),
+        axis_key=getattr(server_args, "kvtuner_axis_key", None),
+        axis_value=getattr(server_args, "kvtuner_axis_value", None),
+        q_group_size=getattr(server_args, "kvtuner_q_group_size", None),
+        residual_length=getattr(server_args, "kvtuner_residual_length", None),
+        asym=bool(getattr(server_args, "kvtuner_asym", False)),
+        config_path=getattr(server_args, "kvtuner_config", None),
+    )
+
+
+def resolve_server_args(server_args: Any) -> Optional[KVQuantConfig]:
+    """Map the seed flags onto ``--kv-cache-dtype`` and normalize the kvtuner fields.
+
+    Runs early in ``ServerArgs.__post_init__`` (model independent).  With quantized KV and
+    no attention backend named, picks one that can read the format.
+    """
+    cfg = config_from_server_args(server_args)
+    if cfg is None:
+        return None
+    for name, value in cfg.to_flags().items():
+        setattr(server_args, name, value)
+    named = [
+        getattr(server_args, f, None)
+        for f in ("attention_backend", "prefill_attention_backend", "decode_attention_backend")
+    ]
+    if not any(named) and getattr(server_args, "device", None) in (None, "cuda"):
+        server_args.attention_backend = DEFAULT_BACKEND
+        logger.info("kvtuner: --kv-cache-dtype %s: attention backend %s", cfg.dtype, DEFAULT_BACKEND)
+    logger.info("kvtuner: quantized KV cache %s", cfg.describe())
+    return cfg
+
+
+def check_server_args(server_args: Any, model_config: Any, attention_backends: tuple) -> None:
+    """Model- and backend-dependent checks, after SGLang resolved the attention backends."""
+    cfg = config_from_server_args(server_args)
+    if cfg is None:
+        return
+    arch = ""
+    archs = getattr(getattr(model_config, "hf_config", None), "architectures", None)
+    if archs:
+        arch = archs[0]
+    is_mla = "MLA" in str(getattr(model_config, "attention_arch", "")).upper()
+    cfg.check_model(
+        num_layers=model_config.num_hidden_layers,
+        head_dim=model_config.head_dim,
+        v_head_dim=getattr(model_config, "v_head_dim", None) or model_config.head_dim,
+        is_mla=is_mla,
+        arch=arch,
+    )
+    for which, backend in zip(("prefill", "decode"), attention_backends):
+        if backend not in SUPPORTED_BACKENDS:
+            flag = "--attention-backend" if len(set(attention_backends)) == 1 else f"--{which}-attention-backend"
+            raise KVTunerConfigError(
+                f"{flag} {backend} cannot read --kv-cache-dtype {cfg.dtype}; "
+                f"supported: {', '.join(SUPPORTED_BACKENDS)}"
+            )
+
+
+# The quantized memory pool and attention path are wired by the integration patches; until
+# they are in the series, a quantized dtype is refused when the model runner starts rather
+# than silently served in bf16.
+POOL_AVAILABLE = False
+
+
+def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: Any) -> tuple[str, Any]:
+    """``(resolved name, torch dtype of K/V entering the pool)`` for a kvtuner dtype."""
+    if not POOL_AVAILABLE:
+        raise KVTunerConfigError(
+            f"--kv-cache-dtype {kv_cache_dtype} is parsed and validated, but this build has no "
+            "quantized KV pool yet; use --kv-cache-dtype auto/fp8_e4m3"
+        )
+    return kv_cache_dtype, model_dtype

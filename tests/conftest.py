@@ -1,0 +1,46 @@
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+PRESETS = SHARED / "kvtuner-presets"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def presets() -> Path:
+    if not PRESETS.is_dir():
+        pytest.skip("../shared/kvtuner-presets is absent")
+    return PRESETS
+
+
+@pytest.fixture(scope="session")
+def quilt():
+    if shutil.which("quilt") is None:
+        pytest.skip("quilt is not installed")
+    return "quilt"
