@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import csv
+import io
 import hashlib
 import json
 import os
@@ -79,12 +81,13 @@ def repack(tree: Path, out_dir: Path, version: str, build_info: dict) -> Path:
     record_rel = f"{new.name}/RECORD"
     files = sorted(f for f in files if f != record_rel)
 
-    record_lines = []
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")  # quotes paths that hold commas
     for rel in files:
         data = (tree / rel).read_bytes()
-        record_lines.append(f"{rel},{_record_hash(data)},{len(data)}")
-    record_lines.append(f"{record_rel},,")
-    (tree / record_rel).write_text("\n".join(record_lines) + "\n")
+        writer.writerow([rel, _record_hash(data), len(data)])
+    writer.writerow([record_rel, "", ""])
+    (tree / record_rel).write_text(buf.getvalue())
 
     py, abi, plat = tags[0].split("-")
     out_dir.mkdir(parents=True, exist_ok=True)

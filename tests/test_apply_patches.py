@@ -3,6 +3,8 @@ the rebase report and the repacked wheel.  Uses the pinned wheel from cache/whee
 `make test` downloads before pytest runs); skips where it is absent."""
 
 import base64
+import csv
+import io
 import hashlib
 import os
 import shutil
@@ -170,8 +172,10 @@ def test_repacked_wheel(tmp_path, pinned_wheel, quilt):
         assert "Version: 0.5.17+kvtuner." in zf.read(f"{di}/METADATA").decode()
         assert b"kvtuner_nbits_key" in zf.read("sglang/srt/server_args.py")
         assert not any(n.startswith((".pc/", "patches/")) or n.endswith((".orig", ".rej")) for n in names)
-        for row in zf.read(f"{di}/RECORD").decode().splitlines():
-            path, digest, size = row.rsplit(",", 2)
+        rows = list(csv.reader(io.StringIO(zf.read(f"{di}/RECORD").decode())))
+        assert len(rows) == len([n for n in names if not n.endswith("/")])
+        assert any("," in r[0] for r in rows)  # sglang ships file names with commas
+        for path, digest, size in rows:
             if not digest:
                 continue
             data = zf.read(path)
