@@ -18,6 +18,13 @@ def _has_cuda() -> bool:
         return False
 
 
+# Without a GPU, Triton kernels (ours and SGLang's) run in the interpreter on CPU tensors.
+# Must be set before any kernel module is imported (triton.jit reads it at decoration).
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if _has_cuda() else "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():
         return

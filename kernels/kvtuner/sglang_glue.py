@@ -77,6 +77,12 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
         is_mla=is_mla,
         arch=arch,
     )
+    for field, fine, flag in _UNSUPPORTED_FEATURES:
+        value = getattr(server_args, field, fine)
+        if value is not None and value != fine:
+            raise KVTunerConfigError(
+                f"{flag} {value} is not supported with --kv-cache-dtype {cfg.dtype} yet"
+            )
     for which, backend in zip(("prefill", "decode"), attention_backends):
         if backend not in SUPPORTED_BACKENDS:
             flag = "--attention-backend" if len(set(attention_backends)) == 1 else f"--{which}-attention-backend"
@@ -86,10 +92,19 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
             )
 
 
-# The quantized memory pool and attention path are wired by the integration patches; until
-# they are in the series, a quantized dtype is refused when the model runner starts rather
-# than silently served in bf16.
-POOL_AVAILABLE = False
+# The quantized memory pool and the triton attention path are wired by patches 0003-0006.
+POOL_AVAILABLE = True
+
+# Server features whose code paths read or move KV in ways the packed pool does not support
+# yet: (field, value that is fine, flag named in the message).
+_UNSUPPORTED_FEATURES = (
+    ("speculative_algorithm", None, "--speculative-algorithm"),
+    ("enable_hierarchical_cache", False, "--enable-hierarchical-cache"),
+    ("disaggregation_mode", "null", "--disaggregation-mode"),
+    ("enable_deterministic_inference", False, "--enable-deterministic-inference"),
+    ("dcp_size", 1, "--dcp-size"),
+    ("enable_page_major_kv_layout", False, "--enable-page-major-kv-layout"),
+)
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: Any) -> tuple[str, Any]:

@@ -1,0 +1,265 @@
+#!/usr/bin/env python3
+"""GPU microbenchmark for the kvtuner kernels (not a test).
+
+Times decode attention for bf16 (SGLang's own triton ``decode_attention_fwd`` when
+importable) and our kernel at 16-bit, int8, int4, int2 and K8V4; reports time per call,
+bytes moved per call (packed K+V+meta read + q/o), achieved GB/s, fraction of HBM peak
+and the ratio vs SGLang bf16 (or vs our 16-bit kernel when SGLang is unavailable).
+Also times the store kernel (throughput, and 8k tokens relative to an 8k prefill's
+attention through our extend kernel at 16-bit).
+
+    PYTHONPATH=kernels python bench/kernels_bench.py [--quick] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "kernels"))
+
+from kvtuner.format import TensorFormat  # noqa: E402
+from kvtuner.ops import QuantKV, decode_attention, extend_attention, quantize_store  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except Exception:  # pragma: no cover
+    tqdm = None
+
+HBM_PEAK = {"H100": 3.35e12, "H200": 4.8e12, "H20": 4.0e12, "A100": 2.0e12}
+
+# name -> (k bits, v bits); group size and asym from the command line
+CONFIGS = {"bf16": (16, 16), "int8": (8, 8), "int4": (4, 4), "int2": (2, 2), "k8v4": (8, 4)}
+
+
+def hbm_peak(name: str) -> float:
+    for key in ("H200", "H100", "H20", "A100"):
+        if key in name:
+            return HBM_PEAK[key]
+    return float("nan")
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return os.environ.get("GIT_SHA", os.environ.get("KVTUNER_GIT_SHA", "unknown"))
+
+
+def try_sglang():
+    try:
+        from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd  # type: ignore
+
+        return decode_attention_fwd, None
+    except Exception as e:  # noqa: BLE001
+        return None, f"unavailable: {type(e).__name__}: {e}"[:300]
+
+
+def bench_ms(fn, quick: bool) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 400, return_mode="median"))
+
+
+def fill_pool(kc: QuantKV, vc: QuantKV) -> None:
+    s, h = kc.num_slots, kc.num_heads
+    chunk = 1 << 18
+    for i in range(0, s, chunk):
+        n = min(chunk, s - i)
+        k = torch.randn(n, h, kc.fmt.head_dim, dtype=torch.bfloat16, device=kc.device)
+        v = torch.randn(n, h, vc.fmt.head_dim, dtype=torch.bfloat16, device=kc.device)
+        quantize_store(k, v, torch.arange(i, i + n, device=kc.device), kc, vc)
+
+
+def num_splits_for(batch: int, ctx: int, hkv: int, sms: int, max_splits: int) -> int:
+    # like SGLang's heuristic in spirit: enough programs to fill the GPU, at least 256 tokens a split
+    want = max(1, math.ceil(2 * sms / max(1, batch * hkv)))
+    return int(max(1, min(max_splits, want, math.ceil(ctx / 256))))
+
+
+def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
+    kb, vb = CONFIGS[cfg]
+    g = args.group
+    kf = TensorFormat(kb, d, g if kb != 16 else d, args.asym and kb != 16)
+    vf = TensorFormat(vb, d, g if vb != 16 else d, args.asym and vb != 16)
+    s = batch * ctx
+    k_bytes = s * hkv * kf.bytes_per_token_head()
+    v_bytes = s * hkv * vf.bytes_per_token_head()
+    if k_bytes + v_bytes > args.mem_budget_gib * 2**30:
+        return {"skipped": f"pool {((k_bytes + v_bytes) / 2**30):.1f} GiB > budget"}
+    kc = QuantKV.empty(s, hkv, kf, device=device)
+    vc = QuantKV.empty(s, hkv, vf, device=device)
+    fill_pool(kc, vc)
+    idx = torch.randperm(s, device=device) if args.shuffle else torch.arange(s, device=device)
+    indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
+    o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)
+    ms = args.max_splits
+    ns = num_splits_for(batch, ctx, hkv, sms, ms)
+    logits = torch.empty(batch, hq, ms, d, dtype=torch.float32, device=device)
+    lse = torch.empty(batch, hq, ms, dtype=torch.float32, device=device)
+    nsplit = torch.full((batch,), ns, dtype=torch.int32, device=device)
+    sm = d**-0.5
+    t = bench_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
+    moved = k_bytes + v_bytes + q.numel() * 2 + o.numel() * 2 + idx.numel() * idx.element_size()
+    res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns}
+    sg = None
+    if cfg == "bf16" and sglang_fwd is not None:
+        try:
+            sg = bench_ms(
+                lambda: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, logits, lse, nsplit, ms, sm, 1.0, 1.0),
+                args.quick,
+            )
+            res["sglang_ms"] = sg
+        except Exception as e:  # noqa: BLE001
+            res["sglang_error"] = f"{type(e).__name__}: {e}"[:300]
+    del kc, vc, logits
+    torch.cuda.empty_cache()
+    return res
+
+
+def store_case(args, device, hkv, d, cfg):
+    kb, vb = CONFIGS[cfg]
+    g = args.group
+    kf = TensorFormat(kb, d, g if kb != 16 else d, args.asym and kb != 16)
+    vf = TensorFormat(vb, d, g if vb != 16 else d, args.asym and vb != 16)
+    t = 8192
+    s = 4 * t
+    kc = QuantKV.empty(s, hkv, kf, device=device)
+    vc = QuantKV.empty(s, hkv, vf, device=device)
+    k = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
+    v = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
+    slots = torch.randperm(s, device=device)[:t]
+    ms = bench_ms(lambda: quantize_store(k, v, slots, kc, vc), args.quick)
+    moved = 2 * k.numel() * 2 + t * hkv * (kf.bytes_per_token_head() + vf.bytes_per_token_head())
+    return {"tokens": t, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6, "tokens_per_s": t / ms * 1e3}
+
+
+def prefill_ms(args, device, hq, hkv, d):
+    """Our extend kernel at 16-bit, one 8k-token request with no prefix."""
+    t = 8192
+    f = TensorFormat(16, d, d)
+    kc = QuantKV.empty(1, hkv, f, device=device)
+    q = torch.randn(t, hq, d, dtype=torch.bfloat16, device=device)
+    k = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
+    v = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
+    o = torch.empty_like(q)
+    qo = torch.tensor([0, t], dtype=torch.int32, device=device)
+    kvp = torch.tensor([0, 0], dtype=torch.int32, device=device)
+    idx = torch.zeros(1, dtype=torch.int64, device=device)
+    return bench_ms(lambda: extend_attention(q, k, v, o, kc, kc, qo, kvp, idx, t, d**-0.5), args.quick)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few shapes, short timing")
+    ap.add_argument("--out", default=None, help="write results JSON here")
+    ap.add_argument("--group", type=int, default=64, help="group size for quantized formats")
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--max-splits", type=int, default=16)
+    ap.add_argument("--mem-budget-gib", type=float, default=40.0)
+    ap.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="contiguous slots instead of a random permutation")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    peak = hbm_peak(name)
+    sglang_fwd, sglang_status = try_sglang()
+    try:
+        import flashinfer  # type: ignore  # noqa: F401
+
+        fi_status = "importable (not timed: no packed-format path)"
+    except Exception as e:  # noqa: BLE001
+        fi_status = f"unavailable: {type(e).__name__}"
+
+    if args.quick:
+        shapes = [(16, 1024), (64, 8192)]
+        heads = [(32, 8)]
+        cfgs = ["bf16", "int8", "int4", "int2", "k8v4"]
+    else:
+        shapes = [(b, c) for b in (1, 16, 64, 256) for c in (1024, 8192, 32768)]
+        heads = [(32, 8), (28, 4)]
+        cfgs = list(CONFIGS)
+    d = 128
+    results = {
+        "device": name,
+        "sms": sms,
+        "hbm_peak_Bps": peak,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "git_sha": git_sha(),
+        "argv": sys.argv,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "sglang": "available" if sglang_fwd is not None else sglang_status,
+        "flashinfer": fi_status,
+        "group": args.group,
+        "asym": args.asym,
+        "shuffled_slots": args.shuffle,
+        "decode": [],
+        "store": [],
+    }
+    jobs = [(b, c, hq, hkv, cfg) for (b, c) in shapes for (hq, hkv) in heads for cfg in cfgs]
+    it = tqdm(jobs, desc="decode") if tqdm is not None else jobs
+    base = {}
+    for b, c, hq, hkv, cfg in it:
+        try:
+            r = decode_case(args, b, c, hq, hkv, d, cfg, sglang_fwd, device, sms)
+        except torch.cuda.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            r = {"skipped": f"OOM: {e}"[:200]}
+        row = {"batch": b, "ctx": c, "hq": hq, "hkv": hkv, "d": d, "config": cfg, **r}
+        if "ms" in r:
+            row["frac_hbm_peak"] = r["GBps"] * 1e9 / peak if peak == peak else None
+            key = (b, c, hq, hkv)
+            if cfg == "bf16":
+                base[key] = r.get("sglang_ms", r["ms"])
+                row["baseline"] = "sglang_bf16" if "sglang_ms" in r else "kvtuner_16bit"
+            if key in base:
+                row["speedup_vs_bf16"] = base[key] / r["ms"]
+        results["decode"].append(row)
+        if tqdm is None:
+            print(json.dumps(row), flush=True)
+
+    for hq, hkv in heads:
+        pre = prefill_ms(args, device, hq, hkv, d)
+        for cfg in cfgs:
+            r = store_case(args, device, hkv, d, cfg)
+            r.update({"hq": hq, "hkv": hkv, "d": d, "config": cfg, "prefill_8k_attention_ms": pre,
+                      "store_over_prefill_attention": r["ms"] / pre})
+            results["store"].append(r)
+
+    # summary
+    print(f"# {name}  torch {torch.__version__}  triton {triton.__version__}  sglang: {results['sglang']}")
+    print(f"{'B':>4} {'ctx':>6} {'heads':>6} {'cfg':>5} {'ms':>8} {'GB/s':>8} {'%peak':>6} {'x bf16':>7}")
+    for r in results["decode"]:
+        if "ms" not in r:
+            print(f"{r['batch']:>4} {r['ctx']:>6} {r['hq']}/{r['hkv']:<3} {r['config']:>5}  {r['skipped']}")
+            continue
+        fp = r.get("frac_hbm_peak") or float("nan")
+        print(f"{r['batch']:>4} {r['ctx']:>6} {r['hq']:>3}/{r['hkv']:<2} {r['config']:>5} {r['ms']:8.4f} "
+              f"{r['GBps']:8.0f} {100 * fp:6.1f} {r.get('speedup_vs_bf16', float('nan')):7.2f}"
+              + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else ""))
+    for r in results["store"]:
+        print(f"store {r['hq']}/{r['hkv']} {r['config']:>5}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
+              f"{r['GBps']:.0f} GB/s, {100 * r['store_over_prefill_attention']:.2f}% of an 8k prefill's attention "
+              f"({r['prefill_8k_attention_ms']:.2f} ms)")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

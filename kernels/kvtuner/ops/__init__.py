@@ -1,0 +1,18 @@
+"""Fused Triton kernels for the packed KV format (see ``kvtuner/FORMAT.md``).
+
+* :func:`quantize_store`   quantize new K/V tokens and write them at their slots (one pass)
+* :func:`decode_attention` split-KV decode attention reading the packed pool
+* :func:`extend_attention` prefill/extend attention (packed prefix + full-precision new tokens)
+* :func:`gather_dequant`   dense K or V for given slots, into a caller workspace
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (slowly); set the variable
+before importing this package.
+"""
+
+from kvtuner.ops.decode import decode_attention
+from kvtuner.ops.extend import extend_attention
+from kvtuner.ops.gather import gather_dequant
+from kvtuner.ops.store import quantize_store
+from kvtuner.ops.types import QuantKV
+
+__all__ = ["QuantKV", "quantize_store", "decode_attention", "extend_attention", "gather_dequant"]
