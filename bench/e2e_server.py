@@ -89,8 +89,9 @@ class Server:
             except Exception:
                 pass
             if time.time() - t0 > startup_timeout:
+                tail = self.tail()
                 self.stop()
-                raise RuntimeError(f"server did not start in {startup_timeout:.0f}s: {self.tail()}")
+                raise RuntimeError(f"server did not start in {startup_timeout:.0f}s: {tail}")
             time.sleep(2)
         self.startup_s = time.time() - t0
         info = {}
