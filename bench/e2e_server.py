@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import atexit
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -70,8 +72,32 @@ def http(url: str, payload=None, timeout=600):
         return json.loads(r.read() or b"null")
 
 
+_LIVE: list = []  # servers to stop however this process ends (timeout's SIGTERM included)
+
+
+def _stop_all(*_):
+    for s in list(_LIVE):
+        s.stop()
+    if _:
+        sys.exit(1)
+
+
+atexit.register(_stop_all)
+signal.signal(signal.SIGTERM, _stop_all)
+
+
+def free_port(start: int) -> int:
+    """The first port from ``start`` that nothing listens on (a stale server must not answer)."""
+    for port in range(start, start + 200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return port
+    raise RuntimeError(f"no free port in {start}..{start + 199}")
+
+
 class Server:
     def __init__(self, model: str, flags: list[str], port: int, log: Path, startup_timeout: float):
+        port = free_port(port)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(port),
@@ -79,6 +105,7 @@ class Server:
         self.cmd = cmd
         self.fh = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True)
+        _LIVE.append(self)
         t0 = time.time()
         while True:
             if self.proc.poll() is not None:
@@ -130,12 +157,18 @@ class Server:
         return last, stamps
 
     def stop(self):
+        if self in _LIVE:
+            _LIVE.remove(self)
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
+        try:  # the whole process group: scheduler and detokenizer children too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.fh.close()
 
 
@@ -294,7 +327,7 @@ def main() -> int:
         t0 = time.time()
         server = None
         try:
-            server = Server(args.model, flags, args.port + i, Path(args.logs) / f"{name}.log", args.startup_timeout)
+            server = Server(args.model, flags, args.port + 10 * i, Path(args.logs) / f"{name}.log", args.startup_timeout)
             res["startup_s"] = server.startup_s
             res["max_total_num_tokens"] = server.max_total_num_tokens
             if args.suite == "embedded":
