@@ -29,6 +29,7 @@ help:
 	@echo "make serve [MODEL=..] [KV=int4]   start the patched server (CUDA host)"
 	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
+	@echo "make image            the server image (docker/README.md); make docker-check lints and dry-runs it"
 
 # ---- tools ------------------------------------------------------------------------------------
 deps:
@@ -108,3 +109,6 @@ bench: install
 
 clean:
 	rm -rf build dist .bundle
+
+# the server image: image, image-smoke, docker-check (docker/README.md)
+include docker/docker.mk
