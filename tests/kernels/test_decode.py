@@ -30,7 +30,7 @@ CASES = [
 
 
 def _run(device, kb, kg, vb, vg, asym, d, hq, hkv, lens, cap, window, max_splits=4, splits=None,
-         idx_dtype=torch.int64, out_dtype=torch.float32, seed=0):
+         idx_dtype=torch.int64, out_dtype=torch.float32, seed=0, **kernel_kw):
     gen = torch.Generator().manual_seed(seed + kb * 31 + vb * 17 + d + hq + sum(lens))
     kf, vf = fmt(kb, d, kg, asym), fmt(vb, d, vg, asym)
     total = sum(lens)
@@ -49,7 +49,7 @@ def _run(device, kb, kg, vb, vg, asym, d, hq, hkv, lens, cap, window, max_splits
     nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
     sm = d**-0.5
     decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, max_splits, sm,
-                     logit_cap=cap, sliding_window=window)
+                     logit_cap=cap, sliding_window=window, **kernel_kw)
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr, idx, sm,
                                  logit_cap=cap, sliding_window=window)
     return o, ref, lens
@@ -94,4 +94,16 @@ def test_decode_window_longer_than_sequence(device):
 def test_decode_gpu_long_context(device, kb, vb, hq, hkv):
     o, ref, _ = _run(device, kb, 64, vb, 64, False, 128, hq, hkv, [4099, 1, 2500, 8000], 0.0, -1,
                      max_splits=16, splits=[16, 1, 7, 16])
+    assert_close(o, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_asm,prefetch", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("kb,kg,vb,vg,asym", [(8, 64, 8, 64, False), (4, 64, 4, 64, True), (2, 32, 2, 64, True),
+                                              (8, 64, 4, 32, False), (4, 32, 2, 128, False)])
+def test_decode_gpu_packed_variants(device, use_asm, prefetch, kb, kg, vb, vg, asym):
+    """The packed fast path's unpack variants (inline PTX / portable) and loop forms agree
+    with the reference (the default variant is covered by the tests above)."""
+    o, ref, _ = _run(device, kb, kg, vb, vg, asym, 128, 32, 8, [2100, 1, 333, 64], 0.0, -1,
+                     max_splits=8, splits=[8, 1, 3, 2], use_asm=use_asm, prefetch=prefetch)
     assert_close(o, ref)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32
+from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32, use_inline_asm
 from kvtuner.ops.types import QuantKV
 
 MIN_BLOCK_KV = 32
@@ -218,6 +218,336 @@ def _decode_stage2(
     tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast path: both K and V packed (bits 8/4/2).  The head is cut into byte chunks of
+# C = min(G, P) bytes; chunk c of bit field f holds head elements [k*C, (k+1)*C) with
+# k = f * (P // C) + c, all in one scale group.  Each chunk is turned into float16 codes
+# ``1024 + u * 2**(f*bits)`` (the field masked in place, no shift) and fed to the tensor cores
+# as is: for K the per-field factor is folded into the query chunk and the scale into the
+# [heads, tokens] score tile; for V the scale and factor are folded into the probabilities.
+# No tile is ever permuted or joined back into head_dim order: the output is stored by chunk.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _codes(raw, BITS: tl.constexpr, F: tl.constexpr, USE_ASM: tl.constexpr):
+    """float16 ``1024 + (raw & (mask << F*BITS))`` for a uint8 tile (exact: < 1280)."""
+    if USE_ASM:
+        # two codes per 32-bit register: prmt spreads bytes (0, 1) / (2, 3) into the low
+        # bytes of two 16-bit halves, one AND keeps the field, one OR sets the exponent.
+        if BITS == 8:
+            x = tl.inline_asm_elementwise(
+                "{.reg .b32 c; mov.b32 c, 0x64646464; prmt.b32 $0, $2, c, 0x4140; prmt.b32 $1, $2, c, 0x4342;}",
+                "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+        elif BITS == 4:
+            if F == 0:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x000F000F; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x000F000F; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00F000F0; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00F000F0; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            if F == 0:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00030003; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00030003; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+            elif F == 1:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x000C000C; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x000C000C; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+            elif F == 2:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00300030; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00300030; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+            else:
+                x = tl.inline_asm_elementwise(
+                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00C000C0; or.b32 $0, t, 0x64006400;"
+                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00C000C0; or.b32 $1, t, 0x64006400;}",
+                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
+        x = ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    return x
+
+
+@triton.jit
+def _row(x):
+    """A meta column as a ``[1, N]`` row (the SEP_LOC loaders already give that shape)."""
+    if len(x.shape) == 1:
+        r = x[None, :]
+    else:
+        r = x
+    return r
+
+
+@triton.jit
+def _rows2d(idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, TRANS: tl.constexpr):
+    """Slot rows of one tile loaded as ``[1, N]`` (TRANS) or ``[N, 1]``: each consumer loads
+    its own copy (an L1 hit) so no slot vector has to change layout between consumers."""
+    if TRANS:
+        offs = tl.arange(0, N)[None, :]
+    else:
+        offs = tl.arange(0, N)[:, None]
+    m = offs < n_valid
+    loc = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
+    return loc * stride_s + head_off, m
+
+
+@triton.jit
+def _load_chunks_at(data_ptr, idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, NC: tl.constexpr,
+                    C: tl.constexpr, TRANS: tl.constexpr):
+    row, m = _rows2d(idx_ptr, n_valid, stride_s, head_off, N, TRANS)
+    offs = tl.arange(0, C)
+    out = ()
+    for c in tl.static_range(NC):
+        if TRANS:
+            t = tl.load(data_ptr + row + (c * C + offs)[:, None], mask=m, other=0)
+        else:
+            t = tl.load(data_ptr + row + (c * C + offs)[None, :], mask=m, other=0)
+        out = out + (t,)
+    return out
+
+
+@triton.jit
+def _load_meta_at(meta_ptr, idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, NM: tl.constexpr):
+    """The NM meta columns of one tile, each float32 ``[1, N]``."""
+    row, m = _rows2d(idx_ptr, n_valid, stride_s, head_off, N, True)
+    out = ()
+    for j in tl.static_range(NM):
+        out = out + (tl.load(meta_ptr + row + j, mask=m, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _load_chunks(data_ptr, row, mask_n, NC: tl.constexpr, C: tl.constexpr, TRANS: tl.constexpr):
+    """The NC byte chunks of one tile: ``uint8 [C, N]`` (TRANS) or ``[N, C]`` each."""
+    offs = tl.arange(0, C)
+    out = ()
+    for c in tl.static_range(NC):
+        if TRANS:
+            t = tl.load(data_ptr + row[None, :] + (c * C + offs)[:, None], mask=mask_n[None, :], other=0)
+        else:
+            t = tl.load(data_ptr + row[:, None] + (c * C + offs)[None, :], mask=mask_n[:, None], other=0)
+        out = out + (t,)
+    return out
+
+
+@triton.jit
+def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
+    """The NM meta columns of one tile, each float32 ``[N]``."""
+    out = ()
+    for j in tl.static_range(NM):
+        out = out + (tl.load(meta_ptr + row + j, mask=mask_n, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _decode_stage1_packed(
+    Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh,
+    stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr,
+    K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    SEP_LOC: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hid = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if BLOCK_H < KV_GROUP:
+        VALID_H: tl.constexpr = BLOCK_H
+    else:
+        VALID_H: tl.constexpr = KV_GROUP
+    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = hid * VALID_H + offs_h
+    mask_h = (offs_h < VALID_H) & (heads < HQ)
+
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    if SLIDING_WINDOW > 0:
+        win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
+        start = start + (seq_len - win)
+        seq_len = win
+    n_splits = tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS)
+    n_splits = tl.maximum(n_splits, 1)
+    per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
+    s0 = per_split * split
+    s1 = tl.minimum(s0 + per_split, seq_len)
+
+    # chunking of K and V (see the section comment)
+    KP: tl.constexpr = K_D * K_BITS // 8
+    KC: tl.constexpr = K_G if K_G < KP else KP
+    KNC: tl.constexpr = KP // KC
+    KNF: tl.constexpr = 8 // K_BITS
+    KNG: tl.constexpr = K_D // K_G
+    KCPG: tl.constexpr = K_G // KC  # chunks per group
+    KNM: tl.constexpr = KNG * (2 if K_ASYM else 1)
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VCPG: tl.constexpr = V_G // VC
+    VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
+    VNG: tl.constexpr = V_D // V_G
+
+    offs_kc = tl.arange(0, KC)
+    offs_vc = tl.arange(0, VC)
+    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    accs = ()
+    for k in tl.static_range(VNF * VNC):
+        accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
+
+    if s1 > s0:
+        # query chunks in float16, chunk k scaled by 2**-(f*bits) to undo its field's place
+        qs = ()
+        for k in tl.static_range(KNF * KNC):
+            qk_ = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + k * KC + offs_kc[None, :],
+                          mask=mask_h[:, None], other=0.0).to(tl.float32)
+            qs = qs + ((qk_ * (1.0 / (1 << (k // KNC * K_BITS)))).to(tl.float16),)
+        # per group: sum of the (rounded) query and the constant the code offset adds
+        kconst = ()
+        qsums = ()
+        for g in tl.static_range(KNG):
+            cg = tl.zeros([BLOCK_H], dtype=tl.float32)
+            qg = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j in tl.static_range(KCPG):
+                sq = tl.sum(qs[g * KCPG + j].to(tl.float32), 1)
+                cg += 1024.0 * sq
+                qg += sq * (1 << ((g * KCPG + j) // KNC * K_BITS))
+            if K_ASYM:
+                kconst = kconst + (cg,)
+            else:
+                kconst = kconst + (cg - K_QMIN * qg,)
+            qsums = qsums + (qg,)
+
+        k_head_d = kv_head * stride_kd_h
+        k_head_m = kv_head * stride_km_h
+        v_head_d = kv_head * stride_vd_h
+        v_head_m = kv_head * stride_vm_h
+        offs_b = tl.arange(0, BLOCK_N)
+        idx0 = kv_indices + start
+        if SEP_LOC:
+            k_raw = _load_chunks_at(Kd, idx0 + s0, s1 - s0, stride_kd_s, k_head_d, BLOCK_N, KNC, KC, True)
+            k_mt = _load_meta_at(Km, idx0 + s0, s1 - s0, stride_km_s, k_head_m, BLOCK_N, KNM)
+            v_raw = _load_chunks_at(Vd, idx0 + s0, s1 - s0, stride_vd_s, v_head_d, BLOCK_N, VNC, VC, False)
+            v_mt = _load_meta_at(Vm, idx0 + s0, s1 - s0, stride_vm_s, v_head_m, BLOCK_N, VNM)
+        elif PREFETCH:
+            # software pipelining by hand: tile i+1 is loaded while tile i is computed
+            mask_n = (s0 + offs_b) < s1
+            loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
+            k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
+            k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+            v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
+            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+            mask_nx = (s0 + BLOCK_N + offs_b) < s1
+            loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
+        for n0 in range(s0, s1, BLOCK_N):
+            mask_n = (n0 + offs_b) < s1
+            if SEP_LOC:  # always prefetching: tile i+1 (masked off past the end)
+                k_raw_x = _load_chunks_at(Kd, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_kd_s, k_head_d, BLOCK_N, KNC, KC, True)
+                k_mt_x = _load_meta_at(Km, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_km_s, k_head_m, BLOCK_N, KNM)
+                v_raw_x = _load_chunks_at(Vd, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_vd_s, v_head_d, BLOCK_N, VNC, VC, False)
+                v_mt_x = _load_meta_at(Vm, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_vm_s, v_head_m, BLOCK_N, VNM)
+            elif PREFETCH:
+                k_raw_x = _load_chunks(Kd, loc_x * stride_kd_s + k_head_d, mask_nx, KNC, KC, True)
+                k_mt_x = _load_meta(Km, loc_x * stride_km_s + k_head_m, mask_nx, KNM)
+                v_raw_x = _load_chunks(Vd, loc_x * stride_vd_s + v_head_d, mask_nx, VNC, VC, False)
+                v_mt_x = _load_meta(Vm, loc_x * stride_vm_s + v_head_m, mask_nx, VNM)
+                mask_nxx = (n0 + 2 * BLOCK_N + offs_b) < s1
+                loc_xx = tl.load(kv_indices + start + n0 + 2 * BLOCK_N + offs_b, mask=mask_nxx, other=0).to(tl.int64)
+            else:
+                loc = tl.load(kv_indices + start + n0 + offs_b, mask=mask_n, other=0).to(tl.int64)
+                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
+                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
+                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+            # ---- scores: per group, a chain of dots over its chunks, then scale (+ offset)
+            qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+            for g in tl.static_range(KNG):
+                dg = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+                for j in tl.static_range(KCPG):
+                    # chunk g * KCPG + j: bytes chunk (..) % KNC, bit field (..) // KNC
+                    dg = tl.dot(qs[g * KCPG + j],
+                                _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC, USE_ASM), dg)
+                t = _row(k_mt[g]) * (dg - kconst[g][:, None])
+                if K_ASYM:
+                    t += _row(k_mt[KNG + g]) * qsums[g][:, None]
+                qk += t
+            qk = qk * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+            qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+            # ---- online softmax
+            m_new = tl.maximum(tl.max(qk, 1), e_max)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            re_scale = tl.exp(e_max - m_safe)
+            p = tl.exp(qk - m_safe[:, None])
+            e_sum = e_sum * re_scale + tl.sum(p, 1)
+            e_max = m_new
+            # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
+            new_accs = ()
+            for k in tl.static_range(VNF * VNC):
+                # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
+                ps = (p * (_row(v_mt[k // VCPG]) * (1.0 / (1 << (k // VNC * V_BITS))))).to(tl.float16)
+                psum = tl.sum(ps.to(tl.float32), 1)
+                if V_ASYM:
+                    corr = tl.sum(p * _row(v_mt[VNG + k // VCPG]), 1) - 1024.0 * psum
+                else:
+                    corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
+                a = accs[k] * re_scale[:, None] + corr[:, None]
+                new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC, USE_ASM), a),)
+            accs = new_accs
+            if SEP_LOC:
+                k_raw = k_raw_x
+                k_mt = k_mt_x
+                v_raw = v_raw_x
+                v_mt = v_mt_x
+            elif PREFETCH:
+                k_raw = k_raw_x
+                k_mt = k_mt_x
+                v_raw = v_raw_x
+                v_mt = v_mt_x
+                loc_x = loc_xx
+                mask_nx = mask_nxx
+
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    for k in tl.static_range(VNF * VNC):
+        tl.store(
+            Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
+            accs[k] * inv[:, None],
+            mask=mask_h[:, None],
+        )
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+def _packed_defaults(kf, vf) -> tuple[int, int]:
+    """(block_n, prefetch) of the packed path, from bench/results/decode_sweep_h100.json
+    (H100, B=64 x 8k and B=16 x 1k, 32/8 heads, d=128): 2-bit K and V: 64-token tiles with
+    no register prefetch; 8-bit K and V: 64-token tiles prefetched; otherwise 128 prefetched."""
+    if kf.bits == 2 and vf.bits == 2:
+        return 64, 0
+    if kf.bits == 8 and vf.bits == 8:
+        return 64, 1
+    return 128, 1
+
+
 def _default_block_n(kf, vf) -> int:
     # measured on H100 (B=64, ctx 8k, 32/8 heads): 128-token tiles win for 2/4-bit with
     # groups >= 64, 64-token tiles otherwise
@@ -246,6 +576,10 @@ def decode_attention(
     block_n: int = 0,
     num_warps: int = 4,
     num_stages: int = 2,
+    use_asm: bool | None = None,
+    prefetch: int | None = None,
+    packed_path: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -255,6 +589,11 @@ def decode_attention(
       ``attn_lse [B, Hq, max_kv_splits]`` fp32.
     * ``logit_cap > 0``: ``cap * tanh(score / cap)``; ``sliding_window > 0``: only the last
       ``sliding_window + 1`` tokens (SGLang's convention).  Empty requests give zeros.
+    * K and V both packed take the chunked fast path; a 16-bit K or V takes the general
+      kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
+      ``prefetch`` (0: none, 1: next tile into registers, 2: the same with per-consumer slot
+      loads), ``use_asm`` (unpack with inline PTX; default off: no faster in
+      ``bench/decode_sweep.py``; ``KVTUNER_ASM=1`` turns it on), ``maxnreg``.
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -275,56 +614,79 @@ def decode_attention(
         return o
     group = hq // hkv
     block_h = 16
-    if block_n <= 0:
+    packed = k_cache.fmt.quantized and v_cache.fmt.quantized
+    if packed_path is not None:  # benchmarks: force the general kernel (False)
+        packed = packed and packed_path
+    if packed:
+        bn, pf = _packed_defaults(k_cache.fmt, v_cache.fmt)
+        block_n = block_n if block_n > 0 else bn
+        prefetch = pf if prefetch is None else prefetch
+    elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     valid_h = min(block_h, group)
     kds, kdh, kms, kmh = row_strides(k_cache)
     vds, vdh, vms, vmh = row_strides(v_cache)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
-    _decode_stage1[grid](
-        q,
-        k_cache.data,
-        meta_arg(k_cache),
-        v_cache.data,
-        meta_arg(v_cache),
-        kv_indptr,
-        kv_indices,
-        attn_logits,
-        attn_lse,
-        num_kv_splits,
-        float(sm_scale),
-        q.stride(0),
-        q.stride(1),
-        kds,
-        kdh,
-        kms,
-        kmh,
-        vds,
-        vdh,
-        vms,
-        vmh,
-        attn_logits.stride(0),
-        attn_logits.stride(1),
-        attn_logits.stride(2),
-        attn_lse.stride(0),
-        attn_lse.stride(1),
-        attn_lse.stride(2),
-        KV_GROUP=group,
-        HQ=hq,
-        BLOCK_H=block_h,
-        BLOCK_N=block_n,
-        MIN_BLOCK=MIN_BLOCK_KV,
-        MAX_SPLITS=max_kv_splits,
-        LOGIT_CAP=float(logit_cap),
-        SLIDING_WINDOW=int(sliding_window),
-        **_fmt_kwargs(k_cache, "K_"),
-        **_fmt_kwargs(v_cache, "V_"),
-        DOT_F32=dot_in_f32(q.dtype),
-        K_QMIN=qmin_of(k_cache.fmt),
-        V_QMIN=qmin_of(v_cache.fmt),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    if packed:
+        _decode_stage1_packed[grid](
+            q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
+            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+            q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
+            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=MIN_BLOCK_KV,
+            MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
+            **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
+            K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
+            USE_ASM=use_inline_asm(q.device) if use_asm is None else bool(use_asm),
+            PREFETCH=bool(prefetch) and prefetch != 2, SEP_LOC=prefetch == 2, num_warps=num_warps, num_stages=num_stages,
+            **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        )
+    else:
+        _decode_stage1[grid](
+            q,
+            k_cache.data,
+            meta_arg(k_cache),
+            v_cache.data,
+            meta_arg(v_cache),
+            kv_indptr,
+            kv_indices,
+            attn_logits,
+            attn_lse,
+            num_kv_splits,
+            float(sm_scale),
+            q.stride(0),
+            q.stride(1),
+            kds,
+            kdh,
+            kms,
+            kmh,
+            vds,
+            vdh,
+            vms,
+            vmh,
+            attn_logits.stride(0),
+            attn_logits.stride(1),
+            attn_logits.stride(2),
+            attn_lse.stride(0),
+            attn_lse.stride(1),
+            attn_lse.stride(2),
+            KV_GROUP=group,
+            HQ=hq,
+            BLOCK_H=block_h,
+            BLOCK_N=block_n,
+            MIN_BLOCK=MIN_BLOCK_KV,
+            MAX_SPLITS=max_kv_splits,
+            LOGIT_CAP=float(logit_cap),
+            SLIDING_WINDOW=int(sliding_window),
+            **_fmt_kwargs(k_cache, "K_"),
+            **_fmt_kwargs(v_cache, "V_"),
+            DOT_F32=dot_in_f32(q.dtype),
+            K_QMIN=qmin_of(k_cache.fmt),
+            V_QMIN=qmin_of(v_cache.fmt),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     _decode_stage2[(bsz, hq)](
         attn_logits,
         attn_lse,

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Tune and check the packed decode kernel on a GPU (not a test).
+
+For each KV config: correctness of the packed fast path (inline-PTX unpack and portable
+unpack) against the float32 reference, then the time per call of every variant
+(prefetch x warps x tile x KV splits) next to the general kernel and SGLang 0.5.17's bf16
+triton decode kernel on the same shape (each at its best split count).  Writes JSON.
+
+    PYTHONPATH=kernels:.gpu/shim python bench/decode_sweep.py --out sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "kernels"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from kvtuner import reference as R  # noqa: E402
+from kvtuner.format import TensorFormat  # noqa: E402
+from kvtuner.ops import QuantKV, decode_attention  # noqa: E402
+from kernels_bench import fill_pool, git_sha, hbm_peak, try_sglang  # noqa: E402
+
+CFGS = {  # name: (k bits, v bits, group, asym)
+    "int8": (8, 8, 64, False),
+    "int4": (4, 4, 64, True),
+    "int2": (2, 2, 64, False),
+    "k8v4": (8, 4, 64, False),
+    "int4_g32": (4, 4, 32, False),
+}
+
+
+def make(batch, ctx, hkv, d, kb, vb, g, asym, device, shuffle=True):
+    kf = TensorFormat(kb, d, g if kb != 16 else d, asym and kb != 16)
+    vf = TensorFormat(vb, d, g if vb != 16 else d, asym and vb != 16)
+    s = batch * ctx
+    kc = QuantKV.empty(s, hkv, kf, device=device)
+    vc = QuantKV.empty(s, hkv, vf, device=device)
+    fill_pool(kc, vc)
+    idx = torch.randperm(s, device=device) if shuffle else torch.arange(s, device=device)
+    indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
+    return kc, vc, idx, indptr
+
+
+def rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def check(cfg, device):
+    kb, vb, g, asym = CFGS[cfg]
+    torch.manual_seed(1)
+    lens = [1, 37, 300, 2049]
+    hq, hkv, d = 32, 8, 128
+    s = sum(lens) + 5
+    kf, vf = TensorFormat(kb, d, g, asym), TensorFormat(vb, d, g, asym)
+    kc = QuantKV.empty(s, hkv, kf, device=device)
+    vc = QuantKV.empty(s, hkv, vf, device=device)
+    fill_pool(kc, vc)
+    idx = torch.randperm(s, device=device)[: sum(lens)]
+    indptr = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device=device)
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr, idx, d**-0.5)
+    out = {}
+    for name, kw in {"asm": dict(use_asm=True), "portable": dict(use_asm=False),
+                     "general": dict(packed_path=False)}.items():
+        o = torch.full((len(lens), hq, d), float("nan"), dtype=torch.float32, device=device)
+        ms = 8
+        lg = torch.empty(len(lens), hq, ms, d, dtype=torch.float32, device=device)
+        lse = torch.empty(len(lens), hq, ms, dtype=torch.float32, device=device)
+        ns = torch.tensor([1, 2, 4, 8], dtype=torch.int32, device=device)
+        decode_attention(q, kc, vc, o, indptr, idx, lg, lse, ns, ms, d**-0.5, **kw)
+        out[name] = {"rel_err": rel_err(o, ref), "nan": bool(torch.isnan(o).any())}
+    return out
+
+
+def bench(fn):
+    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cfgs", default=",".join(CFGS))
+    ap.add_argument("--shapes", default="64x8192,16x1024")
+    ap.add_argument("--splits", default="1,2,4,8")
+    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n,asm[,maxnreg];...' (pf 2: per-consumer slot loads)")
+    args = ap.parse_args()
+    device = "cuda"
+    name = torch.cuda.get_device_name()
+    res = {"device": name, "hbm_peak_Bps": hbm_peak(name), "torch": torch.__version__, "triton": triton.__version__,
+           "git_sha": git_sha(), "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "checks": {}, "timings": []}
+    sglang_fwd, st = try_sglang()
+    res["sglang"] = "available" if sglang_fwd else st
+    cfgs = args.cfgs.split(",")
+    for cfg in cfgs:
+        res["checks"][cfg] = check(cfg, device)
+        print("check", cfg, res["checks"][cfg], flush=True)
+    splits = [int(x) for x in args.splits.split(",")]
+    if args.variants == "all":
+        variants = [(pf, w, bn, asm, 0) for pf in (2, 1, 0) for w in (4, 8) for bn in (64, 128) for asm in (1, 0)]
+    else:
+        variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:5] for v in args.variants.split(";")]
+    hq, hkv, d = 32, 8, 128
+    for shape in args.shapes.split(","):
+        batch, ctx = (int(x) for x in shape.split("x"))
+        q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
+        o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)
+        ms = max(splits)
+        lg = torch.empty(batch, hq, ms, d, dtype=torch.float32, device=device)
+        lse = torch.empty(batch, hq, ms, dtype=torch.float32, device=device)
+        nsp = {n: torch.full((batch,), n, dtype=torch.int32, device=device) for n in splits}
+        sm = d**-0.5
+        kc, vc, idx, indptr = make(batch, ctx, hkv, d, 16, 16, d, False, device)
+        row = {"shape": shape, "cfg": "bf16", "bytes": kc.data.numel() * 2 * 2}
+        if sglang_fwd:
+            row["sglang"] = {n: bench(lambda n=n: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, lg, lse, nsp[n], ms, sm, 1.0, 1.0)) for n in splits}
+        row["kvtuner16"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm)) for n in splits}
+        res["timings"].append(row)
+        print(shape, "bf16", {k: {n: round(t, 4) for n, t in v.items()} for k, v in row.items() if isinstance(v, dict)}, flush=True)
+        del kc, vc
+        torch.cuda.empty_cache()
+        for cfg in cfgs:
+            kb, vb, g, asym = CFGS[cfg]
+            kc, vc, idx, indptr = make(batch, ctx, hkv, d, kb, vb, g, asym, device)
+            nbytes = kc.data.numel() + kc.meta.numel() * 2 + vc.data.numel() + vc.meta.numel() * 2
+            row = {"shape": shape, "cfg": cfg, "bytes": nbytes, "general": {}, "variants": {}}
+            row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
+            for pf, w, bn, asm, mr in variants:
+                key = f"pf{int(pf)}_w{w}_n{bn}_asm{int(asm)}" + (f"_r{mr}" if mr else "")
+                try:
+                    row["variants"][key] = {n: bench(lambda n=n: decode_attention(
+                        q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, block_n=bn, num_warps=w,
+                        prefetch=int(pf), use_asm=bool(asm), maxnreg=mr or None)) for n in splits}
+                except Exception as e:  # noqa: BLE001
+                    row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)
+            row["best"] = best
+            res["timings"].append(row)
+            gbest = min(row["general"].values())
+            print(shape, cfg, "general", round(gbest, 4), "best", best and (round(best[0], 4), best[1], best[2]),
+                  "GB/s", best and round(nbytes / best[0] / 1e6), flush=True)
+            del kc, vc
+            torch.cuda.empty_cache()
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    # summary table
+    print("\n# summary (ms, best over splits)")
+    for row in res["timings"]:
+        if row["cfg"] == "bf16":
+            base = min(row.get("sglang", row["kvtuner16"]).values())
+            print(row["shape"], "bf16 sglang", round(base, 4), "kvtuner16", round(min(row["kvtuner16"].values()), 4))
+        else:
+            b = row["best"]
+            print(row["shape"], row["cfg"], "general", round(min(row["general"].values()), 4),
+                  "new", b and round(b[0], 4), "x bf16", b and round(b[0] / base, 3), b and b[1], b and b[2])
+    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
