@@ -192,8 +192,9 @@ def parse_loads(obj: Any) -> dict:
     return out
 
 
-ERROR_RE = re.compile(r"Traceback|Error|Exception|memory leak|use-after-free|double free|out of memory|"
-                      r"CUDA error|illegal memory|device-side assert|Killed|core dumped|nan detected", re.I)
+# case-sensitive: exception names and SGLang's own leak/corruption messages, not every "error"
+ERROR_RE = re.compile(r"Traceback|Error|Exception|ERROR|memory leak|use-after-free|double free|out of memory|"
+                      r"CUDA error|illegal memory|device-side assert|Killed|core dumped|NaN")
 # lines that name an error without being one (SGLang's own info lines)
 BENIGN_RE = re.compile(r"--[a-z-]*error|error_rate|errors=0|num_errors: 0|raise_error_or_warn|"
                        r"ignore_eos|ErrorHandler", re.I)
@@ -975,7 +976,10 @@ def main(argv=None) -> int:
         phase("stress_int4", lambda: part_stress(s4, a, vocab, *limits(s4)), "int4")
     ref4 = None
     if "prefix" in parts and "int4" in servers:
-        ref4 = prefix_reference(s4, a, vocab)
+        try:  # the int4 reference probes, while the unpressured int4 server is up
+            ref4 = prefix_reference(s4, a, vocab)
+        except Exception as e:
+            R["parts"]["prefix_int4"] = {"ok": False, "error": f"reference: {type(e).__name__}: {e}"}
     if "soak" in parts:
         sm = servers.get("mixed")
         phase("soak_mixed", lambda: part_soak(sm, a, vocab, *limits(sm), a.seed + 1), "mixed")
@@ -987,7 +991,12 @@ def main(argv=None) -> int:
               "int8_small", "int8_ref")
         stop("int8_small")
         stop("int8_ref")
-        phase("prefix_int4", lambda: part_prefix(servers["int4_small"], ref4, a, vocab), "int4_small", "int4")
+        if ref4 is not None:
+            phase("prefix_int4", lambda: part_prefix(servers["int4_small"], ref4, a, vocab), "int4_small", "int4")
+        elif "prefix_int4" not in R["parts"]:
+            R["parts"]["prefix_int4"] = {"ok": False, "error": "no int4 reference (server int4 not started)"}
+        if not R["parts"]["prefix_int4"].get("ok") and "prefix_int4" not in R["failures"]:
+            R["failures"].append("prefix_int4")
         stop("int4_small")
     if "bad" in parts:
         order = [n for n in ("bf16", "int4") if n in servers]
