@@ -16,7 +16,7 @@ QUILT := quilt --quiltrc $(CURDIR)/patches/quiltrc
 PATCH_FILES := $(shell find patches -name '*.patch' 2>/dev/null)
 KVTUNER_SRC := $(shell find kernels -name '*.py' -o -name pyproject.toml 2>/dev/null)
 
-.PHONY: help install wheel test test-gpu refresh dev-tree rebase model serve offline-bundle bench clean check-series deps
+.PHONY: help install wheel test test-gpu refresh dev-tree rebase model serve offline-bundle bench reliability clean check-series deps
 
 help:
 	@echo "make install          venv ($(VENV)) with the runtime (RUNTIME=$(RUNTIME)), patched sglang and kvtuner"
@@ -29,6 +29,7 @@ help:
 	@echo "make serve [MODEL=..] [KV=int4]   start the patched server (CUDA host)"
 	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
+	@echo "make reliability      soak/pressure/aborts/prefix/bad input on MODEL (GPU) -> bench/results/reliability.json"
 	@echo "make image            the server image (docker/README.md); make docker-check lints and dry-runs it"
 
 # ---- tools ------------------------------------------------------------------------------------
@@ -106,6 +107,11 @@ offline-bundle: $(BUNDLE)
 
 bench: install
 	$(VPY) bench/kernels_bench.py --out bench/results/kernels.json
+
+# issue 12: soak, memory pressure, aborts, prefix eviction, bad input (GPU; RELIABILITY_ARGS=--quick)
+reliability: install
+	PYTHONPATH=kernels $(VPY) bench/reliability_cpu.py
+	PYTHONPATH=kernels $(VPY) bench/reliability.py --model $(MODEL) --out bench/results/reliability.json $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf build dist .bundle

@@ -124,6 +124,12 @@ def _fuzzed_series(tmp_path, how):
         import re
 
         text = re.sub(r"^@@ -(\d+)", lambda m: f"@@ -{int(m.group(1)) + 7}", text, count=1, flags=re.M)
+    elif how == "fuzz":  # the first hunk's top context line changed: lands only with fuzz 1
+        lines = text.splitlines(keepends=True)
+        first_hunk = next(i for i, ln in enumerate(lines) if ln.startswith("@@"))
+        assert lines[first_hunk + 1].startswith(" ") and lines[first_hunk + 2].startswith(" ")
+        lines[first_hunk + 1] = " # a line edited after review\n"
+        text = "".join(lines)
     elif how == "reject":  # a context line that is not in the source
         lines = text.splitlines(keepends=True)
         first_hunk = next(i for i, ln in enumerate(lines) if ln.startswith("@@"))
@@ -185,3 +191,73 @@ def test_repacked_wheel(tmp_path, pinned_wheel, quilt):
     first = whl.read_bytes()
     r2 = run("--offline", env=env)
     assert r2.returncode == 0 and whl.read_bytes() == first
+
+
+# --- tamper refusal: what the issue's "patch integrity" asks, each with the message it got ------
+sys.path.insert(0, str(ROOT / "bench"))
+from reliability_cpu import record  # noqa: E402
+
+
+def _snapshot(d: Path) -> dict:
+    """Every file under d (hidden ones included) with its bytes' sha256."""
+    if not d.exists():
+        return {}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+def _refused(tmp_path, env, what, *args):
+    """Run a build that must fail; a wheel built earlier must survive byte for byte, and no
+    scratch tree, partial wheel or quilt state may be left."""
+    dist = tmp_path / "dist"
+    dist.mkdir(exist_ok=True)
+    prior = dist / "sglang-0.5.17+kvtuner.0-earlier-build.whl"
+    prior.write_bytes(b"a wheel from an earlier good build")
+    before = {"dist": _snapshot(dist), "build": _snapshot(tmp_path / "build")}
+    r = run(*args, "--offline", env=env)
+    err = r.stderr.strip().splitlines()
+    msg = next((ln for ln in reversed(err) if ln.startswith("apply_patches.sh: error:")), err[-1] if err else "")
+    record({"test": "test_apply_patches", "id": what, "argv": ["apply_patches.sh", *args, "--offline"],
+            "exit_code": r.returncode, "message": msg})
+    assert r.returncode != 0, r.stderr
+    assert _snapshot(dist) == before["dist"], "dist/ changed"
+    assert _snapshot(tmp_path / "build") == before["build"], "a scratch tree was left under build/"
+    return msg
+
+
+def test_fuzz_refused_nothing_half_applied(tmp_path, pinned_wheel, quilt):
+    _, env = sandbox(tmp_path, pinned_wheel, _fuzzed_series(tmp_path, "fuzz"))
+    msg = _refused(tmp_path, env, "patch_needs_fuzz")
+    assert "does not apply" in msg, msg
+
+
+def test_offset_refused_in_build_mode(tmp_path, pinned_wheel, quilt):
+    """Not only --check: a plain build refuses a patch that lands at another line."""
+    _, env = sandbox(tmp_path, pinned_wheel, _fuzzed_series(tmp_path, "offset"))
+    msg = _refused(tmp_path, env, "patch_with_offset")
+    assert "only with offset" in msg and "nothing was built" in msg, msg
+
+
+def test_tampered_wheel_keeps_earlier_build(tmp_path, pinned_wheel, quilt):
+    """sha256 mismatch of the cached wheel (one byte flipped, same size): refused before unpacking."""
+    cache, env = sandbox(tmp_path, pinned_wheel)
+    w = cache / pinned_wheel.name
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    w.write_bytes(bytes(data))
+    msg = _refused(tmp_path, env, "wheel_one_byte_flipped")
+    assert "sha256 mismatch" in msg and not w.exists(), msg
+
+
+@pytest.mark.parametrize("how", ["missing", "garbage"])
+def test_broken_series_refused(tmp_path, pinned_wheel, quilt, how):
+    d = tmp_path / "patches"
+    shutil.copytree(ROOT / "patches", d)
+    if how == "missing":  # series names a patch that is not there
+        (d / "series").write_text((d / "series").read_text() + "kvtuner/9999-not-there.patch\n")
+    else:  # a listed patch replaced by text that is not a diff
+        last = validate_series.read_series(d / "series")[-1]
+        (d / last).write_text("Description: x\nAuthor: y\nForwarded: no\n\nthis is not a diff\n")
+    _, env = sandbox(tmp_path, pinned_wheel, d)
+    msg = _refused(tmp_path, env, f"series_{how}_patch")
+    assert "apply_patches.sh: error:" in msg, msg

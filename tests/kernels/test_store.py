@@ -153,3 +153,68 @@ def test_quantkv_validation(device):
         QuantKV(torch.zeros(2, 1, 32, dtype=torch.uint8), torch.zeros(2, 1, 3, dtype=torch.float16), f)
     c = QuantKV.empty(2, 1, TensorFormat(16, 64, 64), device=device)
     assert c.meta.numel() == 0
+
+
+def _codes_meta(c, f, t, h):
+    """(codes [t, h, groups, g], scale [t, h, groups], offset or None) of a cache."""
+    ng = f.n_groups
+    codes = R.unpack(c.data, f.bits, f.head_dim).reshape(t, h, ng, f.group)
+    return codes, c.meta[..., :ng], (c.meta[..., ng : 2 * ng] if f.asym else None)
+
+
+@pytest.mark.parametrize("bits,asym", [(8, False), (4, True), (2, False), (2, True)])
+def test_store_poison_bf16_bit_identical_elsewhere(device, bits, asym):
+    """bf16 K/V (fp32 values cast to bf16) with inf, -inf, NaN, 6e4, -6e4 and 1e30 in a few
+    (token, head, group) cells, different cells in K and V: every other cell's codes and
+    scales/offsets are bit-identical to a clean run of the same kernel, slots outside the
+    batch are untouched, and a finite large value (6e4) keeps a finite scale that
+    reproduces it to within one step."""
+    gen = torch.Generator().manual_seed(101 + bits + 7 * asym)
+    d, g, h, t, s = 128, 32, 2, 8, 20
+    f = fmt(bits, d, g, asym)
+    k32 = rand_kv(t, h, d, "cpu", gen, torch.float32)
+    v32 = rand_kv(t, h, d, "cpu", gen, torch.float32)
+    inf, nan = float("inf"), float("nan")
+    # (token, head, group, element in group) -> value
+    poison_k = {(1, 0, 0, 5): inf, (2, 1, 1, 8): nan, (3, 0, 3, 31): 6e4, (5, 1, 2, 0): 1e30, (6, 0, 1, 3): -inf,
+                (6, 1, 3, 9): -6e4}
+    poison_v = {(0, 1, 2, 4): nan, (2, 0, 0, 0): 1e30, (4, 1, 3, 17): inf, (7, 0, 1, 30): 6e4}
+    kp, vp = k32.clone(), v32.clone()
+    for x, poison in ((kp, poison_k), (vp, poison_v)):
+        for (tt, hh, gg, e), val in poison.items():
+            x[tt, hh, gg * g + e] = val
+    k_clean, v_clean = k32.to(torch.bfloat16).to(device), v32.to(torch.bfloat16).to(device)
+    k_bad, v_bad = kp.to(torch.bfloat16).to(device), vp.to(torch.bfloat16).to(device)
+    assert torch.isinf(k_bad).sum() == 2 and torch.isnan(k_bad).sum() == 1  # 1e30 is finite in bf16
+
+    slots = torch.randperm(s, generator=gen)[:t].to(device)
+    clean_k, clean_v = _alloc(s, h, f, device), _alloc(s, h, f, device)
+    bad_k, bad_v = _alloc(s, h, f, device), _alloc(s, h, f, device)
+    quantize_store(k_clean, v_clean, slots, clean_k, clean_v)
+    quantize_store(k_bad, v_bad, slots, bad_k, bad_v)
+
+    rest = torch.ones(s, dtype=torch.bool, device=device)
+    rest[slots] = False
+    for bad, clean, poison in ((bad_k, clean_k, poison_k), (bad_v, clean_v, poison_v)):
+        assert (bad.data[rest] == 0xA5).all() and (bad.meta[rest] == -7.0).all()
+        cb, sb, ob = _codes_meta(type(bad)(bad.data[slots], bad.meta[slots], f), f, t, h)
+        cc, sc, oc = _codes_meta(type(clean)(clean.data[slots], clean.meta[slots], f), f, t, h)
+        hit = {(tt, hh, gg) for tt, hh, gg, _ in poison}
+        for tt in range(t):
+            for hh in range(h):
+                for gg in range(f.n_groups):
+                    if (tt, hh, gg) in hit:
+                        continue
+                    where = (tt, hh, gg)
+                    assert torch.equal(cb[where], cc[where]), where
+                    assert sb[where].view(torch.int16) == sc[where].view(torch.int16), where
+                    if asym:
+                        assert ob[where].view(torch.int16) == oc[where].view(torch.int16), where
+        # a large finite value inside fp16's range is kept, not poisoned
+        for (tt, hh, gg, e), val in poison.items():
+            if abs(val) != 6e4:
+                continue
+            assert torch.isfinite(sb[tt, hh, gg]), (tt, hh, gg)
+            deq = R.dequantize(bad.data[slots][tt, hh], bad.meta[slots][tt, hh], f)[gg * g + e]
+            src = (k_bad if bad is bad_k else v_bad)[tt, hh, gg * g + e].float().cpu()
+            assert abs(deq.cpu() - src) <= sb[tt, hh, gg].float().cpu() * 0.5 + abs(src) * 2e-3, (deq, src)
