@@ -74,14 +74,15 @@ def make_mix(n: int, max_input: int, max_len: int, seed: int, long_frac: float =
     """``n`` requests of mixed lengths.  ``max_input``: longest prompt the server takes
     (a prompt must be shorter: max_req_input_len); ``max_len``: longest prompt + output
     (max_req_len).  Long prompts sit within 57 tokens below ``max_input`` and their outputs
-    end at or before ``max_len``."""
+    end before ``max_len`` (prompt + output <= max_len - 1, upstream's clip)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         u = rng.random()
         if u < long_frac:
             plen = max_input - 1 - rng.randint(0, min(56, max_input - 2))  # the server refuses len >= max_input
-            new = max(1, min(rng.randint(1, 16), max_len - plen))
+            # upstream clips max_new_tokens to max_req_len - prompt - 1 (scheduler.py)
+            new = max(1, min(rng.randint(1, 16), max_len - plen - 1))
             out.append(Req(i, "long", plen, new))
         elif u < long_frac + medium_frac:
             plen = rng.randint(min(256, max_input // 2), min(2048, max_input - 1))
