@@ -57,6 +57,7 @@ def main() -> int:
     ap.add_argument("--table", help="sensitivity table from kvtuner.calibrate --table (for more searched points)")
     ap.add_argument("--budgets", type=float, nargs="*", default=[2.5, 3.5, 5.0, 6.0],
                     help="more searched points for the Pareto curve (from --table)")
+    ap.add_argument("--metric", choices=C.METRICS, default="kl", help="search metric for the --table points")
     ap.add_argument("--eval-file", default=str(ROOT / "bench/data/heldout_en.txt"))
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -97,7 +98,7 @@ def main() -> int:
                             "measured": meta["measured_loss"], "uniform_same_average": meta["uniform_same_average"]},
                         "assignment": {l: (b.key, b.value) for l, b in qc.per_layer.items()}})
     if args.table:
-        table = C.table_from_json(json.loads(Path(args.table).read_text())["losses"])
+        table = C.load_table(args.table, args.metric)
         have = {c.get("budget") for c in configs}
         for b in args.budgets:
             if b in have:

@@ -175,7 +175,13 @@ def test_cli_round_trip_and_seed(model_dir, tmp_path):
     assert got[0][0] == got[1][0] == got[2][0]
     assert strip(got[0][1]) == strip(got[1][1]) == strip(got[2][1])
     cached = json.loads(table.read_text())
-    assert cached["identity"]["seed"] == 3 and len(cached["losses"]) == LAYERS
+    assert cached["identity"]["seed"] == 3 and len(cached["results"]) == LAYERS
+    assert set(cached["results"]["0"]["K4V2"]) == {"kl", "nll", "dnll", "ppl", "top1"}
+    for metric in C.METRICS:
+        t = C.load_table(str(table), metric)
+        assert sorted(t) == list(range(LAYERS)) and all(len(r) == len(C.CANDIDATES) for r in t.values())
+    assert _cli(model_dir, tmp_path / "n.yaml", "--seed", "3", "--table", str(table), "--metric", "nll") == 0
+    assert load_preset(str(tmp_path / "n.yaml"))[1]["metric"] == "nll"
     # the server's loader takes it, and the pool size follows the average bits
     cfg = KVQuantConfig.from_flags("kvtuner", config_path=str(outs[0]), q_group_size=GROUP, asym=True)
     cfg.check_model(num_layers=LAYERS, head_dim=HEAD_DIM)

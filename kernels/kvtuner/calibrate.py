@@ -28,7 +28,9 @@ and writes a preset the server loads with ``--kvtuner-config`` (KVTuner's format
    the header records the measured loss next to the predicted one.
 
 The sensitivity table (the expensive part: ``layers x 9`` forward passes) can be cached
-with ``--table PATH`` and reused for other budgets.  Per-channel keys (``--axis-key 1``,
+with ``--table PATH`` (it keeps every metric of every run) and reused for other budgets and
+for the other metric.  Layers before the first quantized one are replayed from the
+reference run, not recomputed.  Per-channel keys (``--axis-key 1``,
 KIVI) are refused: :mod:`kvtuner.reference` has no per-channel quantizer yet.
 """
 
@@ -42,13 +44,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 from kvtuner import reference as ref
 from kvtuner.config import KVQuantConfig, KVTunerConfigError, LayerBits, load_preset, write_preset
-from kvtuner.format import QUANT_BITS, TensorFormat, layer_bytes_per_token
+from kvtuner.format import QUANT_BITS, TensorFormat
 
 __all__ = [
     "CANDIDATES",
@@ -273,8 +275,7 @@ class Evaluator:
                 "ppl": math.exp(nll / n), "top1": agree / n}
 
     def loss(self, assignment: Mapping[int, Candidate], metric: str = "kl") -> float:
-        r = self.evaluate(assignment)
-        return r["kl"] if metric == "kl" else r["dnll"]
+        return _loss(self.evaluate(assignment), metric)
 
 
 # ---------------------------------------------------------------------------- the search
@@ -289,8 +290,13 @@ def measure_sensitivity(
     candidates: Sequence[Candidate] = CANDIDATES,
     metric: str = "kl",
     progress: bool = True,
+    record: Optional[dict] = None,
 ) -> Table:
-    """Loss of quantizing one layer at a time, for every layer and candidate."""
+    """Loss of quantizing one layer at a time, for every layer and candidate.
+
+    ``record``: if given, ``record[layer][candidate]`` gets every metric of that run
+    (:meth:`Evaluator.evaluate`), so the table can be reused for another metric.
+    """
     from tqdm.auto import tqdm
 
     table: Table = {}
@@ -298,10 +304,17 @@ def measure_sensitivity(
         for layer in range(num_layers):
             table[layer] = {}
             for c in candidates:
-                table[layer][tuple(c)] = ev.loss({layer: tuple(c)}, metric)
+                r = ev.evaluate({layer: tuple(c)})
+                table[layer][tuple(c)] = _loss(r, metric)
+                if record is not None:
+                    record.setdefault(layer, {})[tuple(c)] = r
                 bar.set_postfix_str(f"L{layer} {cand_name(c)}")
                 bar.update()
     return table
+
+
+def _loss(r: Mapping, metric: str) -> float:
+    return r["kl"] if metric == "kl" else r["dnll"]
 
 
 def dominated(c: Candidate, losses: Mapping[Candidate, float]) -> bool:
@@ -506,6 +519,18 @@ def table_from_json(obj: Mapping) -> Table:
     return {int(l): {parse_cand(k): float(v) for k, v in row.items()} for l, row in obj.items()}
 
 
+def results_to_json(results: Mapping) -> dict:
+    return {str(l): {cand_name(c): {k: float(v) for k, v in r.items()} for c, r in row.items()}
+            for l, row in sorted(results.items())}
+
+
+def load_table(path: str, metric: str = "kl") -> Table:
+    """The sensitivity table for ``metric`` from a ``--table`` cache file."""
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    return {int(l): {parse_cand(k): _loss(r, metric) for k, r in row.items()} for l, row in obj["results"].items()}
+
+
 # -------------------------------------------------------------------------------- the CLI
 
 
@@ -537,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", type=float, required=True, help="average bits: mean over layers of (kbits + vbits) / 2")
     ap.add_argument("--out", required=True, help="preset to write (.yaml, or .json)")
     ap.add_argument("--calib-file", help="calibration text (default: the bundled kvtuner/data/calib_en.txt)")
-    ap.add_argument("--max-tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens (default 2048)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64, help="elements per scale group (-1: whole head)")
@@ -600,7 +625,7 @@ def _run(args, argv) -> int:
 
     ident = {
         "version": TABLE_VERSION, "model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
-        "mode": mode.as_meta(), "metric": args.metric, "calibration_sha256": _sha256(text),
+        "mode": mode.as_meta(), "calibration_sha256": _sha256(text),
         "windows": list(windows.shape), "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
         "candidates": [cand_name(c) for c in CANDIDATES],
     }
@@ -608,19 +633,22 @@ def _run(args, argv) -> int:
     if args.table and os.path.exists(args.table):
         with open(args.table, encoding="utf-8") as f:
             cached = json.load(f)
-        if cached.get("identity") == ident:
-            table = table_from_json(cached["losses"])
+        if cached.get("identity") == ident and "results" in cached:
+            table = load_table(args.table, args.metric)
             print(f"calibrate: reusing the sensitivity table {args.table}", file=sys.stderr)
         else:
             print(f"calibrate: {args.table} was made with other settings; measuring again", file=sys.stderr)
     ev = Evaluator(model, windows, mode)
     if table is None:
-        table = measure_sensitivity(ev, n_layers, CANDIDATES, args.metric, not args.no_progress)
+        results: dict = {}
+        table = measure_sensitivity(ev, n_layers, CANDIDATES, args.metric, not args.no_progress, record=results)
         if args.table:
             tmp = f"{args.table}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"identity": ident, "reference_nll": ev.reference_nll, "tokens": ev.tokens,
-                           "losses": table_to_json(table)}, f, indent=1)
+                           "what": "per layer and candidate: that layer alone quantized, joint metrics vs the "
+                                   "unquantized model (kl, dnll: loss metrics kl / nll)",
+                           "results": results_to_json(results)}, f, indent=1)
                 f.write("\n")
             os.replace(tmp, args.table)
     res = calibrate(model, windows, args.budget, mode, args.metric, table=table, evaluator=ev,
