@@ -59,7 +59,7 @@ def main() -> int:
                     help="more searched points for the Pareto curve (from --table)")
     ap.add_argument("--metric", choices=C.METRICS, default="kl", help="search metric for the --table points")
     ap.add_argument("--eval-file", default=str(ROOT / "bench/data/heldout_en.txt"))
-    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64)

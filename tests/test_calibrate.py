@@ -205,3 +205,27 @@ def test_prefix_replay_equals_full_run(model, windows, evaluator):
     for assign in ({2: (4, 2)}, {3: (2, 2)}, {1: (8, 4), 3: (2, 4)}):
         a, b = evaluator.evaluate(assign), full.evaluate(assign)
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+
+
+def test_k_best_matches_brute_force_over_pruned(table):
+    pruned = {l: C.prune(table[l]) for l in table}
+    for budget in (2.5, 3.0, 4.0):
+        combos = []
+        for combo in itertools.product(*(pruned[l] for l in sorted(table))):
+            if sum(C.bits_of(c) for c in combo) / 2 / LAYERS <= budget + 1e-9:
+                combos.append(sum(table[l][c] for l, c in enumerate(combo)))
+        got = C.search_k(table, budget, 6)
+        assert [p for _, p in got] == pytest.approx(sorted(combos)[:6], rel=1e-12, abs=1e-15)
+        assert got[0][1] == pytest.approx(C.search(table, budget)[1])
+        for a, p in got:
+            assert C.average_bits(a) <= budget + 1e-9 and p == pytest.approx(sum(table[l][c] for l, c in a.items()))
+            assert not any(C.dominated(c, table[l]) for l, c in a.items())
+
+
+def test_verify_keeps_the_best_measured(model, windows, table, evaluator):
+    res = C.calibrate(model, windows, 3.0, C.QuantMode(GROUP, asym=True), table=table, evaluator=evaluator, verify=5)
+    assert len(res.verified) == 5 and res.average_bits <= 3.0
+    assert res.measured["kl"] == min(v["measured"]["kl"] for v in res.verified)
+    assert res.verified[0]["predicted"] == pytest.approx(C.search(table, 3.0)[1])
+    for l, c in res.assignment.items():
+        assert not C.dominated(c, table[l])
