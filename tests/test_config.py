@@ -185,3 +185,16 @@ def test_capacity_arithmetic_meets_targets():
     assert ratio(F(enable_kvtuner_quant=True, nbits_key=8, nbits_value=4)) >= 2.5
     # exact layout: int4, group 64, asym: 64 data bytes + 2 scales + 2 offsets (fp16) per head
     assert F("int4", asym=True).bytes_per_token([0], 128, 1) == 2 * (64 + 4 * 2)
+
+
+def test_write_preset_round_trip(tmp_path):
+    from kvtuner.config import write_preset
+
+    layers = {i: LayerBits(8 if i % 3 == 0 else 4, 2 if i % 2 else 4) for i in range(5)}
+    meta = {"model": "tiny", "budget": 3.5, "mode": {"group_size": 64, "asym": True}, "predicted_loss": 0.125}
+    for name in ("w.yaml", "w.json"):
+        p = str(tmp_path / name)
+        write_preset(p, layers, meta)
+        assert load_preset(p) == (layers, meta)
+    text = (tmp_path / "w.yaml").read_text()
+    assert text.startswith("_meta:") and "\n0:\n  nbits_key: 8\n  nbits_value: 4\n" in text

@@ -128,6 +128,25 @@ def dump_preset(layers: Mapping[int, LayerBits], meta: Optional[dict] = None) ->
     return out
 
 
+def write_preset(path: str, layers: Mapping[int, LayerBits], meta: Optional[dict] = None) -> None:
+    """Write a preset :func:`load_preset` reads back: JSON for ``*.json``, else YAML.
+
+    ``_meta`` comes first; layers follow in order as KVTuner writes them.  The file is
+    replaced atomically.
+    """
+    data = dump_preset(layers, meta)
+    if path.endswith(".json"):
+        text = json.dumps(data, indent=1) + "\n"
+    else:
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class KVQuantConfig:
     """A resolved quantized-KV configuration."""
