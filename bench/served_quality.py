@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Served quality and capacity of uniform vs searched (KVTuner) presets (GPU host; issue 8).
+
+One server per configuration, started one after another (so each measures its pool on the
+same free memory), on the real embedded model.  Quality: the held-out windows of
+``bench/calibration_compare.py`` (same text, same windows) are sent as prompts with
+``return_logprob`` and ``--chunked-prefill-size CHUNK``: every token of a chunk attends to
+the earlier chunks through the quantized pool (only the up to CHUNK-1 tokens before it in its
+own chunk come in full precision), so the scored tokens read quantized KV.  Reported: the
+perplexity of the text, top-1 agreement of each position's argmax with the bf16 server, and
+the pool size against the prediction from ``kvtuner.config`` (bf16 capacity of this run x
+bf16 bytes per token / configuration bytes per token).
+
+    PYTHONPATH=/tmp/site python3 bench/served_quality.py --model /tmp/model --out R.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "kernels"))
+from e2e_server import Server, http  # noqa: E402
+
+ASYM = ["--kvtuner-asym", "--kvtuner-q-group-size", "64"]
+CONFIGS = {
+    "bf16": [],
+    "K8V8": ["--kv-cache-dtype", "int8", *ASYM],
+    "K8V4": ["--kv-cache-dtype", "kvtuner", "--kvtuner-nbits-key", "8", "--kvtuner-nbits-value", "4", *ASYM],
+    "K4V4": ["--kv-cache-dtype", "int4", *ASYM],
+    "searched-4.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-4.0.yaml", *ASYM],
+    "K4V2": ["--kv-cache-dtype", "kvtuner", "--kvtuner-nbits-key", "4", "--kvtuner-nbits-value", "2", *ASYM],
+    "searched-3.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-3.0.yaml", *ASYM],
+}
+
+
+def predicted_bytes(flags: list[str], cfg: dict) -> tuple[int, float]:
+    """(pool bytes per token, average bits) of a configuration from kvtuner.config."""
+    from kvtuner.config import KVQuantConfig
+
+    layers, d, h = cfg["num_hidden_layers"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    if "--kv-cache-dtype" not in flags:
+        return 2 * layers * h * d * 2, 16.0
+
+    def val(flag, conv=str):
+        return conv(flags[flags.index(flag) + 1]) if flag in flags else None
+
+    kc = KVQuantConfig.from_flags(kv_cache_dtype=val("--kv-cache-dtype"), nbits_key=val("--kvtuner-nbits-key", int),
+                                  nbits_value=val("--kvtuner-nbits-value", int), q_group_size=val("--kvtuner-q-group-size", int),
+                                  asym="--kvtuner-asym" in flags, config_path=val("--kvtuner-config"))
+    return kc.bytes_per_token(range(layers), d, h), kc.average_bits(layers)
+
+
+def score(server: Server, windows) -> dict:
+    nll, n, argmax = 0.0, 0, []
+    for w in windows:
+        r = http(server.url + "/generate", {"input_ids": w, "return_logprob": True, "logprob_start_len": 0,
+                                            "top_logprobs_num": 1,
+                                            "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
+        mi = r["meta_info"]
+        lps = [x[0] for x in mi["input_token_logprobs"]][1:]
+        tops = [t[0][1] if t else None for t in mi["input_top_logprobs"]][1:]
+        if len(lps) != len(w) - 1:
+            raise RuntimeError(f"got {len(lps)} input logprobs for {len(w)} tokens")
+        nll -= sum(lps)
+        n += len(lps)
+        argmax.append(tops)
+    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens_scored": n, "argmax": argmax}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="HF directory of the embedded model (real weights)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--text", default=str(HERE / "data" / "heldout_en.txt"))
+    ap.add_argument("--max-tokens", type=int, default=2048)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=32, help="--chunked-prefill-size of every server")
+    ap.add_argument("--extra", default="--mem-fraction-static 0.5 --cuda-graph-max-bs 8 --disable-radix-cache")
+    ap.add_argument("--port", type=int, default=33000)
+    ap.add_argument("--logs", default="/tmp/served-quality-logs")
+    ap.add_argument("--startup-timeout", type=float, default=240)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from kvtuner.calibrate import calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
+    windows = calibration_windows(ids, args.max_tokens, args.seq_len, args.seed, tok.bos_token_id).tolist()
+    mcfg = json.loads((Path(args.model) / "config.json").read_text())
+    Path(args.logs).mkdir(parents=True, exist_ok=True)
+    out = {"what": __doc__.splitlines()[0], "model": args.model, "argv": sys.argv, "chunked_prefill_size": args.chunk,
+           "text": args.text, "windows": [len(windows), args.seq_len], "device": torch.cuda.get_device_name(0),
+           "torch": torch.__version__, "git_sha": os.environ.get("GIT_SHA") or subprocess.run(
+               ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+           "results": {}}
+    try:
+        import sglang
+
+        out["sglang"] = getattr(sglang, "__version__", "")
+    except Exception as e:  # noqa: BLE001
+        out["sglang"] = repr(e)
+    ref_argmax = None
+    for i, name in enumerate(args.configs):
+        flags = CONFIGS[name] + ["--chunked-prefill-size", str(args.chunk)] + args.extra.split()
+        res = {"flags": flags}
+        out["results"][name] = res
+        server = None
+        try:
+            res["bytes_per_token"], res["average_bits"] = predicted_bytes(CONFIGS[name], mcfg)
+            server = Server(args.model, flags, args.port + 10 * i, Path(args.logs) / f"{name}.log", args.startup_timeout)
+            res["max_total_num_tokens"] = server.max_total_num_tokens
+            s = score(server, windows)
+            argmax = s.pop("argmax")
+            res.update(s)
+            if name == "bf16":
+                ref_argmax = argmax
+            elif ref_argmax is not None:
+                pairs = [(a, b) for wa, wb in zip(argmax, ref_argmax) for a, b in zip(wa, wb)]
+                res["top1_agreement_vs_bf16"] = sum(a == b for a, b in pairs) / len(pairs)
+            base = out["results"].get("bf16", {})
+            if base.get("max_total_num_tokens") and res.get("max_total_num_tokens"):
+                pred = base["max_total_num_tokens"] * base["bytes_per_token"] / res["bytes_per_token"]
+                res["capacity_predicted"] = round(pred)
+                res["capacity_measured_over_predicted"] = res["max_total_num_tokens"] / pred
+            res["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            res["ok"] = False
+            res["error"] = str(e)[-1500:]
+        finally:
+            if server is not None:
+                server.stop()
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print(f"[{name}] ok={res['ok']} bits={res.get('average_bits')} ppl={res.get('ppl', float('nan')):.3f} "
+              f"top1={res.get('top1_agreement_vs_bf16', '-')} cap={res.get('max_total_num_tokens')} "
+              f"cap/pred={res.get('capacity_measured_over_predicted', '-')} {res.get('error', '')[:300]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
