@@ -39,6 +39,7 @@ BASE_FLAGS = ["--attention-backend", "triton", "--sampling-backend", "pytorch", 
 EMBEDDED = {
     "bf16": [],
     "int8": ["--kv-cache-dtype", "int8"],
+    "int8_asym": ["--kv-cache-dtype", "int8", "--kvtuner-asym"],
     "int4": ["--kv-cache-dtype", "int4", "--kvtuner-asym"],
     "int2": ["--kv-cache-dtype", "int2"],
     "K8V4": ["--enable-kvtuner-quant", "--kvtuner-nbits-key", "8", "--kvtuner-nbits-value", "4"],
