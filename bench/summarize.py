@@ -64,11 +64,14 @@ def qwen_rows(names):
     return out, meta
 
 
-def embedded_rows():
-    d = load("integration_embedded_h100.json")
+EMBEDDED_RUNS = ("integration_embedded_h100.json", "integration_embedded_h100_packed.json")
+
+
+def embedded_rows(name):
+    d = load(name)
     out = {}
     for cfg, r in d["results"].items():
-        why = EXCLUDED.get(("integration_embedded_h100.json", cfg))
+        why = EXCLUDED.get((name, cfg))
         if why:
             out[cfg] = {"excluded": why}
             continue
@@ -135,13 +138,15 @@ def main() -> int:
     sglang_ref = {(r["batch"], r["ctx"], r["hq"], r["hkv"]): r["sglang_ms"]
                   for r in kernel_rows().get("decode", []) if r.get("sglang_ms")}
     qwen_all = {key: qwen_rows(names) for key, names in QWEN_RUNS.items()}
-    emb, emeta = embedded_rows()
+    embs = {name: embedded_rows(name) for name in EMBEDDED_RUNS}
     summary = {key: {"runs": m, "results": r,
                      "what": "capacity at --mem-fraction-static 0.7; TTFT of a lone 8k prompt "
                              "(median of 3); decode tok/s while 64 concurrent 8k requests all decode"}
                for key, (r, m) in qwen_all.items()}
-    summary["smollm2_embedded_h100"] = {"runs": emeta, "results": emb,
-                                        "what": "8 prompts x 32 greedy tokens vs bf16; 600-token prompt sent twice"}
+    for name, (emb, emeta) in embs.items():
+        summary["smollm2_embedded_" + name.removeprefix("integration_embedded_").removesuffix(".json")] = {
+            "runs": {name: emeta}, "results": emb,
+            "what": "8 prompts x 32 greedy tokens vs bf16; 600-token prompt sent twice"}
     summary["kernels_h100"] = {
         "source": "kernels.json",
         "decode_vs_sglang_bf16_triton": {
@@ -169,16 +174,18 @@ def main() -> int:
             lines.append(f"| {cfg} | {e['max_total_num_tokens']:,} | {e['capacity_vs_bf16']:.2f}x | "
                          f"{e['ttft_8k_median_s']:.3f} | {e['decode_bs64_ctx8k_tok_s']:.0f} | {e['decode_vs_bf16']:.2f} | {vs8} |")
         lines.append("")
-    lines += ["## Embedded model (SmolLM2-135M-Instruct), H100", "",
-              "| kv cache | tokens | vs bf16 | greedy agreement (256 tokens) | radix cached / same output |",
-              "|---|---|---|---|---|"]
-    for cfg, e in emb.items():
-        if "excluded" in e:
-            lines.append(f"| {cfg} | excluded: {e['excluded']} | | | |")
-            continue
-        agr = e["greedy_agreement_vs_bf16_256_tokens"]
-        lines.append(f"| {cfg} | {e['max_total_num_tokens']:,} | {e['capacity_vs_bf16']:.2f}x | "
-                     f"{'' if agr is None else f'{agr:.1%}'} | {e['radix_second_request_cached_tokens']} / {e['radix_same_output']} |")
+    for name, (emb, emeta) in embs.items():
+        lines += [f"## Embedded model (SmolLM2-135M-Instruct), {emeta.get('device')}, git {(emeta.get('git_sha') or '')[:7]} ({name})", "",
+                  "| kv cache | tokens | vs bf16 | greedy agreement (256 tokens) | radix cached / same output |",
+                  "|---|---|---|---|---|"]
+        for cfg, e in emb.items():
+            if "excluded" in e:
+                lines.append(f"| {cfg} | excluded: {e['excluded']} | | | |")
+                continue
+            agr = e["greedy_agreement_vs_bf16_256_tokens"]
+            lines.append(f"| {cfg} | {e['max_total_num_tokens']:,} | {e['capacity_vs_bf16']:.2f}x | "
+                         f"{'' if agr is None else f'{agr:.1%}'} | {e['radix_second_request_cached_tokens']} / {e['radix_same_output']} |")
+        lines.append("")
     k = kernel_rows()
     lines += ["", f"## Decode attention kernel ({k['device']}, triton {k['triton']}, `{' '.join(k['argv'])}`)", "",
               "| batch x ctx | heads | kv | ms | GB/s | % HBM peak | vs SGLang bf16 triton |", "|---|---|---|---|---|---|---|"]
