@@ -19,6 +19,39 @@ MIN_BLOCK_KV = 32
 
 
 @triton.jit
+def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr,
+                   MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, SLIDING_WINDOW: tl.constexpr):
+    """What a stage-1 program works on: request ``b``, KV ``split``, its KV head and query
+    ``heads`` (``mask_h``), and the token range ``[s0, s1)`` of the request's slot list
+    starting at ``start`` (after the sliding window)."""
+    b = tl.program_id(0).to(tl.int64)
+    hid = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if BLOCK_H < KV_GROUP:
+        VALID_H: tl.constexpr = BLOCK_H
+    else:
+        VALID_H: tl.constexpr = KV_GROUP
+    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = hid * VALID_H + offs_h
+    mask_h = (offs_h < VALID_H) & (heads < HQ)
+
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    if SLIDING_WINDOW > 0:
+        win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
+        start = start + (seq_len - win)
+        seq_len = win
+    n_splits = tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS)
+    n_splits = tl.maximum(n_splits, 1)
+    per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
+    s0 = per_split * split
+    s1 = tl.minimum(s0 + per_split, seq_len)
+    return b, split, kv_head, heads, mask_h, start, s0, s1
+
+
+@triton.jit
 def _decode_stage1(
     Q,
     Kd,
@@ -67,30 +100,8 @@ def _decode_stage1(
     K_QMIN: tl.constexpr,
     V_QMIN: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    hid = tl.program_id(1)
-    split = tl.program_id(2)
-
-    if BLOCK_H < KV_GROUP:
-        VALID_H: tl.constexpr = BLOCK_H
-    else:
-        VALID_H: tl.constexpr = KV_GROUP
-    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = hid * VALID_H + offs_h
-    mask_h = (offs_h < VALID_H) & (heads < HQ)
-
-    start = tl.load(kv_indptr + b).to(tl.int64)
-    seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
-    if SLIDING_WINDOW > 0:
-        win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
-        start = start + (seq_len - win)
-        seq_len = win
-    n_splits = tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS)
-    n_splits = tl.maximum(n_splits, 1)
-    per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
-    s0 = per_split * split
-    s1 = tl.minimum(s0 + per_split, seq_len)
+    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
 
     offs_dk = tl.arange(0, K_D)
     offs_dv = tl.arange(0, V_D)
@@ -278,54 +289,6 @@ def _codes(raw, BITS: tl.constexpr, F: tl.constexpr, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _row(x):
-    """A meta column as a ``[1, N]`` row (the SEP_LOC loaders already give that shape)."""
-    if len(x.shape) == 1:
-        r = x[None, :]
-    else:
-        r = x
-    return r
-
-
-@triton.jit
-def _rows2d(idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, TRANS: tl.constexpr):
-    """Slot rows of one tile loaded as ``[1, N]`` (TRANS) or ``[N, 1]``: each consumer loads
-    its own copy (an L1 hit) so no slot vector has to change layout between consumers."""
-    if TRANS:
-        offs = tl.arange(0, N)[None, :]
-    else:
-        offs = tl.arange(0, N)[:, None]
-    m = offs < n_valid
-    loc = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
-    return loc * stride_s + head_off, m
-
-
-@triton.jit
-def _load_chunks_at(data_ptr, idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, NC: tl.constexpr,
-                    C: tl.constexpr, TRANS: tl.constexpr):
-    row, m = _rows2d(idx_ptr, n_valid, stride_s, head_off, N, TRANS)
-    offs = tl.arange(0, C)
-    out = ()
-    for c in tl.static_range(NC):
-        if TRANS:
-            t = tl.load(data_ptr + row + (c * C + offs)[:, None], mask=m, other=0)
-        else:
-            t = tl.load(data_ptr + row + (c * C + offs)[None, :], mask=m, other=0)
-        out = out + (t,)
-    return out
-
-
-@triton.jit
-def _load_meta_at(meta_ptr, idx_ptr, n_valid, stride_s, head_off, N: tl.constexpr, NM: tl.constexpr):
-    """The NM meta columns of one tile, each float32 ``[1, N]``."""
-    row, m = _rows2d(idx_ptr, n_valid, stride_s, head_off, N, True)
-    out = ()
-    for j in tl.static_range(NM):
-        out = out + (tl.load(meta_ptr + row + j, mask=m, other=0.0).to(tl.float32),)
-    return out
-
-
-@triton.jit
 def _load_chunks(data_ptr, row, mask_n, NC: tl.constexpr, C: tl.constexpr, TRANS: tl.constexpr):
     """The NC byte chunks of one tile: ``uint8 [C, N]`` (TRANS) or ``[N, C]`` each."""
     offs = tl.arange(0, C)
@@ -361,32 +324,9 @@ def _decode_stage1_packed(
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
-    SEP_LOC: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    hid = tl.program_id(1)
-    split = tl.program_id(2)
-
-    if BLOCK_H < KV_GROUP:
-        VALID_H: tl.constexpr = BLOCK_H
-    else:
-        VALID_H: tl.constexpr = KV_GROUP
-    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = hid * VALID_H + offs_h
-    mask_h = (offs_h < VALID_H) & (heads < HQ)
-
-    start = tl.load(kv_indptr + b).to(tl.int64)
-    seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
-    if SLIDING_WINDOW > 0:
-        win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
-        start = start + (seq_len - win)
-        seq_len = win
-    n_splits = tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS)
-    n_splits = tl.maximum(n_splits, 1)
-    per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
-    s0 = per_split * split
-    s1 = tl.minimum(s0 + per_split, seq_len)
+    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
 
     # chunking of K and V (see the section comment)
     KP: tl.constexpr = K_D * K_BITS // 8
@@ -440,13 +380,7 @@ def _decode_stage1_packed(
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
         offs_b = tl.arange(0, BLOCK_N)
-        idx0 = kv_indices + start
-        if SEP_LOC:
-            k_raw = _load_chunks_at(Kd, idx0 + s0, s1 - s0, stride_kd_s, k_head_d, BLOCK_N, KNC, KC, True)
-            k_mt = _load_meta_at(Km, idx0 + s0, s1 - s0, stride_km_s, k_head_m, BLOCK_N, KNM)
-            v_raw = _load_chunks_at(Vd, idx0 + s0, s1 - s0, stride_vd_s, v_head_d, BLOCK_N, VNC, VC, False)
-            v_mt = _load_meta_at(Vm, idx0 + s0, s1 - s0, stride_vm_s, v_head_m, BLOCK_N, VNM)
-        elif PREFETCH:
+        if PREFETCH:
             # software pipelining by hand: tile i+1 is loaded while tile i is computed
             mask_n = (s0 + offs_b) < s1
             loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
@@ -458,12 +392,7 @@ def _decode_stage1_packed(
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
-            if SEP_LOC:  # always prefetching: tile i+1 (masked off past the end)
-                k_raw_x = _load_chunks_at(Kd, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_kd_s, k_head_d, BLOCK_N, KNC, KC, True)
-                k_mt_x = _load_meta_at(Km, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_km_s, k_head_m, BLOCK_N, KNM)
-                v_raw_x = _load_chunks_at(Vd, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_vd_s, v_head_d, BLOCK_N, VNC, VC, False)
-                v_mt_x = _load_meta_at(Vm, idx0 + n0 + BLOCK_N, s1 - n0 - BLOCK_N, stride_vm_s, v_head_m, BLOCK_N, VNM)
-            elif PREFETCH:
+            if PREFETCH:
                 k_raw_x = _load_chunks(Kd, loc_x * stride_kd_s + k_head_d, mask_nx, KNC, KC, True)
                 k_mt_x = _load_meta(Km, loc_x * stride_km_s + k_head_m, mask_nx, KNM)
                 v_raw_x = _load_chunks(Vd, loc_x * stride_vd_s + v_head_d, mask_nx, VNC, VC, False)
@@ -484,9 +413,9 @@ def _decode_stage1_packed(
                     # chunk g * KCPG + j: bytes chunk (..) % KNC, bit field (..) // KNC
                     dg = tl.dot(qs[g * KCPG + j],
                                 _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC, USE_ASM), dg)
-                t = _row(k_mt[g]) * (dg - kconst[g][:, None])
+                t = k_mt[g][None, :] * (dg - kconst[g][:, None])
                 if K_ASYM:
-                    t += _row(k_mt[KNG + g]) * qsums[g][:, None]
+                    t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
             qk = qk * sm_scale
             if LOGIT_CAP > 0:
@@ -503,21 +432,16 @@ def _decode_stage1_packed(
             new_accs = ()
             for k in tl.static_range(VNF * VNC):
                 # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
-                ps = (p * (_row(v_mt[k // VCPG]) * (1.0 / (1 << (k // VNC * V_BITS))))).to(tl.float16)
+                ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
                 psum = tl.sum(ps.to(tl.float32), 1)
                 if V_ASYM:
-                    corr = tl.sum(p * _row(v_mt[VNG + k // VCPG]), 1) - 1024.0 * psum
+                    corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
                 else:
                     corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
                 a = accs[k] * re_scale[:, None] + corr[:, None]
                 new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC, USE_ASM), a),)
             accs = new_accs
-            if SEP_LOC:
-                k_raw = k_raw_x
-                k_mt = k_mt_x
-                v_raw = v_raw_x
-                v_mt = v_mt_x
-            elif PREFETCH:
+            if PREFETCH:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
                 v_raw = v_raw_x
@@ -591,8 +515,7 @@ def decode_attention(
       ``sliding_window + 1`` tokens (SGLang's convention).  Empty requests give zeros.
     * K and V both packed take the chunked fast path; a 16-bit K or V takes the general
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
-      ``prefetch`` (0: none, 1: next tile into registers, 2: the same with per-consumer slot
-      loads), ``use_asm`` (unpack with inline PTX; default off: no faster in
+      ``prefetch`` (0: none, 1: next tile into registers), ``use_asm`` (unpack with inline PTX; default off: no faster in
       ``bench/decode_sweep.py``; ``KVTUNER_ASM=1`` turns it on), ``maxnreg``.
     """
     bsz, hq, dk = q.shape
@@ -639,7 +562,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
             USE_ASM=use_inline_asm(q.device) if use_asm is None else bool(use_asm),
-            PREFETCH=bool(prefetch) and prefetch != 2, SEP_LOC=prefetch == 2, num_warps=num_warps, num_stages=num_stages,
+            PREFETCH=bool(prefetch), num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
     else:
