@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--cfgs", default=",".join(CFGS))
     ap.add_argument("--shapes", default="64x8192,16x1024")
     ap.add_argument("--splits", default="1,2,4,8")
-    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n,asm[,maxnreg];...' (pf 2: per-consumer slot loads)")
+    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n,asm[,maxnreg];...'")
     args = ap.parse_args()
     device = "cuda"
     name = torch.cuda.get_device_name()
@@ -107,7 +107,7 @@ def main() -> int:
         print("check", cfg, res["checks"][cfg], flush=True)
     splits = [int(x) for x in args.splits.split(",")]
     if args.variants == "all":
-        variants = [(pf, w, bn, asm, 0) for pf in (2, 1, 0) for w in (4, 8) for bn in (64, 128) for asm in (1, 0)]
+        variants = [(pf, w, bn, asm, 0) for pf in (1, 0) for w in (4, 8) for bn in (64, 128) for asm in (1, 0)]
     else:
         variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:5] for v in args.variants.split(";")]
     hq, hkv, d = 32, 8, 128
