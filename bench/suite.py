@@ -76,7 +76,8 @@ def prompt_ids(n: int, vocab: int, seed) -> list[int]:
 
 def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) -> dict:
     """One streamed /generate request.  Returns its record: ok, reason, tokens (counted),
-    ttft_s, e2e_s, itl_s (one value per token after the first)."""
+    ttft_s, e2e_s, itl_s (one value per token after the first chunk: a chunk of k tokens
+    gives k values of its gap / k)."""
     payload = {"input_ids": ids, "stream": True,
                "sampling_params": {"max_new_tokens": max_new, "ignore_eos": True, "temperature": 0}}
     req = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
