@@ -74,8 +74,13 @@ def prompt_ids(n: int, vocab: int, seed) -> list[int]:
     return [rng.randrange(100, max(101, vocab - 100)) for _ in range(n)]
 
 
-def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) -> dict:
-    """One streamed /generate request.  Returns its record: ok, reason, tokens (counted),
+def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200, incremental: bool = False) -> dict:
+    """One streamed /generate request.  ``incremental``: the server runs with
+    ``--incremental-streaming-output`` (each chunk carries only its new ids, which are summed);
+    otherwise each chunk carries every id so far (SGLang's default, O(n^2) bytes for long
+    outputs) and the last chunk's count is the output.  When the last chunk's
+    ``meta_info.completion_tokens`` is present it must equal the count.
+    Returns the request's record: ok, reason, tokens (counted),
     ttft_s, e2e_s, itl_s (one value per token after the first chunk: a chunk of k tokens
     gives k values of its gap / k)."""
     payload = {"input_ids": ids, "stream": True,
@@ -87,6 +92,7 @@ def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) ->
     t0 = time.perf_counter()
     prev_t, prev_n = None, 0
     last = None
+    counted = 0
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             for raw in r:
@@ -102,7 +108,7 @@ def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) ->
                     rec["detail"] = json.dumps(msg)[:300]
                     break
                 now = time.perf_counter()
-                n = len(msg.get("output_ids") or [])
+                n = prev_n + len(msg.get("output_ids") or []) if incremental else len(msg.get("output_ids") or [])
                 if n > prev_n:
                     if rec["ttft_s"] is None:
                         rec["ttft_s"] = now - t0
@@ -111,6 +117,7 @@ def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) ->
                         rec["itl_s"].extend([gap] * (n - prev_n))
                     prev_t, prev_n = now, n
                 last = msg
+                counted = n
     except urllib.error.HTTPError as e:
         rec["reason"] = f"http_{e.code}"
         rec["detail"] = e.read()[:300].decode(errors="replace")
@@ -122,13 +129,18 @@ def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200) ->
         if last is None or "output_ids" not in last:
             rec["reason"] = "no_output_ids"
         else:
-            rec["tokens"] = len(last["output_ids"])
+            rec["tokens"] = counted
+            server_n = (last.get("meta_info") or {}).get("completion_tokens")
             rec["ok"] = rec["tokens"] == max_new
             if not rec["ok"]:
                 rec["reason"] = "wrong_length"
                 rec["detail"] = f"asked {max_new}, got {rec['tokens']}"
+            elif isinstance(server_n, int) and server_n != counted:
+                rec["ok"] = False
+                rec["reason"] = "count_mismatch"
+                rec["detail"] = f"counted {counted}, server says completion_tokens {server_n}"
     elif last is not None:
-        rec["tokens"] = len(last.get("output_ids") or [])
+        rec["tokens"] = counted
     return rec
 
 
@@ -261,6 +273,10 @@ class Ctx:
         self.quick = quick
         self.deadline = deadline  # time.time() after which no new step starts
         self.seed = 0
+        self.incremental = bool(settings.get("incremental_stream"))
+
+    def send(self, url, ids, max_new, timeout):
+        return stream_one(url, ids, max_new, timeout, incremental=self.incremental)
 
     def ids(self, n: int) -> list[int]:
         self.seed += 1
@@ -271,7 +287,8 @@ class Ctx:
 
     def load(self, prompt_len: int, out_len: int, n: int, concurrency: int) -> dict:
         reqs = [(self.ids(prompt_len), out_len) for _ in range(n)]
-        recs, wall = run_load(self.server.url, reqs, concurrency, timeout=self.s.get("request_timeout_s", 1200))
+        recs, wall = run_load(self.server.url, reqs, concurrency, timeout=self.s.get("request_timeout_s", 1200),
+                              send=self.send)
         return summarize(recs, wall)
 
 
@@ -378,7 +395,7 @@ def table_stress(ctx: Ctx, w: TableWriter):
             break
         rng = random.Random(f"stress-{k}")
         reqs = [(ctx.ids(rng.randint(lo, hi)), rng.randint(olo, ohi)) for _ in range(n)]
-        recs, wall = run_load(ctx.server.url, reqs, c, timeout=ctx.s.get("request_timeout_s", 1200))
+        recs, wall = run_load(ctx.server.url, reqs, c, timeout=ctx.s.get("request_timeout_s", 1200), send=ctx.send)
         row = summarize(recs, wall)
         w.add({"round": k, "concurrency": c, **row, **gpu_memory(ctx.server)})
     mem = [r.get("gpu_used_mib") for r in w.data["rows"] if r.get("round", 0) > 0]
@@ -431,7 +448,10 @@ def run_config(name: str, cfg: dict, jobs, out_dir: Path, args, env: dict, serve
     ccfg = cfg["configs"][name]
     flags = [str(f) for f in (cfg.get("server_flags") or [])] + [str(f) for f in (ccfg.get("flags") or [])]
     flags += args.extra.split() if args.extra else []
-    header = {"flags": flags, "group": ccfg.get("group"), "label": ccfg.get("label", name), "kv_bits": ccfg.get("bits"),
+    # repository-relative files (presets) work from any working directory
+    flags = [str(ROOT / f) if f.endswith((".yaml", ".yml", ".json")) and not os.path.isabs(f) and (ROOT / f).exists()
+             else f for f in flags]
+    header = {"incremental_stream": bool(cfg.get("incremental_stream")), "flags": flags, "group": ccfg.get("group"), "label": ccfg.get("label", name), "kv_bits": ccfg.get("bits"),
               "model": cfg["model"], "env": env}
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -459,7 +479,8 @@ def run_config(name: str, cfg: dict, jobs, out_dir: Path, args, env: dict, serve
                 settings = {**settings, "levels": [int(x) for x in args.levels.split(",")]}
             w = TableWriter(out_dir, name, fname, header, merge_key="concurrency" if runner == "concurrency" else None)
             deadline = args.t_start + args.budget_s if args.budget_s else None
-            ctx = Ctx(server, vocab, settings, args.quick, deadline)
+            ctx = Ctx(server, vocab, {"incremental_stream": cfg.get("incremental_stream", False), **settings},
+                      args.quick, deadline)
             t0 = time.time()
             try:
                 RUNNERS[runner](ctx, w)
@@ -510,6 +531,8 @@ def main(argv=None) -> int:
     ap.add_argument("--levels", help="concurrency levels to run (comma-separated), merged into the existing "
                     "DIR/<config>/concurrency_<workload>.json; no doubling past them")
     ap.add_argument("--quick", action="store_true", help="the quick_* settings: fewer levels and requests")
+    ap.add_argument("--model", help="model directory instead of the config's (e.g. the embedded model's real "
+                    "weights at /tmp/model on the GPU host)")
     ap.add_argument("--extra", default="", help="extra server flags for every configuration")
     ap.add_argument("--port", type=int, default=32000)
     ap.add_argument("--startup-timeout", type=float, default=300)
@@ -522,6 +545,10 @@ def main(argv=None) -> int:
     args.t_start = time.time()
 
     cfg = load_config(Path(args.config))
+    if args.model:
+        cfg["model"] = args.model
+        if cfg.get("quality"):
+            cfg["quality"]["model"] = args.model
     names = args.configs.split(",") if args.configs else list(cfg["configs"])
     unknown = [n for n in names if n not in cfg["configs"]]
     if unknown:

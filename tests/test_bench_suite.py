@@ -25,6 +25,8 @@ class _HTTPD(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the default backlog (5) stalls concurrent connects for a SYN retry
     short_by = 0  # tokens fewer than asked (a misbehaving server)
+    incremental = False  # --incremental-streaming-output: each chunk only its new ids
+    claim = 0  # completion_tokens reported beyond what was sent (a lying server)
     chunk = 1  # tokens per streamed chunk
     delay = 0.0
     seen: list
@@ -55,8 +57,10 @@ class _Stream(BaseHTTPRequestHandler):
         ids = []
         while len(ids) < n:
             time.sleep(self.server.delay)
-            ids += list(range(len(ids), min(n, len(ids) + self.server.chunk)))
-            msg = {"output_ids": list(ids), "meta_info": {"completion_tokens": len(ids)}}
+            new = list(range(len(ids), min(n, len(ids) + self.server.chunk)))
+            ids += new
+            msg = {"output_ids": new if self.server.incremental else list(ids),
+                   "meta_info": {"completion_tokens": len(ids) + self.server.claim}}
             self.wfile.write(f"data: {json.dumps(msg)}\n\n".encode())
             self.wfile.flush()
         self.wfile.write(b"data: [DONE]\n\n")
@@ -97,6 +101,19 @@ def test_short_server_is_a_failure(fake):
     assert s["failure_reasons"] == {"wrong_length": 6}
     assert s["output_tokens"] == 30  # counted, not requested
     assert s["latency_p50_s"] is None
+
+
+def test_incremental_stream_and_count_check(fake):
+    srv, url = fake
+    srv.incremental, srv.chunk = True, 3
+    rec = suite.stream_one(url, [1], 10, incremental=True)
+    assert rec["ok"] and rec["tokens"] == 10 and len(rec["itl_s"]) == 7
+    # read as cumulative, the same stream is short (last chunk has 1 id): a failure, not a success
+    rec = suite.stream_one(url, [1], 10)
+    assert not rec["ok"] and rec["reason"] == "wrong_length"
+    srv.claim = 2  # the server says it sent more than arrived
+    rec = suite.stream_one(url, [1], 10, incremental=True)
+    assert not rec["ok"] and rec["reason"] == "count_mismatch"
 
 
 def test_unreachable_and_http_error():
@@ -151,6 +168,7 @@ class FakeServer:
         self.httpd = _HTTPD(("127.0.0.1", 0), _Stream)
         self.httpd.seen = []
         self.httpd.short_by = 1 if "--short" in flags else 0
+        self.httpd.incremental = "--incremental-streaming-output" in flags
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.flags, self.log, self.startup_s = flags, log, 0.1
@@ -167,7 +185,8 @@ class FakeServer:
 
 SMALL = {
     "model": "bench/configs/qwen2.5-7b",
-    "server_flags": ["--load-format", "dummy"],
+    "server_flags": ["--load-format", "dummy", "--incremental-streaming-output"],
+    "incremental_stream": True,
     "configs": {
         "bf16": {"group": "A", "bits": 16, "flags": []},
         "int8": {"group": "B", "bits": 8, "flags": ["--kv-cache-dtype", "int8"]},
@@ -207,7 +226,7 @@ def test_driver_tables_and_refusal(tmp_path, monkeypatch):
             assert f"{c}/{t}.json" in files
     ld = lambda c, t: json.loads((out / c / f"{t}.json").read_text())  # noqa: E731
     ttft = ld("bf16", "ttft")
-    assert ttft["complete"] and ttft["ok"] and ttft["flags"] == ["--load-format", "dummy"]
+    assert ttft["complete"] and ttft["ok"] and ttft["flags"] == ["--load-format", "dummy", "--incremental-streaming-output"]
     assert [r["prompt_len"] for r in ttft["rows"]] == [10, 50, 20000] and "skipped" in ttft["rows"][2]
     assert ttft["rows"][0]["succeeded"] == 2 and ttft["rows"][0]["ttft_p50_s"] > 0
     conc = ld("int8", "concurrency_tiny")
