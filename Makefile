@@ -30,6 +30,7 @@ help:
 	@echo "make calibrate [MODEL=..] [BUDGET=4.0] [OUT=..] [CALIB_ARGS=..]   KVTuner per-layer preset search (kvtuner.calibrate)"
 	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
+	@echo "make bench-suite [SUITE=bench/suite/qwen.yaml] [SUITE_ARGS=..]   benchmark suite (GPU) -> SUITE_DIR JSON, bench/REPORT.md"
 	@echo "make reliability      soak/pressure/aborts/prefix/bad input on MODEL (GPU) -> bench/results/reliability.json"
 	@echo "make image            the server image (docker/README.md); make docker-check lints and dry-runs it"
 
@@ -121,6 +122,16 @@ bench: install
 reliability: install
 	PYTHONPATH=kernels $(VPY) bench/reliability_cpu.py
 	PYTHONPATH=kernels $(VPY) bench/reliability.py --model $(MODEL) --out bench/results/reliability.json $(RELIABILITY_ARGS)
+
+# issue 7: benchmark suite, one server per configuration; tables/configs can run in separate calls
+# into the same SUITE_DIR (SUITE_ARGS="--configs bf16,int4 --tables concurrency --budget-s 480")
+SUITE ?= bench/suite/qwen.yaml
+SUITE_DIR ?= bench/results/suite
+SUITE_ARGS ?=
+.PHONY: bench-suite
+bench-suite: install
+	PYTHONPATH=kernels $(VPY) bench/suite.py --config $(SUITE) --out-dir $(SUITE_DIR) $(SUITE_ARGS)
+	$(VPY) bench/report.py $(SUITE_DIR) --config $(SUITE) --out bench/REPORT.md
 
 clean:
 	rm -rf build dist .bundle

@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""The benchmark suite's report: DIR/REPORT.md and PNG plots (in plots/ next to the markdown) from the JSON that bench/suite.py
+wrote (DIR/<config>/<table>.json, DIR/env-*.json, DIR/quality/served_quality.json).
+
+    python3 bench/report.py DIR [--out bench/REPORT.md] [--config bench/suite/qwen.yaml]
+
+Measured numbers come only from those files.  The plausibility section takes the seed report's
+claimed figures (``seed_claims`` of the suite config) and bounds them from hardware peaks and
+the model's shape (bytes and FLOPs per token), computed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Vendor peak figures (datasheets): memory bandwidth (bytes/s), dense bf16/fp16 tensor FLOP/s
+# with fp32 accumulation, memory (bytes).  The H100 is the SXM part.
+HARDWARE = {
+    "h100": {"name": "NVIDIA H100 SXM", "hbm_bytes_s": 3.35e12, "bf16_flops": 989e12, "mem_bytes": 80e9},
+    "h200": {"name": "NVIDIA H200", "hbm_bytes_s": 4.8e12, "bf16_flops": 989e12, "mem_bytes": 141e9},
+    "rtx4090": {"name": "NVIDIA RTX 4090", "hbm_bytes_s": 1.008e12, "bf16_flops": 165.2e12, "mem_bytes": 24e9},
+}
+
+
+# ============================================================================ model arithmetic
+
+
+def model_shape(config: dict) -> dict:
+    """Parameters, FLOPs and KV bytes per token of a decoder (Llama/Qwen2 layout) from its
+    HF config.json."""
+    h, L = config["hidden_size"], config["num_hidden_layers"]
+    nh, nkv = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    hd = config.get("head_dim") or h // nh
+    inter, vocab = config["intermediate_size"], config["vocab_size"]
+    attn = h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    if config.get("model_type") == "qwen2":
+        attn += nh * hd + 2 * nkv * hd  # q/k/v biases
+    mlp = 3 * h * inter
+    per_layer = attn + mlp + 2 * h  # two RMSNorm weights
+    embed = vocab * h
+    head = 0 if config.get("tie_word_embeddings") else vocab * h
+    params = L * per_layer + embed + head + h
+    matmul = L * (attn + mlp) + vocab * h  # every token goes through these (embedding lookup does not)
+    return {"params": params, "weight_bytes_bf16": 2 * params, "flops_per_token": 2 * matmul,
+            "layers": L, "kv_heads": nkv, "head_dim": hd,
+            "kv_elems_per_token": 2 * L * nkv * hd}
+
+
+def kv_bytes_per_token(shape: dict, bits: float, group: int = 64, asym: bool = False) -> float:
+    """Pool bytes per token: codes at ``bits`` plus a float16 scale (and offset) per group
+    (none for 16 bits)."""
+    elems = shape["kv_elems_per_token"]
+    if bits >= 16:
+        return elems * 2.0
+    return elems * bits / 8 + elems / group * 2 * (2 if asym else 1)
+
+
+def plausibility(claim: dict, shape: dict, hw: dict) -> dict:
+    """Upper bounds for ``n_gpus`` of ``hw`` serving the model, against the claim."""
+    n = claim.get("n_gpus", 1)
+    bw, flops = hw["hbm_bytes_s"] * n, hw["bf16_flops"] * n
+    w = shape["weight_bytes_bf16"]
+    # every decode step reads all weights once (tensor parallel: each GPU its 1/n, in parallel)
+    min_step_s = w / bw
+    # compute: 2 FLOPs per weight per generated token, at 100% of the tensor-core peak
+    max_tok_s_compute = flops / shape["flops_per_token"]
+    kv_room = hw["mem_bytes"] * n - w
+    kv_tok = kv_bytes_per_token(shape, 16)
+    ctx = claim.get("context_tokens", 1000)
+    # a step of batch B at context C reads W + B*C*kv bytes: tokens/s < bw / (C*kv) at any B
+    max_tok_s_kv = bw / (ctx * kv_tok)
+    # all sequences must fit: B <= kv_room / (C * kv); tokens/s <= B / step
+    max_batch = kv_room / (ctx * kv_tok)
+    step_at_max = (w + max_batch * ctx * kv_tok) / bw
+    max_tok_s_mem = max_batch / step_at_max
+    out = {
+        "claim": claim, "hardware": hw["name"], "n_gpus": n,
+        "min_decode_step_s": min_step_s, "max_tok_s_compute": max_tok_s_compute,
+        "max_tok_s_kv_bandwidth": max_tok_s_kv, "max_tok_s_memory_capacity": max_tok_s_mem,
+        "context_tokens": ctx, "kv_bytes_per_token_bf16": kv_tok, "kv_room_bytes": kv_room,
+        "max_batch_at_context": max_batch,
+    }
+    out["bound_tok_s"] = min(max_tok_s_compute, max_tok_s_mem)
+    tok_claim, lat_claim = claim.get("tok_per_s"), claim.get("latency_s")
+    out["throughput_impossible"] = bool(tok_claim and tok_claim > out["bound_tok_s"])
+    out["latency_impossible"] = bool(lat_claim and lat_claim < min_step_s)
+    return out
+
+
+# ============================================================================ reading results
+
+
+def load_dir(d: Path) -> dict:
+    """{"configs": {name: {table: data}}, "envs": [...], "quality": data|None}"""
+    d = Path(d)
+    res: dict[str, Any] = {"configs": {}, "envs": [], "quality": None}
+    for p in sorted(d.glob("env-*.json")):
+        try:
+            res["envs"].append(json.loads(p.read_text()))
+        except ValueError:
+            pass
+    for sub in sorted(x for x in d.iterdir() if x.is_dir()):
+        if sub.name == "quality":
+            q = sub / "served_quality.json"
+            if q.exists():
+                res["quality"] = json.loads(q.read_text())
+            continue
+        tables = {}
+        for p in sorted(sub.glob("*.json")):
+            try:
+                tables[p.stem] = json.loads(p.read_text())
+            except ValueError:
+                continue
+        if tables:
+            res["configs"][sub.name] = tables
+    return res
+
+
+def fmt(v, spec=".3g", scale=1.0) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, float)):
+        return format(v * scale if scale != 1.0 else v, spec)
+    return str(v)
+
+
+def _ms(v) -> str:
+    return fmt(v, ".1f", 1000)
+
+
+def _ordered(res: dict, order: list) -> list[str]:
+    names = list(res["configs"])
+    return [n for n in order if n in names] + [n for n in names if n not in order]
+
+
+def _failed_note(t: dict) -> Optional[str]:
+    if t.get("ok") is False:
+        kind = "refused by the server" if t.get("refused") else "failed"
+        err = (t.get("error") or "").strip().splitlines()
+        return f"{kind}: {err[-1][:200] if err else ''}"
+    return None
+
+
+def _label(res, name):
+    for t in res["configs"][name].values():
+        return t.get("label") or name
+    return name
+
+
+def _bits(res, name):
+    for t in res["configs"][name].values():
+        if t.get("kv_bits") is not None:
+            return t["kv_bits"]
+    return None
+
+
+# ============================================================================ plots
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except Exception:
+        return None
+
+
+def plots(res: dict, names: list[str], out_dir: Path) -> list[str]:
+    plt = _plt()
+    if plt is None:
+        return []
+    written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    workloads = sorted({t for n in names for t in res["configs"][n] if t.startswith("concurrency_")})
+    for wl in workloads:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for n in names:
+            rows = [r for r in res["configs"][n].get(wl, {}).get("rows", []) if r.get("output_tok_per_s")]
+            if rows:
+                ax.plot([r["concurrency"] for r in rows], [r["output_tok_per_s"] for r in rows], marker="o", label=n)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_ylabel("output tok/s (counted)")
+        ax.set_title(f"throughput vs concurrency ({wl.split('_', 1)[1]})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, f"throughput_vs_concurrency_{wl.split('_', 1)[1]}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    any_ttft = False
+    for n in names:
+        rows = [r for r in res["configs"][n].get("ttft", {}).get("rows", []) if r.get("ttft_p50_s") is not None]
+        if rows:
+            any_ttft = True
+            ax.plot([r["prompt_len"] for r in rows], [r["ttft_p50_s"] * 1000 for r in rows], marker="o", label=n)
+    if any_ttft:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel("TTFT p50 (ms)")
+        ax.set_title("time to first token vs prompt length")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "ttft_vs_prompt.png")
+    else:
+        plt.close(fig)
+
+    caps = [(n, _capacity(res, n)) for n in names]
+    caps = [(n, c) for n, c in caps if c]
+    if caps:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.bar([n for n, _ in caps], [c for _, c in caps])
+        ax.set_ylabel("KV pool tokens (max_total_num_tokens)")
+        ax.set_title("KV capacity per configuration")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        save(fig, "capacity.png")
+
+    q = _quality_rows(res)
+    if q:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for name, bits, ppl, _ in q:
+            ax.scatter([bits], [ppl])
+            ax.annotate(name, (bits, ppl), fontsize=7)
+        ax.set_xlabel("average KV bits")
+        ax.set_ylabel("perplexity (served)")
+        ax.set_title("quality vs average bits")
+        ax.grid(alpha=0.3)
+        save(fig, "quality_vs_bits.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    any_stress = False
+    for n in names:
+        rows = [r for r in res["configs"][n].get("stress", {}).get("rows", []) if r.get("gpu_used_mib") is not None]
+        if rows:
+            any_stress = True
+            ax.plot([r["round"] for r in rows], [r["gpu_used_mib"] for r in rows], marker=".", label=n)
+    if any_stress:
+        ax.set_xlabel("stress round (0: before load)")
+        ax.set_ylabel("GPU memory used (MiB, nvidia-smi)")
+        ax.set_title("memory over the stress rounds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save(fig, "stress_memory.png")
+    else:
+        plt.close(fig)
+    return written
+
+
+def _capacity(res, n) -> Optional[int]:
+    t = res["configs"][n]
+    for key in ["capacity", *t]:
+        v = (t.get(key) or {}).get("server", {}) or {}
+        if v.get("max_total_num_tokens"):
+            return v["max_total_num_tokens"]
+    return None
+
+
+def _quality_rows(res) -> list:
+    q = res.get("quality")
+    if not q:
+        return []
+    out = []
+    for name, r in (q.get("results") or {}).items():
+        ppl = r.get("ppl", r.get("perplexity"))
+        if r.get("average_bits") is not None and ppl is not None:
+            out.append((name, r["average_bits"], ppl, r))
+    return out
+
+
+# ============================================================================ markdown
+
+
+def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None) -> Path:
+    d = Path(d)
+    res = load_dir(d)
+    order = list((suite_cfg or {}).get("configs", {}))
+    names = _ordered(res, order)
+    out = Path(out) if out else d / "REPORT.md"
+    (out.parent / "plots").mkdir(parents=True, exist_ok=True)
+    pngs = ["plots/" + x for x in plots(res, names, out.parent / "plots")]
+    L: list[str] = ["# Benchmark suite report", "",
+                    f"Generated by `bench/report.py` from `{d}`; every measured number below comes from the "
+                    "JSON files there (`bench/suite.py`).", ""]
+
+    # --- environment
+    L += ["## Hardware, versions, commands", ""]
+    seen = set()
+    for e in res["envs"]:
+        key = (tuple(e.get("gpus") or []), e.get("sglang"), e.get("torch"), e.get("git_sha"))
+        if key in seen:
+            continue
+        seen.add(key)
+        L.append(f"- GPUs: {', '.join(e.get('gpus') or ['(none reported)'])}; sglang {e.get('sglang')}, "
+                 f"torch {e.get('torch')}, triton {e.get('triton')}, python {e.get('python')}; git {e.get('git_sha')}")
+    cmds = sorted({" ".join(e.get("argv") or []) for e in res["envs"]})
+    if cmds:
+        L += ["", "Commands:", "", "```", *cmds, "```"]
+    flags = {n: t.get("flags") for n in names for t in list(res["configs"][n].values())[:1]}
+    if flags:
+        L += ["", "| config | label | server flags (after BASE_FLAGS) |", "|---|---|---|"]
+        for n in names:
+            L.append(f"| {n} | {_label(res, n)} | `{' '.join(flags.get(n) or [])}` |")
+    L.append("")
+
+    # --- capacity
+    L += ["## KV capacity and GPU memory", "",
+          "| config | pool tokens | vs bf16 | GPU memory used (MiB) | startup (s) | status |", "|---|---|---|---|---|---|"]
+    base = _capacity(res, "bf16") if "bf16" in res["configs"] else None
+    for n in names:
+        t = res["configs"][n].get("capacity") or next(iter(res["configs"][n].values()))
+        note = _failed_note(t) or ""
+        cap = _capacity(res, n)
+        row = (t.get("rows") or [{}])[0] if t.get("table") == "capacity" else {}
+        L.append(f"| {n} | {fmt(cap, ',') if cap else ''} | {fmt(cap / base, '.2f') + 'x' if cap and base else ''} | "
+                 f"{fmt(row.get('gpu_used_mib'), 'd') if isinstance(row.get('gpu_used_mib'), int) else ''} | "
+                 f"{fmt((t.get('server') or {}).get('startup_s'), '.0f')} | {note or 'ok'} |")
+    L.append("")
+    if "plots/capacity.png" in pngs:
+        L += ["![capacity](plots/capacity.png)", ""]
+
+    # --- TTFT
+    lens = sorted({r["prompt_len"] for n in names for r in res["configs"][n].get("ttft", {}).get("rows", [])})
+    if lens:
+        L += ["## TTFT by prompt length (p50, ms; one request at a time)", "",
+              "| config | " + " | ".join(str(x) for x in lens) + " |", "|---|" + "---|" * len(lens)]
+        for n in names:
+            t = res["configs"][n].get("ttft")
+            if not t:
+                continue
+            by = {r["prompt_len"]: r for r in t.get("rows", [])}
+            cells = []
+            for x in lens:
+                r = by.get(x)
+                cells.append("" if r is None else r.get("skipped", "")[:12] if "skipped" in r else
+                             (_ms(r.get("ttft_p50_s")) + ("" if r.get("failed") == 0 else f" ({r.get('failed')} failed)")))
+            L.append(f"| {n} | " + " | ".join(cells) + " |" + (f" {_failed_note(t)}" if _failed_note(t) else ""))
+        L.append("")
+        if "plots/ttft_vs_prompt.png" in pngs:
+            L += ["![ttft](plots/ttft_vs_prompt.png)", ""]
+
+    # --- concurrency
+    workloads = sorted({t for n in names for t in res["configs"][n] if t.startswith("concurrency_")})
+    for wl in workloads:
+        short = wl.split("_", 1)[1]
+        any_t = next(res["configs"][n][wl] for n in names if wl in res["configs"][n])
+        w = any_t.get("workload") or {}
+        L += [f"## Throughput and latency vs concurrency: {short} (prompt {w.get('prompt_len')}, "
+              f"output {w.get('output_len')}, ignore_eos)", "",
+              "| config | concurrency | requests | success | output tok/s | req/s | latency mean (s) | p50 (s) | "
+              "p99 (s) | TTFT p50 (ms) | ITL p50 (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        peaks = {}
+        for n in names:
+            t = res["configs"][n].get(wl)
+            if not t:
+                continue
+            if _failed_note(t) and not t.get("rows"):
+                L.append(f"| {n} | {_failed_note(t)} | | | | | | | | | |")
+                continue
+            for r in t.get("rows", []):
+                L.append(f"| {n} | {r['concurrency']} | {r['requests']} | {fmt(r['success_rate'], '.1%')} | "
+                         f"{fmt(r['output_tok_per_s'], '.0f')} | {fmt(r['req_per_s'], '.2f')} | "
+                         f"{fmt(r['latency_mean_s'], '.2f')} | {fmt(r['latency_p50_s'], '.2f')} | "
+                         f"{fmt(r['latency_p99_s'], '.2f')} | {_ms(r['ttft_p50_s'])} | {_ms(r['itl_p50_s'])} |")
+            good = [r for r in t.get("rows", []) if r.get("success_rate") == 1.0 and r.get("output_tok_per_s")]
+            if good:
+                best = max(good, key=lambda r: r["output_tok_per_s"])
+                peaks[n] = (best["output_tok_per_s"], best["concurrency"], t.get("saturated"), t.get("stopped"))
+        if peaks:
+            L += ["", f"Peak output tok/s ({short}; levels where every request succeeded):", "",
+                  "| config | peak tok/s | at concurrency | vs bf16 | vs fp8_e4m3 | saturated |", "|---|---|---|---|---|---|"]
+            b, f8 = peaks.get("bf16", (None,))[0], peaks.get("fp8_e4m3", (None,))[0]
+            for n, (tp, c, sat, stopped) in peaks.items():
+                L.append(f"| {n} | {tp:.0f} | {c} | {fmt(tp / b, '.2f') if b else ''} | {fmt(tp / f8, '.2f') if f8 else ''} | "
+                         f"{'yes' if sat else 'no' + (' (' + stopped + ')' if stopped else '')} |")
+        L.append("")
+        if f"plots/throughput_vs_concurrency_{short}.png" in pngs:
+            L += [f"![throughput {short}](plots/throughput_vs_concurrency_{short}.png)", ""]
+
+    # --- grid
+    for n in names:
+        t = res["configs"][n].get("grid")
+        if not t or not t.get("rows"):
+            continue
+        ins = sorted({r["prompt_len"] for r in t["rows"]})
+        outs = sorted({r["output_len"] for r in t["rows"]})
+        by = {(r["prompt_len"], r["output_len"]): r for r in t["rows"]}
+        c = t["rows"][0].get("concurrency")
+        L += [f"## Input x output grid: {n} (concurrency {c}; output tok/s / mean latency s)", "",
+              "| input \\ output | " + " | ".join(str(o) for o in outs) + " |", "|---|" + "---|" * len(outs)]
+        for i in ins:
+            cells = []
+            for o in outs:
+                r = by.get((i, o))
+                cells.append("" if r is None else f"{fmt(r['output_tok_per_s'], '.0f')} / {fmt(r['latency_mean_s'], '.2f')}"
+                             + ("" if r.get("failed") == 0 else f" ({r['failed']} failed)"))
+            L.append(f"| {i} | " + " | ".join(cells) + " |")
+        L.append("")
+
+    # --- batch
+    bs = sorted({r["batch_size"] for n in names for r in res["configs"][n].get("batch", {}).get("rows", [])})
+    if bs:
+        L += ["## Batch sizes (one wave of b simultaneous requests; output tok/s)", "",
+              "| config | " + " | ".join(str(b) for b in bs) + " |", "|---|" + "---|" * len(bs)]
+        for n in names:
+            t = res["configs"][n].get("batch")
+            if not t:
+                continue
+            by = {r["batch_size"]: r for r in t.get("rows", [])}
+            L.append(f"| {n} | " + " | ".join(fmt(by[b]["output_tok_per_s"], ".0f") + ("" if by[b].get("failed") == 0 else "*")
+                                               if b in by else "" for b in bs) + " |")
+        L += ["", "`*`: some requests failed in that wave.", ""]
+
+    # --- stress
+    st = [(n, res["configs"][n]["stress"]) for n in names if "stress" in res["configs"][n]]
+    if st:
+        L += ["## Stress rounds (memory from nvidia-smi after each round)", "",
+              "| config | rounds | requests | failed | GPU memory min / max (MiB) | drift (MiB) |", "|---|---|---|---|---|---|"]
+        for n, t in st:
+            rows = [r for r in t.get("rows", []) if r.get("round", 0) > 0]
+            mem = [r.get("gpu_used_mib") for r in rows if r.get("gpu_used_mib") is not None]
+            L.append(f"| {n} | {len(rows)} | {sum(r.get('requests', 0) for r in rows)} | "
+                     f"{sum(r.get('failed', 0) for r in rows)} | {f'{min(mem)} / {max(mem)}' if mem else ''} | "
+                     f"{fmt(t.get('memory_drift_mib'), 'd') if isinstance(t.get('memory_drift_mib'), int) else ''} |")
+        L.append("")
+        if "plots/stress_memory.png" in pngs:
+            L += ["![stress memory](plots/stress_memory.png)", ""]
+
+    # --- quality
+    q = _quality_rows(res)
+    if q:
+        L += ["## Quality vs average bits (embedded model, served; bench/served_quality.py)", "",
+              "| config | average bits | perplexity | top-1 vs bf16 |", "|---|---|---|---|"]
+        for name, bits, ppl, r in sorted(q, key=lambda x: -x[1]):
+            L.append(f"| {name} | {bits:.2f} | {ppl:.3f} | {fmt(r.get('top1_agreement_vs_bf16'), '.1%')} |")
+        L.append("")
+        if "plots/quality_vs_bits.png" in pngs:
+            L += ["![quality](plots/quality_vs_bits.png)", ""]
+
+    # --- plausibility
+    L += plausibility_section(suite_cfg or {})
+    out.write_text("\n".join(L) + "\n")
+    return out
+
+
+def plausibility_section(suite_cfg: dict) -> list[str]:
+    claims = suite_cfg.get("seed_claims") or []
+    if not claims:
+        return []
+    L = ["## Seed-report figures that cannot happen", "",
+         "Bounds from vendor peaks and the model's shape (computed by `bench/report.py` from its config.json); "
+         "real serving stays well below every one of them.", ""]
+    for c in claims:
+        mp = Path(c.get("model", "bench/configs/qwen2.5-7b"))
+        cfg = json.loads(((mp if mp.is_absolute() else ROOT / mp) / "config.json").read_text())
+        shape = model_shape(cfg)
+        hw = HARDWARE[c.get("gpu", "rtx4090")]
+        p = plausibility(c, shape, hw)
+        n = p["n_gpus"]
+        L += [f"### Claim: {c['what']} on {n}x {hw['name']}", "",
+              f"- Model: {shape['params'] / 1e9:.2f} B parameters = {shape['weight_bytes_bf16'] / 1e9:.1f} GB in bf16; "
+              f"{shape['flops_per_token'] / 1e9:.1f} GFLOP per generated token (2 per weight of the matmuls; attention and the embedding lookup not counted); "
+              f"KV cache {p['kv_bytes_per_token_bf16'] / 1024:.0f} KiB per token in bf16 "
+              f"({shape['layers']} layers x 2 x {shape['kv_heads']} KV heads x {shape['head_dim']} x 2 bytes).",
+              f"- Compute: {n} x {hw['bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16 = {n * hw['bf16_flops'] / 1e12:.0f} TFLOP/s; "
+              f"at 100% utilisation that is at most **{p['max_tok_s_compute']:,.0f} tok/s**. "
+              + (f"{c['tok_per_s']:,} tok/s would need {c['tok_per_s'] * shape['flops_per_token'] / 1e15:.2f} PFLOP/s, "
+                 f"{c['tok_per_s'] / p['max_tok_s_compute']:.1f}x the peak." if c.get("tok_per_s") else ""),
+              f"- Bandwidth: every decode step reads all weights once; split over {n} GPUs at "
+              f"{hw['hbm_bytes_s'] / 1e12:.2f} TB/s each that takes at least **{p['min_decode_step_s'] * 1e3:.1f} ms**, "
+              "so no token (and no request) completes in less. "
+              + (f"A latency of {c['latency_s'] * 1e3:g} ms is {'below' if p['latency_impossible'] else 'above'} that floor."
+                 if c.get("latency_s") else ""),
+              f"- Memory: {n} x {hw['mem_bytes'] / 1e9:.0f} GB less the weights leaves {p['kv_room_bytes'] / 1e9:.0f} GB "
+              f"of KV = {p['max_batch_at_context']:,.0f} sequences of {p['context_tokens']} tokens in bf16; each step then reads "
+              f"weights + all their KV, so bf16 serving at that context is bounded by "
+              f"**{p['max_tok_s_memory_capacity']:,.0f} tok/s** (KV bandwidth alone: {p['max_tok_s_kv_bandwidth']:,.0f} tok/s).",
+              f"- With int4 KV ({kv_bytes_per_token(shape, 4, 64, True) / 1024:.1f} KiB per token, scales and offsets "
+              f"included) the memory bounds rise, but the compute bound above does not move: KV precision cannot "
+              f"buy tokens past it.",
+              f"- Verdict: throughput {'impossible' if p['throughput_impossible'] else 'not excluded by these bounds'}; "
+              f"latency {'impossible' if p['latency_impossible'] else 'not excluded by these bounds'}.", ""]
+    return L
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("dir", help="the suite's --out-dir")
+    ap.add_argument("--out", help="markdown path (default DIR/REPORT.md; plots next to it)")
+    ap.add_argument("--config", default=str(HERE / "suite" / "qwen.yaml"),
+                    help="suite config: configuration order and seed_claims")
+    args = ap.parse_args(argv)
+    cfg = {}
+    if args.config and Path(args.config).exists():
+        import yaml
+
+        cfg = yaml.safe_load(Path(args.config).read_text()) or {}
+    out = report(Path(args.dir), Path(args.out) if args.out else None, cfg)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
