@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_server  # noqa: E402
-from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, http, output_ids  # noqa: E402
+from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, output_ids  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
