@@ -1,0 +1,429 @@
+"""Distributed serving with int KV: TP, PP, TP x PP, and two emulated nodes on one host (GPU host).
+
+    # 2 GPUs (issue 10), in chunks of < 10 minutes, merging into one file
+    python bench/distributed.py --model /tmp/model --layouts single,tp2 --dtypes bf16,int8 --out bench/results/distributed.json
+    python bench/distributed.py --model /tmp/model --layouts pp2,tp2_2node,pp2_2node --dtypes int8 --out ...
+    # 4 GPUs (issue 11)
+    python bench/distributed.py --model bench/configs/qwen2.5-7b --extra "--load-format dummy" \
+        --layouts tp2pp2,tp2pp2_2node --dtypes bf16,int8,int4,K8V4,mixed --out bench/results/four_gpu.json
+
+Per layout and KV dtype: capacity (``max_total_num_tokens`` from /server_info, and per stage
+and rank from the server log: SGLang's ``[.. PPi TPj] max_total_num_tokens=`` and
+``KV Cache is allocated`` lines, kvtuner's ``kvtuner pool:`` line with the stage's global
+layers), greedy outputs of 8 prompts x 32 tokens compared with the ``single`` layout of the
+same dtype, time to first token of a lone long prompt, and a concurrency table (1, 2, 4, 8
+clients; fixed prompt and output lengths with ignore_eos; tokens actually returned are
+counted).  A two-node layout is two ``sglang.launch_server`` processes on this host with
+``--nnodes 2 --node-rank 0/1 --dist-init-addr 127.0.0.1:PORT``, each seeing its own GPUs
+through ``CUDA_VISIBLE_DEVICES`` (so ``--base-gpu-id`` stays 0).  The JSON file is
+rewritten after every layout x dtype and merged with what it already holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import e2e_server  # noqa: E402
+from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, output_ids  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# name: (tp, pp, nnodes); GPUs = tp * pp, split evenly over the nodes
+LAYOUTS = {
+    "single": (1, 1, 1),
+    "tp2": (2, 1, 1),
+    "pp2": (1, 2, 1),
+    "tp2_2node": (2, 1, 2),
+    "pp2_2node": (1, 2, 2),
+    "tp2pp2": (2, 2, 1),
+    "tp2pp2_2node": (2, 2, 2),
+}
+DTYPES = EMBEDDED  # bf16, int8, int8_asym, int4, int2, K8V4, mixed ({preset})
+# Kept in every server process: no NVLink multicast (NVLS) on these hosts.
+CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+CONCURRENCY = (1, 2, 4, 8)
+DEFAULT_PRESETS = {
+    28: ROOT.parent / "shared" / "kvtuner-presets" / "Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml",
+    30: HERE / "presets" / "smollm2-mixed.yaml",
+}
+
+
+@dataclass
+class Proc:
+    """One ``sglang.launch_server`` process of a layout."""
+
+    node_rank: int
+    gpus: list[int]
+    port: int
+    flags: list[str]  # after --model-path/--port/BASE_FLAGS
+    env: dict[str, str] = field(default_factory=dict)
+
+    def argv(self, model: str) -> list[str]:
+        return [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(self.port),
+                *BASE_FLAGS, *self.flags]
+
+    def record(self, model: str) -> dict:
+        return {"node_rank": self.node_rank, "env": dict(self.env), "argv": self.argv(model)}
+
+
+def layout_procs(layout: str, dtype_flags: list[str], port: int, dist_port: int, node1_port: int,
+                 extra: list[str] = (), first_gpu: int = 0) -> list[Proc]:
+    """The processes of a layout; node 0 (the HTTP server) first."""
+    tp, pp, nnodes = LAYOUTS[layout]
+    n_gpus = tp * pp
+    if n_gpus % nnodes:
+        raise ValueError(f"{layout}: {n_gpus} GPUs do not split over {nnodes} nodes")
+    per = n_gpus // nnodes
+    par = []
+    if tp > 1:
+        par += ["--tp-size", str(tp)]
+    if pp > 1:
+        par += ["--pp-size", str(pp)]
+    procs = []
+    for rank in range(nnodes):
+        gpus = list(range(first_gpu + rank * per, first_gpu + (rank + 1) * per))
+        node = []
+        if nnodes > 1:
+            node = ["--nnodes", str(nnodes), "--node-rank", str(rank), "--dist-init-addr", f"127.0.0.1:{dist_port}"]
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), **CHILD_ENV}
+        procs.append(Proc(rank, gpus, port if rank == 0 else node1_port + rank - 1,
+                          [*par, *node, *dtype_flags, *extra], env))
+    return procs
+
+
+def gpus_needed(layout: str) -> int:
+    tp, pp, _ = LAYOUTS[layout]
+    return tp * pp
+
+
+# --- parsing and arithmetic (pure) ---------------------------------------------------------------
+_TAG = r"\[[^\]]*?(?P<tags>(?:\s(?:DP|PP|TP|EP)\d+)*)\]\s*"
+_CAP = re.compile(_TAG + r"max_total_num_tokens=(?P<n>\d+)")
+_ALLOC = re.compile(_TAG + r"KV Cache is allocated\..*?#tokens: (?P<n>\d+), (?P<size>.*?GB(?:, V size: [\d.]+ GB)?)")
+_POOL = re.compile(_TAG + r"kvtuner pool: (?P<slots>\d+) slots x (?P<layers>\d+) layers \((?P<a>\d+)\.\.(?P<b>\d+)\)"
+                   r".*?; (?P<bpt>[\d.]+) bytes/token/layer")
+
+
+def _tags(s: str) -> dict:
+    return {k.lower(): int(v) for k, v in re.findall(r"(DP|PP|TP|EP)(\d+)", s or "")}
+
+
+def parse_rank_capacity(log: str) -> list[dict]:
+    """Per stage/rank capacity lines of a server log, one dict per (pp, tp) that reported any."""
+    rows: dict[tuple, dict] = {}
+
+    def row(m):
+        t = _tags(m.group("tags"))
+        return rows.setdefault((t.get("pp", 0), t.get("tp", 0)), {"pp": t.get("pp", 0), "tp": t.get("tp", 0)})
+
+    for m in _CAP.finditer(log):
+        row(m)["max_total_num_tokens"] = int(m.group("n"))
+    for m in _ALLOC.finditer(log):
+        r = row(m)
+        r["allocated_tokens"] = int(m.group("n"))
+        r["kv_size"] = m.group("size")
+    for m in _POOL.finditer(log):
+        r = row(m)
+        r.update(kvtuner_slots=int(m.group("slots")), layers=[int(m.group("a")), int(m.group("b"))],
+                 bytes_per_token=round(float(m.group("bpt")) * int(m.group("layers"))))
+    return [rows[k] for k in sorted(rows)]
+
+
+def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
+    """Same token at the same position, over the reference's tokens; first divergence per prompt."""
+    total = sum(len(r) for r in ref)
+    same = sum(a == b for o, r in zip(outs, ref) for a, b in zip(o, r))
+    first = []
+    for o, r in zip(outs, ref):
+        first.append(next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r))))
+    return {"agreement": same / total if total else None, "same_tokens": same, "tokens": total,
+            "first_divergence": first, "exact_prompts": sum(o == r for o, r in zip(outs, ref))}
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def concurrency_row(c: int, wall: float, lat: list[float], counts: list[int], sent: int, out_len: int) -> dict:
+    ok = [n for n in counts if n == out_len]
+    return {
+        "concurrency": c, "requests": sent, "succeeded": len(ok), "success_rate": len(ok) / sent if sent else None,
+        "tokens_returned": sum(counts), "wall_s": wall, "throughput_tok_s": sum(counts) / wall if wall > 0 else None,
+        "latency_mean_s": sum(lat) / len(lat) if lat else None, "latency_p50_s": percentile(lat, 50),
+        "latency_p99_s": percentile(lat, 99),
+    }
+
+
+def merge(existing: dict | None, invocation: dict, results: dict) -> dict:
+    """Results keyed ``layout/dtype``; a rerun replaces its key, other keys are kept; every
+    invocation (device, versions, git sha, commands) is appended."""
+    out = dict(existing or {})
+    out.setdefault("invocations", [])
+    out.setdefault("results", {})
+    out["invocations"] = [i for i in out["invocations"] if i.get("id") != invocation.get("id")] + [invocation]
+    out["results"] = {**out["results"], **results}
+    derive(out["results"])
+    return out
+
+
+def derive(results: dict) -> None:
+    """Capacity vs bf16 of the same layout, and greedy agreement vs the single layout's same dtype."""
+    for key, r in results.items():
+        layout, dtype = key.split("/", 1)
+        base = results.get(f"{layout}/bf16", {}).get("max_total_num_tokens")
+        if base and r.get("max_total_num_tokens") and dtype != "bf16":
+            r["capacity_vs_bf16"] = r["max_total_num_tokens"] / base
+        ref = results.get(f"single/{dtype}", {}).get("outputs")
+        if layout != "single" and ref and r.get("outputs"):
+            r["vs_single"] = agreement(r["outputs"], ref)
+
+
+# --- GPU work --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def patched_env(env: dict):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Follower:
+    """A non-zero node rank: no HTTP API, a dummy /health on its own port."""
+
+    def __init__(self, proc: Proc, model: str, log: Path):
+        self.log = log
+        self.fh = open(log, "w")
+        self.proc = subprocess.Popen(proc.argv(model), stdout=self.fh, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **proc.env}, start_new_session=True)
+        e2e_server._LIVE.append(self)
+
+    def stop(self):
+        if self in e2e_server._LIVE:
+            e2e_server._LIVE.remove(self)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.fh.close()
+
+
+def prompts_for(model: str, n_vocab: int, tok) -> list[list[int]]:
+    if tok is not None:
+        return [tok(p)["input_ids"] for p in PROMPTS]
+    rng = random.Random(1)
+    return [[rng.randrange(100, n_vocab - 100) for _ in range(24 + 4 * i)] for i in range(len(PROMPTS))]
+
+
+def run_one(server: Server, res: dict, prompts, vocab: int, a) -> None:
+    outs = []
+    for ids in prompts:
+        o = output_ids(server.generate(ids, a.gen_len))
+        if len(o) != a.gen_len:
+            raise RuntimeError(f"asked {a.gen_len} tokens, got {len(o)}")
+        outs.append(o)
+    res["outputs"] = outs
+    rng = random.Random(2)
+
+    def prompt(n):
+        return [rng.randrange(100, vocab - 100) for _ in range(n)]
+
+    ttft = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        last, stamps = server.generate(prompt(a.ttft_ctx), 4, stream=True)
+        if not stamps or len(output_ids(last)) != 4:
+            raise RuntimeError("TTFT request returned the wrong number of tokens")
+        ttft.append(stamps[0][0] - t0)
+    res["ttft"] = {"context": a.ttft_ctx, "runs_s": ttft, "median_s": sorted(ttft)[1]}
+
+    table = []
+    for c in CONCURRENCY:
+        n = c * a.rounds
+        reqs = [prompt(a.prompt_len) for _ in range(n)]
+        lat, counts, errors = [], [], []
+        lock = threading.Lock()
+        it = iter(range(n))
+
+        def worker():
+            while True:
+                with lock:
+                    i = next(it, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                try:
+                    k = len(output_ids(server.generate(reqs[i], a.out_len)))
+                except Exception as e:  # recorded, not hidden
+                    with lock:
+                        errors.append(repr(e)[:200])
+                        counts.append(0)
+                    continue
+                with lock:
+                    lat.append(time.perf_counter() - t0)
+                    counts.append(k)
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(c)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        row = concurrency_row(c, time.perf_counter() - t0, lat, counts, n, a.out_len)
+        row.update(prompt_len=a.prompt_len, output_len=a.out_len, errors=errors[:3])
+        table.append(row)
+    res["concurrency"] = table
+
+
+def environment() -> dict:
+    env = {"id": f"{time.time():.0f}-{os.getpid()}", "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "git_sha": os.environ.get("GIT_SHA") or subprocess.run(
+               ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
+           "child_env": CHILD_ENV}
+    try:
+        import importlib.metadata as md
+
+        import torch
+
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        env["device"] = env["gpus"][0] if env["gpus"] else "cpu"
+        env["torch"] = torch.__version__
+        env["cuda"] = torch.version.cuda
+        for pkg in ("sglang", "triton", "transformers", "kvtuner"):
+            try:
+                env[pkg] = md.version(pkg)
+            except md.PackageNotFoundError:
+                env[pkg] = None
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except Exception as e:
+        env["env_error"] = repr(e)
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--layouts", default="single,tp2,pp2,tp2_2node,pp2_2node")
+    ap.add_argument("--dtypes", default="bf16,int8,int4,K8V4,mixed")
+    ap.add_argument("--out", default=str(HERE / "results" / "distributed.json"))
+    ap.add_argument("--preset", help="per-layer preset for 'mixed' (default: by the model's layer count)")
+    ap.add_argument("--extra", default="", help="extra server flags for every process")
+    ap.add_argument("--quick", action="store_true", help="short prompts and outputs (smoke run)")
+    ap.add_argument("--port", type=int, default=32000)
+    ap.add_argument("--startup-timeout", type=float, default=420)
+    ap.add_argument("--logs", default="/tmp/dist-logs")
+    a = ap.parse_args(argv)
+    a.gen_len = 32
+    a.prompt_len, a.out_len, a.rounds, a.ttft_ctx = (64, 16, 1, 512) if a.quick else (512, 128, 4, 4096)
+
+    layouts = [x for x in a.layouts.split(",") if x]
+    dtypes = [x for x in a.dtypes.split(",") if x]
+    for x in layouts:
+        if x not in LAYOUTS:
+            ap.error(f"--layouts: unknown {x} (known: {', '.join(LAYOUTS)})")
+    for x in dtypes:
+        if x not in DTYPES:
+            ap.error(f"--dtypes: unknown {x} (known: {', '.join(DTYPES)})")
+    cfg = json.load(open(Path(a.model) / "config.json"))
+    vocab, n_layers = cfg["vocab_size"], cfg["num_hidden_layers"]
+    preset = a.preset or str(DEFAULT_PRESETS.get(n_layers, ""))
+    tok = None
+    if (Path(a.model) / "tokenizer.json").exists() or (Path(a.model) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model)
+    prompts = prompts_for(a.model, vocab, tok)
+
+    Path(a.logs).mkdir(parents=True, exist_ok=True)
+    out_path = Path(a.out)
+    inv = environment()
+    inv.update(model=a.model, quick=a.quick, preset=preset, extra=a.extra,
+               workload={"greedy": f"{len(prompts)} prompts x {a.gen_len} tokens", "prompt_len": a.prompt_len,
+                         "out_len": a.out_len, "requests_per_client": a.rounds, "ttft_ctx": a.ttft_ctx},
+               commands={})
+    try:
+        import torch
+
+        have = torch.cuda.device_count()
+    except Exception:
+        have = 0
+
+    for layout in layouts:
+        for dtype in dtypes:
+            key = f"{layout}/{dtype}"
+            res: dict = {"layout": layout, "dtype": dtype, "tp_pp_nnodes": list(LAYOUTS[layout])}
+            t0 = time.time()
+            if gpus_needed(layout) > have:
+                res.update(ok=False, skipped=f"needs {gpus_needed(layout)} GPUs, {have} visible")
+            else:
+                flags = [f.format(preset=preset) for f in DTYPES[dtype]]
+                port = free_port(a.port)
+                procs = layout_procs(layout, flags, port, free_port(port + 100), free_port(port + 1), a.extra.split())
+                res["commands"] = [p.record(a.model) for p in procs]
+                inv["commands"][key] = res["commands"]
+                followers, server = [], None
+                logs = [Path(a.logs) / f"{layout}_{dtype}_node{p.node_rank}.log" for p in procs]
+                try:
+                    for p, log in zip(procs[1:], logs[1:]):
+                        followers.append(Follower(p, a.model, log))
+                    with patched_env(procs[0].env):
+                        server = Server(a.model, procs[0].flags, procs[0].port, logs[0], a.startup_timeout)
+                    res["startup_s"] = server.startup_s
+                    res["max_total_num_tokens"] = server.max_total_num_tokens
+                    run_one(server, res, prompts, vocab, a)
+                    res["ok"] = True
+                except Exception as e:
+                    res.update(ok=False, error=str(e)[-2000:])
+                finally:
+                    if server is not None:
+                        server.stop()
+                    for f in followers:
+                        f.stop()
+                    text = "".join(l.read_text(errors="replace") for l in logs if l.exists())
+                    res["per_rank"] = parse_rank_capacity(text)
+                    if not res.get("ok"):
+                        res["log_tail"] = text[-1500:]
+            res["elapsed_s"] = time.time() - t0
+            existing = json.loads(out_path.read_text()) if out_path.exists() else None
+            merged = merge(existing, inv, {key: res})
+            out_path.write_text(json.dumps(merged, indent=1))
+            r = merged["results"][key]
+            print(f"[{key}] ok={r.get('ok')} cap={r.get('max_total_num_tokens')} "
+                  f"ranks={[(x['pp'], x['tp'], x.get('max_total_num_tokens') or x.get('allocated_tokens')) for x in r.get('per_rank', [])]} "
+                  f"vs_bf16={r.get('capacity_vs_bf16')} vs_single={r.get('vs_single', {}).get('agreement')} "
+                  f"{r.get('skipped', '')}{r.get('error', '')[:300]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
