@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Tune and check the packed decode kernel on a GPU (not a test).
 
-For each KV config: correctness of the packed fast path (inline-PTX unpack and portable
-unpack) against the float32 reference, then the time per call of every variant
+For each KV config: correctness of the packed fast path and the general kernel against
+the float32 reference, then the time per call of every variant
 (prefetch x warps x tile x KV splits) next to the general kernel and SGLang 0.5.17's bf16
 triton decode kernel on the same shape (each at its best split count).  Writes JSON.
 
@@ -70,8 +70,7 @@ def check(cfg, device):
     q = torch.randn(len(lens), hq, d, dtype=torch.bfloat16, device=device)
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr, idx, d**-0.5)
     out = {}
-    for name, kw in {"asm": dict(use_asm=True), "portable": dict(use_asm=False),
-                     "general": dict(packed_path=False)}.items():
+    for name, kw in {"packed": {}, "general": dict(packed_path=False)}.items():
         o = torch.full((len(lens), hq, d), float("nan"), dtype=torch.float32, device=device)
         ms = 8
         lg = torch.empty(len(lens), hq, ms, d, dtype=torch.float32, device=device)
@@ -92,7 +91,7 @@ def main() -> int:
     ap.add_argument("--cfgs", default=",".join(CFGS))
     ap.add_argument("--shapes", default="64x8192,16x1024")
     ap.add_argument("--splits", default="1,2,4,8")
-    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n,asm[,maxnreg];...'")
+    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg];...'")
     args = ap.parse_args()
     device = "cuda"
     name = torch.cuda.get_device_name()
@@ -107,9 +106,9 @@ def main() -> int:
         print("check", cfg, res["checks"][cfg], flush=True)
     splits = [int(x) for x in args.splits.split(",")]
     if args.variants == "all":
-        variants = [(pf, w, bn, asm, 0) for pf in (1, 0) for w in (4, 8) for bn in (64, 128) for asm in (1, 0)]
+        variants = [(pf, w, bn, 0) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
     else:
-        variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:5] for v in args.variants.split(";")]
+        variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:4] for v in args.variants.split(";")]
     hq, hkv, d = 32, 8, 128
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
@@ -135,12 +134,12 @@ def main() -> int:
             nbytes = kc.data.numel() + kc.meta.numel() * 2 + vc.data.numel() + vc.meta.numel() * 2
             row = {"shape": shape, "cfg": cfg, "bytes": nbytes, "general": {}, "variants": {}}
             row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
-            for pf, w, bn, asm, mr in variants:
-                key = f"pf{int(pf)}_w{w}_n{bn}_asm{int(asm)}" + (f"_r{mr}" if mr else "")
+            for pf, w, bn, mr in variants:
+                key = f"pf{int(pf)}_w{w}_n{bn}" + (f"_r{mr}" if mr else "")
                 try:
                     row["variants"][key] = {n: bench(lambda n=n: decode_attention(
                         q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, block_n=bn, num_warps=w,
-                        prefetch=int(pf), use_asm=bool(asm), maxnreg=mr or None)) for n in splits}
+                        prefetch=int(pf), maxnreg=mr or None)) for n in splits}
                 except Exception as e:  # noqa: BLE001
                     row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)

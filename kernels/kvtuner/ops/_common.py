@@ -283,10 +283,3 @@ def meta_arg(kv) -> torch.Tensor:
 
 __all__ = ["scores_packed", "pv_packed", "n_meta_p2", "qmin_of", "fetch_rows", "codes_f16", "meta_col", "dot_in_f32", "mma", "rint_half_even", "tanh_f32", "load_kv_tile", "fmt_constexprs", "row_strides", "meta_arg", "qrange"]
 
-
-def use_inline_asm(device) -> bool:
-    """Whether kernels unpack with inline PTX: only with ``KVTUNER_ASM=1``, on CUDA, not under
-    the interpreter (the portable Triton unpack measured as fast; see decode_sweep)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("KVTUNER_ASM", "0") != "1":
-        return False
-    return torch.device(device).type == "cuda" and torch.version.hip is None

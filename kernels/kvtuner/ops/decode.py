@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32, use_inline_asm
+from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32
 from kvtuner.ops.types import QuantKV
 
 MIN_BLOCK_KV = 32
@@ -241,51 +241,10 @@ def _decode_stage2(
 
 
 @triton.jit
-def _codes(raw, BITS: tl.constexpr, F: tl.constexpr, USE_ASM: tl.constexpr):
+def _codes(raw, BITS: tl.constexpr, F: tl.constexpr):
     """float16 ``1024 + (raw & (mask << F*BITS))`` for a uint8 tile (exact: < 1280)."""
-    if USE_ASM:
-        # two codes per 32-bit register: prmt spreads bytes (0, 1) / (2, 3) into the low
-        # bytes of two 16-bit halves, one AND keeps the field, one OR sets the exponent.
-        if BITS == 8:
-            x = tl.inline_asm_elementwise(
-                "{.reg .b32 c; mov.b32 c, 0x64646464; prmt.b32 $0, $2, c, 0x4140; prmt.b32 $1, $2, c, 0x4342;}",
-                "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-        elif BITS == 4:
-            if F == 0:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x000F000F; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x000F000F; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-            else:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00F000F0; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00F000F0; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-        else:
-            if F == 0:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00030003; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00030003; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-            elif F == 1:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x000C000C; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x000C000C; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-            elif F == 2:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00300030; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00300030; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-            else:
-                x = tl.inline_asm_elementwise(
-                    "{.reg .b32 t; prmt.b32 t, $2, 0, 0x4140; and.b32 t, t, 0x00C000C0; or.b32 $0, t, 0x64006400;"
-                    " prmt.b32 t, $2, 0, 0x4342; and.b32 t, t, 0x00C000C0; or.b32 $1, t, 0x64006400;}",
-                    "=r,=r,r", [raw], dtype=tl.float16, is_pure=True, pack=4)
-    else:
-        M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
-        x = ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return x
+    M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
+    return ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -323,7 +282,7 @@ def _decode_stage1_packed(
     SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
@@ -412,7 +371,7 @@ def _decode_stage1_packed(
                 for j in tl.static_range(KCPG):
                     # chunk g * KCPG + j: bytes chunk (..) % KNC, bit field (..) // KNC
                     dg = tl.dot(qs[g * KCPG + j],
-                                _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC, USE_ASM), dg)
+                                _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC), dg)
                 t = k_mt[g][None, :] * (dg - kconst[g][:, None])
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
@@ -439,7 +398,7 @@ def _decode_stage1_packed(
                 else:
                     corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
                 a = accs[k] * re_scale[:, None] + corr[:, None]
-                new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC, USE_ASM), a),)
+                new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
             accs = new_accs
             if PREFETCH:
                 k_raw = k_raw_x
@@ -500,7 +459,6 @@ def decode_attention(
     block_n: int = 0,
     num_warps: int = 4,
     num_stages: int = 2,
-    use_asm: bool | None = None,
     prefetch: int | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
@@ -515,8 +473,7 @@ def decode_attention(
       ``sliding_window + 1`` tokens (SGLang's convention).  Empty requests give zeros.
     * K and V both packed take the chunked fast path; a 16-bit K or V takes the general
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
-      ``prefetch`` (0: none, 1: next tile into registers), ``use_asm`` (unpack with inline PTX; default off: no faster in
-      ``bench/decode_sweep.py``; ``KVTUNER_ASM=1`` turns it on), ``maxnreg``.
+      ``prefetch`` (0: none, 1: next tile into registers), ``maxnreg``.
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -561,7 +518,6 @@ def decode_attention(
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-            USE_ASM=use_inline_asm(q.device) if use_asm is None else bool(use_asm),
             PREFETCH=bool(prefetch), num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
