@@ -52,6 +52,21 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 
 @triton.jit
+def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr):
+    """One tile of the online softmax: scale (and cap) the raw scores, mask them, and return
+    the probabilities, the factor to rescale earlier partial sums by, and the new max / sum."""
+    qk = qk * sm_scale
+    if LOGIT_CAP > 0:
+        qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+    qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(tl.max(qk, 1), e_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    re_scale = tl.exp(e_max - m_safe)
+    p = tl.exp(qk - m_safe[:, None])
+    return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
+
+
+@triton.jit
 def _decode_stage1(
     Q,
     Kd,
@@ -157,17 +172,7 @@ def _decode_stage1(
                 qk = mma(q, k_raw, DOT_F32, q.dtype)
             else:
                 qk = scores_packed(q16, k_raw, k_mt, offs_dk, K_BITS, K_G, K_ASYM, K_QMIN, KNM)
-            qk = qk * sm_scale
-            if LOGIT_CAP > 0:
-                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
-            qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
-            # ---- online softmax
-            m_new = tl.maximum(tl.max(qk, 1), e_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            re_scale = tl.exp(e_max - m_safe)
-            p = tl.exp(qk - m_safe[:, None])
-            e_sum = e_sum * re_scale + tl.sum(p, 1)
-            e_max = m_new
+            p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             acc = acc * re_scale[:, None]
             # ---- values
             if V_BITS == 16:
@@ -376,17 +381,7 @@ def _decode_stage1_packed(
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
-            qk = qk * sm_scale
-            if LOGIT_CAP > 0:
-                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
-            qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
-            # ---- online softmax
-            m_new = tl.maximum(tl.max(qk, 1), e_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            re_scale = tl.exp(e_max - m_safe)
-            p = tl.exp(qk - m_safe[:, None])
-            e_sum = e_sum * re_scale + tl.sum(p, 1)
-            e_max = m_new
+            p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
             new_accs = ()
             for k in tl.static_range(VNF * VNC):
