@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from kvtuner.format import TensorFormat, qrange
+from kvtuner.format import TensorFormat, kivi_quantized_len, qrange
 
 __all__ = [
     "pack",
@@ -40,6 +40,12 @@ __all__ = [
     "quantize_codes",
     "decode_attention_ref",
     "extend_attention_ref",
+    "quantize_page",
+    "dequantize_page",
+    "kivi_keys_ref",
+    "kivi_store_ref",
+    "decode_attention_kivi_ref",
+    "extend_attention_kivi_ref",
 ]
 
 SCALE_EPS = 1e-5
@@ -261,6 +267,192 @@ def extend_attention_ref(
         idx = kv_indices[kvp[b] : kvp[b + 1]].long()
         lp = idx.numel()
         kp = _gather(k_data, k_meta, kfmt, idx)
+        vp = _gather(v_data, v_meta, vfmt, idx)
+        k = torch.cat([kp, k_extend[q0:q1].float()], dim=0)
+        v = torch.cat([vp, v_extend[q0:q1].float()], dim=0)
+        qpos = lp + torch.arange(m, device=q_extend.device)
+        kpos = torch.arange(lp + m, device=q_extend.device)
+        allowed = torch.ones(m, lp + m, dtype=torch.bool, device=q_extend.device)
+        if is_causal:
+            allowed &= kpos[None, :] <= qpos[:, None]
+        if sliding_window > 0:
+            allowed &= (qpos[:, None] - kpos[None, :]) <= sliding_window
+        out[q0:q1] = _attend(q_extend[q0:q1].float(), k, v, sm_scale, logit_cap, allowed)
+    return out
+
+
+# ----------------------------------------------------------- per-channel keys (KIVI)
+#
+# Keys of axis-1 formats are quantized one page (``fmt.group`` tokens G) at a time, per
+# (page, head, channel).  Pool layout (see kvtuner.format):
+#   k_data  uint8 [S, H, P]       per-token rows, planar packed along head_dim as usual
+#   k_meta  float16 [S // G, H, D * (2 if asym else 1)]   per page: D scales, D offsets
+#   k_resid [NR * R, H, D]        full-precision residual ring, R = residual_length rows per
+#                                 request ring ``r``; position ``p`` lives at row r * R + p % R
+# A request of n tokens reads positions < kivi_quantized_len(n, G, R) from k_data/k_meta and
+# the others from its ring.  Pages are the SGLang pages: position p of a request is at a slot
+# with slot % G == p % G, so page k (positions [kG, (k+1)G)) is the G slots from
+# (slot of position kG) on.
+
+
+def quantize_page(x: torch.Tensor, fmt: TensorFormat) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize one page of keys ``x [G, H, D]`` per channel.
+
+    Returns ``(data uint8 [G, H, P], meta float16 [H, n_meta])``.  Same quantizer as
+    :func:`quantize_codes` (float32, correctly rounded divisions, half-to-even), reduced over
+    the G tokens of each (head, channel) instead of along head_dim.
+    """
+    if not fmt.per_channel:
+        raise ValueError("quantize_page needs a per-channel (axis=1) quantized format")
+    g, h, d = x.shape
+    if g != fmt.group or d != fmt.head_dim:
+        raise ValueError(f"expected [{fmt.group}, H, {fmt.head_dim}], got {tuple(x.shape)}")
+    # [H, D, G]: the token axis last, then the per-token quantizer with one group of G
+    tok = TensorFormat(fmt.bits, g, g, fmt.asym)
+    u, scale, offset = quantize_codes(x.permute(1, 2, 0), tok)  # u [H, D, G], scale [H, D, 1]
+    data = pack(u.permute(2, 0, 1).contiguous(), fmt.bits)  # [G, H, P]
+    parts = [scale.squeeze(-1)] if offset is None else [scale.squeeze(-1), offset.squeeze(-1)]
+    meta = torch.cat(parts, dim=-1).to(torch.float16)  # [H, n_meta]
+    return data, meta
+
+
+def dequantize_page(data: torch.Tensor, meta: torch.Tensor, fmt: TensorFormat,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[N, H, D]`` keys from per-token rows ``data [N, H, P]`` that all belong to the page
+    whose meta row is ``meta [H, n_meta]`` (float32 arithmetic on the stored fp16 meta)."""
+    d = fmt.head_dim
+    q_min, _ = qrange(fmt.bits)
+    u = unpack(data, fmt.bits, d).float()  # [N, H, D]
+    m = meta.float()
+    scale = m[..., :d]
+    if fmt.asym:
+        x = u * scale + m[..., d : 2 * d]
+    else:
+        x = (u + float(q_min)) * scale
+    return x.to(dtype)
+
+
+def kivi_keys_ref(k_data, k_meta, kfmt: TensorFormat, k_resid, residual_length: int,
+                  slots: torch.Tensor, ring: int) -> torch.Tensor:
+    """float32 ``[n, H, D]`` keys of one request whose positions 0..n-1 are at ``slots``:
+    quantized positions dequantized from the pool, the others from ring ``ring``."""
+    n = slots.numel()
+    g, r = kfmt.group, residual_length
+    nq = kivi_quantized_len(n, g, r)
+    h, d = k_data.shape[1], kfmt.head_dim
+    out = torch.empty(n, h, d, dtype=torch.float32, device=k_data.device)
+    sl = slots.long()
+    if nq:
+        pages = sl[:nq] // g
+        out[:nq] = dequantize_page(k_data[sl[:nq]], k_meta[pages], kfmt)
+    if n > nq:
+        pos = torch.arange(nq, n, device=k_data.device)
+        out[nq:] = k_resid[ring * r + pos % r].float()
+    return out
+
+
+def kivi_store_ref(k_new, v_new, slots, qo_indptr, prefix_lens, req_idx, k_data, k_meta, kfmt,
+                   k_resid, residual_length, v_data, v_meta, vfmt, req_to_token=None) -> None:
+    """What :func:`kvtuner.ops.kivi_store` does, in torch (in place on the buffers).
+
+    Request ``b`` appends the rows ``qo_indptr[b]:qo_indptr[b+1]`` of ``k_new``/``v_new`` at
+    positions ``prefix_lens[b]...`` (written at ``slots``); its ring is ``req_idx[b]``.  Values
+    are quantized per token at their slots.  Keys: every page whose quantization point (its
+    last position + R - G) falls in this batch is quantized in one pass from the ring (older
+    positions) and the new rows; the new positions still in the residual window are copied
+    to the ring.  ``req_to_token [rings, ctx]`` gives the slot of a request's position (needed
+    only when R > G: the page being quantized is then not the one being written).  Tokens
+    written at page 0 (SGLang's padding slot 0) are skipped for K.
+    """
+    g, r = kfmt.group, residual_length
+    if v_new.shape[0]:
+        vd, vm = quantize(v_new, vfmt)
+        v_data[slots.long()] = vd.to(v_data.dtype)
+        if vfmt.quantized:
+            v_meta[slots.long()] = vm
+    qo = qo_indptr.tolist()
+    for b in range(len(qo) - 1):
+        t0, t1 = qo[b], qo[b + 1]
+        m = t1 - t0
+        if m == 0:
+            continue
+        p0 = int(prefix_lens[b])
+        p1 = p0 + m
+        ring = int(req_idx[b])
+        sl = slots[t0:t1].long()
+        # pages crossing the quantization point in this batch
+        for p_trig in range(p0, p1):
+            kk = p_trig + 1 - r
+            if kk < 0 or kk % g or int(sl[p_trig - p0]) < g:
+                continue
+            k = kk // g
+            if r == g:
+                first = int(sl[p_trig - p0]) // g * g
+            else:
+                first = int(req_to_token[ring, k * g])
+            rows = []
+            for p in range(k * g, (k + 1) * g):
+                rows.append(k_new[t0 + p - p0] if p >= p0 else k_resid[ring * r + p % r].to(k_new.dtype))
+            data, meta = quantize_page(torch.stack(rows), kfmt)
+            k_data[first : first + g] = data
+            k_meta[first // g] = meta
+        # the new positions that stay (or may stay) full precision: the last R of the batch
+        for p in range(max(p0, p1 - r), p1):
+            if int(sl[p - p0]) < g:
+                continue
+            k_resid[ring * r + p % r] = k_new[t0 + p - p0].to(k_resid.dtype)
+
+
+def decode_attention_kivi_ref(q, k_data, k_meta, kfmt, k_resid, residual_length, v_data, v_meta, vfmt,
+                              kv_indptr, kv_indices, req_idx, sm_scale, logit_cap=0.0, sliding_window=-1):
+    """:func:`decode_attention_ref` with per-channel keys: request ``b`` (ring ``req_idx[b]``)
+    reads keys at positions < ``kivi_quantized_len(n)`` quantized, the rest from its ring."""
+    bsz, hq, _ = q.shape
+    out = torch.zeros(bsz, hq, vfmt.head_dim, dtype=torch.float32, device=q.device)
+    indptr = kv_indptr.tolist()
+    for b in range(bsz):
+        idx = kv_indices[indptr[b] : indptr[b + 1]].long()
+        n = idx.numel()
+        if n == 0:
+            continue
+        k = kivi_keys_ref(k_data, k_meta, kfmt, k_resid, residual_length, idx, int(req_idx[b]))
+        v = _gather(v_data, v_meta, vfmt, idx)
+        if sliding_window > 0:
+            k, v = k[-(sliding_window + 1) :], v[-(sliding_window + 1) :]
+        allowed = torch.ones(1, k.shape[0], dtype=torch.bool, device=q.device)
+        out[b] = _attend(q[b : b + 1].float(), k, v, sm_scale, logit_cap, allowed)[0]
+    return out
+
+
+def extend_attention_kivi_ref(q_extend, k_extend, v_extend, k_data, k_meta, kfmt, k_resid, residual_length,
+                              v_data, v_meta, vfmt, qo_indptr, kv_indptr, kv_indices, req_idx, sm_scale,
+                              logit_cap=0.0, sliding_window=-1, is_causal=True):
+    """:func:`extend_attention_ref` with per-channel keys.
+
+    The store runs before the attention (as in SGLang), so the prefix of request ``b`` (``lp``
+    tokens) is read quantized below ``kivi_quantized_len(lp + m)`` and from the ring above;
+    the ``m`` new tokens come from ``k_extend``/``v_extend`` in their own precision.
+    """
+    ne, hq, _ = q_extend.shape
+    dv = v_extend.shape[-1]
+    out = torch.zeros(ne, hq, dv, dtype=torch.float32, device=q_extend.device)
+    qo = qo_indptr.tolist()
+    kvp = kv_indptr.tolist()
+    g, r = kfmt.group, residual_length
+    for b in range(len(qo) - 1):
+        q0, q1 = qo[b], qo[b + 1]
+        m = q1 - q0
+        if m == 0:
+            continue
+        idx = kv_indices[kvp[b] : kvp[b + 1]].long()
+        lp = idx.numel()
+        nq = min(kivi_quantized_len(lp + m, g, r), lp)
+        kp = torch.empty(lp, k_extend.shape[1], kfmt.head_dim, dtype=torch.float32, device=q_extend.device)
+        if nq:
+            kp[:nq] = dequantize_page(k_data[idx[:nq]], k_meta[idx[:nq] // g], kfmt)
+        if lp > nq:
+            pos = torch.arange(nq, lp, device=q_extend.device)
+            kp[nq:] = k_resid[int(req_idx[b]) * r + pos % r].float()
         vp = _gather(v_data, v_meta, vfmt, idx)
         k = torch.cat([kp, k_extend[q0:q1].float()], dim=0)
         v = torch.cat([vp, v_extend[q0:q1].float()], dim=0)

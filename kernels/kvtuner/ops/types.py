@@ -14,6 +14,7 @@ class QuantKV:
     """One layer's K (or V) pool: ``data``, ``meta`` and the :class:`TensorFormat`.
 
     * quantized: ``data`` uint8 ``[S, H, fmt.packed_dim]``, ``meta`` float16 ``[S, H, fmt.n_meta]``
+      (per-channel keys, ``fmt.axis == 1``: ``meta`` is per page, ``[S // fmt.group, H, fmt.n_meta]``)
     * ``bits == 16``: ``data`` ``[S, H, D]`` in the model dtype, ``meta`` an empty tensor
 
     ``data`` and ``meta`` may be strided views (e.g. into a larger buffer) as long as
@@ -39,10 +40,13 @@ class QuantKV:
                 raise ValueError(f"quantized data must be uint8, got {self.data.dtype}")
             if self.meta is None or self.meta.dim() != 3:
                 raise ValueError("quantized meta must be [S, H, n_meta]")
-            if tuple(self.meta.shape) != (self.data.shape[0], self.data.shape[1], f.n_meta):
+            if f.per_channel and self.data.shape[0] % f.group:
+                raise ValueError(f"per-channel pool: {self.data.shape[0]} slots are not whole pages of {f.group}")
+            rows = self.data.shape[0] // f.group if f.per_channel else self.data.shape[0]
+            if tuple(self.meta.shape) != (rows, self.data.shape[1], f.n_meta):
                 raise ValueError(
                     f"meta shape {tuple(self.meta.shape)} != "
-                    f"{(self.data.shape[0], self.data.shape[1], f.n_meta)}"
+                    f"{(rows, self.data.shape[1], f.n_meta)}"
                 )
             if self.meta.dtype != torch.float16:
                 raise ValueError(f"meta must be float16, got {self.meta.dtype}")
@@ -78,7 +82,8 @@ class QuantKV:
         """Allocate an (uninitialized) pool. ``dtype`` is the model dtype, used for bits=16."""
         if fmt.quantized:
             data = torch.empty(num_slots, num_heads, fmt.packed_dim, dtype=torch.uint8, device=device)
-            meta = torch.empty(num_slots, num_heads, fmt.n_meta, dtype=torch.float16, device=device)
+            rows = num_slots // fmt.group if fmt.per_channel else num_slots
+            meta = torch.empty(rows, num_heads, fmt.n_meta, dtype=torch.float16, device=device)
         else:
             data = torch.empty(num_slots, num_heads, fmt.head_dim, dtype=dtype, device=device)
             meta = torch.empty((0,), dtype=torch.float16, device=device)

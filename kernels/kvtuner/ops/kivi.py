@@ -1,0 +1,708 @@
+"""Per-channel keys (KIVI) with a full-precision residual window.
+
+Layout (see ``kvtuner/FORMAT.md``, "Per-channel keys"): the key pool keeps per-token packed
+rows ``k.data [S, H, P]``; its meta is per page (``fmt.group`` = G tokens = the page size),
+``k.meta [S // G, H, D * (2 if asym else 1)]``: one scale (and offset) per (page, head,
+channel).  Each request ring ``r`` owns ``R = residual_length`` rows of the full-precision
+residual ``k_resid [rings * R, H, D]``; position ``p`` of the request lives at row
+``r * R + p % R``.  A request of ``n`` tokens reads positions below
+``kivi_quantized_len(n, G, R)`` (whole pages) from the packed pool and the others from its
+ring.  Values are per token, exactly as in the per-token kernels.
+
+* :func:`kivi_store`            append new tokens: quantize the pages that leave the residual
+                                window (one pass per page), copy new keys to the ring,
+                                quantize values per token
+* :func:`kivi_decode_attention` split-KV decode; quantized pages and the residual in one kernel
+* :func:`kivi_extend_attention` prefix (quantized pages + residual) and new tokens in one kernel
+* :func:`kivi_gather_keys`      dense keys of requests (for backends that cannot read the format)
+
+Tiles never straddle a page (``BLOCK_N`` divides G and tiles start at multiples of
+``BLOCK_N`` in request positions; pages are aligned with positions), so each tile has one
+scale vector: it is folded into the query, ``q'_d = q_d * s_d``, and the scores are
+``q' . u + q_min * sum(q')`` (sym) or ``q' . u + q . offset`` (asym).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kvtuner.format import TensorFormat
+from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
+from kvtuner.ops.decode import _decode_stage2, _softmax_step
+from kvtuner.ops.store import _quantize_head
+from kvtuner.ops.types import QuantKV
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def _check_kivi(k_cache: QuantKV, k_resid: torch.Tensor, residual_length: int) -> TensorFormat:
+    f = k_cache.fmt
+    if not f.per_channel:
+        raise ValueError(f"k_cache must be a per-channel (axis=1) quantized format, got {f}")
+    g, r = f.group, residual_length
+    if not _is_pow2(f.head_dim) or not _is_pow2(g) or g < 16:
+        raise NotImplementedError(f"kivi kernels need a power-of-two head_dim and a power-of-two group >= 16, got {f}")
+    if r < g or r % g:
+        raise ValueError(f"residual_length {r} must be a positive multiple of the group {g}")
+    if k_resid.dim() != 3 or k_resid.shape[0] % r or k_resid.shape[1] != k_cache.num_heads \
+            or k_resid.shape[2] != f.head_dim or k_resid.stride(-1) != 1:
+        raise ValueError(f"k_resid must be [rings * {r}, {k_cache.num_heads}, {f.head_dim}] contiguous in "
+                         f"head_dim, got {tuple(k_resid.shape)}")
+    return f
+
+
+def _v_constexprs(fmt: TensorFormat) -> dict:
+    if fmt.axis != 0:
+        raise NotImplementedError("values are per token (axis 0)")
+    if not _is_pow2(fmt.head_dim):
+        raise NotImplementedError(f"kvtuner kernels need a power-of-two head_dim, got {fmt.head_dim}")
+    g = fmt.group if fmt.quantized else fmt.head_dim
+    if fmt.quantized and not _is_pow2(g):
+        raise NotImplementedError(f"kvtuner kernels need a power-of-two group, got {g}")
+    return dict(V_BITS=fmt.bits, V_D=fmt.head_dim, V_G=g, V_ASYM=bool(fmt.asym and fmt.quantized),
+                V_QMIN=qmin_of(fmt))
+
+
+def _meta_strides(kv: QuantKV) -> tuple[int, int]:
+    return (kv.meta.stride(0), kv.meta.stride(1)) if kv.fmt.quantized else (0, 0)
+
+
+def _meta_arg(kv: QuantKV) -> torch.Tensor:
+    return kv.meta if kv.fmt.quantized else kv.data
+
+
+# --------------------------------------------------------------------------------- store
+
+
+@triton.jit
+def _kivi_page_kernel(
+    K_new, slots, qo_indptr, prefix_lens, req_idx, req_to_token, Kd, Km, Kr,
+    stride_kn_t, stride_kn_h, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h,
+    stride_kr_s, stride_kr_h, stride_rt,
+    R: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, ASYM: tl.constexpr,
+    USE_TABLE: tl.constexpr,
+):
+    """Program (b, h, j): the j-th page of request b whose quantization point
+    (position k*G + R - 1) is written in this batch, quantized per channel in one pass."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    j = tl.program_id(2)
+    t0 = tl.load(qo_indptr + b).to(tl.int64)
+    m = (tl.load(qo_indptr + b + 1) - t0).to(tl.int32)
+    p0 = tl.load(prefix_lens + b).to(tl.int32)
+    p1 = p0 + m
+    lo = p0 - R + 1
+    k_lo = tl.where(lo > 0, (lo + G - 1) // G, 0)
+    k = k_lo + j
+    p_trig = k * G + R - 1
+    if (m > 0) & (p_trig < p1):
+        slot_trig = tl.load(slots + t0 + (p_trig - p0)).to(tl.int64)
+        if slot_trig >= G:  # page 0 is SGLang's padding page (CUDA-graph filler tokens)
+            ring = tl.load(req_idx + b).to(tl.int64)
+            if USE_TABLE:
+                first = tl.load(req_to_token + ring * stride_rt + k * G).to(tl.int64)
+            else:
+                first = slot_trig // G * G
+            P: tl.constexpr = D * BITS // 8
+            F: tl.constexpr = 8 // BITS
+            QMIN: tl.constexpr = -(1 << (BITS - 1))
+            QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+            MASK: tl.constexpr = (1 << BITS) - 1
+            offs_i = tl.arange(0, G)
+            offs_d = tl.arange(0, D)
+            pos = k * G + offs_i
+            is_new = pos >= p0
+            xn = tl.load(K_new + (t0 + (pos - p0)).to(tl.int64)[:, None] * stride_kn_t + h * stride_kn_h
+                         + offs_d[None, :], mask=is_new[:, None], other=0.0)
+            xr = tl.load(Kr + (ring * R + pos % R).to(tl.int64)[:, None] * stride_kr_s + h * stride_kr_h
+                         + offs_d[None, :], mask=(~is_new)[:, None], other=0.0)
+            x = tl.where(is_new[:, None], xn.to(tl.float32), xr.to(tl.float32))  # [G, D]
+            if ASYM:
+                mx = tl.max(x, axis=0)
+                mn = tl.min(x, axis=0)
+                scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
+                zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
+                q = rint_half_even(tl.math.div_rn(x, scale[None, :]) - zero[None, :])
+                offset = (zero + QMIN) * scale
+            else:
+                absmax = tl.max(tl.abs(x), axis=0)
+                scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
+                q = rint_half_even(tl.math.div_rn(x, scale[None, :]))
+            q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
+            q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite channel) -> code 0
+            u = (q - QMIN).to(tl.int32) & MASK  # [G, D]
+            u3 = tl.reshape(u, [G, F, P])  # [g, f, i] = element f*P + i of token g = bit field f
+            shifts = tl.arange(0, F) * BITS
+            packed = tl.sum(u3 << shifts[None, :, None], axis=1)  # [G, P]; fields do not overlap
+            offs_p = tl.arange(0, P)
+            tl.store(Kd + (first + offs_i)[:, None] * stride_kd_s + h * stride_kd_h + offs_p[None, :],
+                     packed.to(tl.uint8))
+            mrow = Km + (first // G) * stride_km_p + h * stride_km_h
+            tl.store(mrow + offs_d, scale.to(tl.float16))
+            if ASYM:
+                tl.store(mrow + D + offs_d, offset.to(tl.float16))
+
+
+@triton.jit
+def _kivi_token_kernel(
+    K_new, V_new, slots, qo_indptr, prefix_lens, req_idx, Kr, Vd, Vm,
+    stride_kn_t, stride_kn_h, stride_vn_t, stride_vn_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    R: tl.constexpr, G: tl.constexpr, K_D: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+):
+    """Program (b, h, i): token i of request b: value quantized per token at its slot; key
+    copied to the ring when it is among the last R positions of the batch."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2)
+    t0 = tl.load(qo_indptr + b).to(tl.int64)
+    m = (tl.load(qo_indptr + b + 1) - t0).to(tl.int32)
+    if i < m:
+        t = t0 + i
+        slot = tl.load(slots + t).to(tl.int64)
+        _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot * stride_vd_s + h * stride_vd_h,
+                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM)
+        if (i + R >= m) & (slot >= G):
+            p = tl.load(prefix_lens + b).to(tl.int64) + i
+            ring = tl.load(req_idx + b).to(tl.int64)
+            offs = tl.arange(0, K_D)
+            x = tl.load(K_new + t * stride_kn_t + h * stride_kn_h + offs)
+            tl.store(Kr + (ring * R + p % R) * stride_kr_s + h * stride_kr_h + offs, x.to(Kr.dtype.element_ty))
+
+
+def kivi_store(
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    slots: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    req_idx: torch.Tensor,
+    k_cache: QuantKV,
+    k_resid: torch.Tensor,
+    v_cache: QuantKV,
+    residual_length: int,
+    max_new: int,
+    req_to_token: Optional[torch.Tensor] = None,
+) -> None:
+    """Append new tokens of B requests: ``k_new [T, H, D]``, ``v_new [T, H, Dv]`` at ``slots [T]``.
+
+    Request ``b`` owns rows ``qo_indptr[b]:qo_indptr[b+1]`` (at most ``max_new``), written at
+    positions ``prefix_lens[b]...``, with ring ``req_idx[b]`` of ``k_resid``.  Two launches:
+    (1) every page whose last position + R - G is written in this batch is quantized per
+    channel in one pass (reading the ring for older positions, ``k_new`` for new ones);
+    (2) values are quantized per token, and the last R new keys of each request go to its
+    ring.  Same result as :func:`kvtuner.reference.kivi_store_ref` (bit-identical codes and
+    meta).  ``req_to_token [rings, ctx]`` (slot of each position, SGLang's table) is needed
+    when R > G; with R == G the page quantized is the one being written.  Grids depend only
+    on B and ``max_new``, so decode (``max_new == 1``) can be captured in a CUDA graph.
+    Keys written at page 0 (SGLang's padding slot 0) are skipped.
+    """
+    kf = _check_kivi(k_cache, k_resid, residual_length)
+    vf = v_cache.fmt
+    t, h = k_new.shape[0], k_new.shape[1]
+    bsz = qo_indptr.shape[0] - 1
+    if v_new.shape[0] != t or slots.shape[0] != t:
+        raise ValueError("k_new, v_new and slots must have the same number of tokens")
+    if k_new.shape[2] != kf.head_dim or v_new.shape[2] != vf.head_dim or v_cache.num_heads != h \
+            or k_cache.num_heads != h:
+        raise ValueError("shape mismatch between new tokens and caches")
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        raise ValueError("k_new / v_new must be contiguous in head_dim")
+    if k_new.dtype != k_resid.dtype:
+        raise ValueError(f"k_resid dtype {k_resid.dtype} must be the key dtype {k_new.dtype}")
+    g, r = kf.group, residual_length
+    use_table = r != g
+    if use_table and req_to_token is None:
+        raise ValueError("residual_length > group needs req_to_token (slot of each request position)")
+    if t == 0 or bsz == 0 or max_new <= 0:
+        return
+    table = req_to_token if use_table else slots
+    kc = k_cache
+    _kivi_page_kernel[(bsz, h, triton.cdiv(max_new, g) + 1)](
+        k_new, slots, qo_indptr, prefix_lens, req_idx, table, kc.data, kc.meta, k_resid,
+        k_new.stride(0), k_new.stride(1), kc.data.stride(0), kc.data.stride(1), kc.meta.stride(0),
+        kc.meta.stride(1), k_resid.stride(0), k_resid.stride(1), table.stride(0) if use_table else 0,
+        R=r, G=g, BITS=kf.bits, D=kf.head_dim, ASYM=bool(kf.asym), USE_TABLE=use_table, num_warps=4,
+    )
+    vc = _v_constexprs(vf)
+    vms, vmh = _meta_strides(v_cache)
+    _kivi_token_kernel[(bsz, h, max_new)](
+        k_new, v_new, slots, qo_indptr, prefix_lens, req_idx, k_resid, v_cache.data, _meta_arg(v_cache),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), k_resid.stride(0),
+        k_resid.stride(1), v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        R=r, G=g, K_D=kf.head_dim, V_BITS=vc["V_BITS"], V_D=vc["V_D"], V_G=vc["V_G"], V_ASYM=vc["V_ASYM"],
+        num_warps=1,
+    )
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+@triton.jit
+def _kivi_nq(n, R: tl.constexpr, G: tl.constexpr):
+    """kivi_quantized_len(n, G, R) for a non-negative int32 n."""
+    return tl.where(n >= R - G, (n - R + G) // G * G, 0)
+
+
+@triton.jit
+def _scores_pc(q, Kd, Km, loc, page, kv_head, mask_ld, offs_dk, stride_kd_s, stride_kd_h, stride_km_p,
+               stride_km_h, BITS: tl.constexpr, D: tl.constexpr, ASYM: tl.constexpr, QMIN: tl.constexpr,
+               SPLIT_Q: tl.constexpr):
+    """Raw scores ``[M, BLOCK_N]`` of queries ``q [M, D]`` against a packed key tile whose
+    tokens all belong to ``page``: the page's per-channel scale is folded into the query.
+
+    ``q * s`` is rounded to float16 for the tensor cores; with SPLIT_Q the rounding error
+    goes into a second float16 operand and a second dot (``hi + lo`` carries ~22 bits), so
+    scores are as accurate as the per-token kernels' (which scale after the dot)."""
+    P: tl.constexpr = D * BITS // 8
+    offs_p = tl.arange(0, P)
+    raw = tl.load(Kd + (loc * stride_kd_s + kv_head * stride_kd_h)[None, :] + offs_p[:, None],
+                  mask=mask_ld[None, :], other=0)  # [P, BLOCK_N]
+    u = codes_f16(raw, BITS, True) - 1024.0  # [D, BLOCK_N] float16 u, exact
+    mrow = Km + page * stride_km_p + kv_head * stride_km_h
+    s = tl.load(mrow + offs_dk).to(tl.float32)
+    qf = q.to(tl.float32)
+    qs32 = qf * s[None, :]
+    qs = qs32.to(tl.float16)
+    u16 = u.to(tl.float16)
+    qk = tl.dot(qs, u16)
+    if SPLIT_Q:
+        qk = tl.dot((qs32 - qs.to(tl.float32)).to(tl.float16), u16, qk)
+    if ASYM:
+        off = tl.load(mrow + D + offs_dk).to(tl.float32)
+        qk += tl.sum(qf * off[None, :], 1)[:, None]
+    else:
+        qk += QMIN * tl.sum(qs32, 1)[:, None]
+    return qk
+
+
+@triton.jit
+def _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """Raw scores against full-precision keys of the request's ring."""
+    row = (ring * R + pos % R).to(tl.int64)
+    k = tl.load(Kr + (row * stride_kr_s + kv_head * stride_kr_h)[None, :] + offs_dk[:, None],
+                mask=mask_ld[None, :], other=0.0)  # [D, BLOCK_N]
+    return mma(q, k, DOT_F32, q.dtype)
+
+
+@triton.jit
+def _pv(acc, p, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+        BLOCK_N: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr,
+        V_ASYM: tl.constexpr, V_QMIN: tl.constexpr, DOT_F32: tl.constexpr, DTYPE: tl.constexpr):
+    if V_BITS == 16:
+        VNM: tl.constexpr = 1
+    else:
+        VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
+    v_raw, v_mt = fetch_rows(Vd, Vm, loc * stride_vd_s + kv_head * stride_vd_h,
+                             loc * stride_vm_s + kv_head * stride_vm_h, mask_ld, BLOCK_N,
+                             V_BITS, V_D, VNM, False)
+    if V_BITS == 16:
+        acc += mma(p, v_raw, DOT_F32, DTYPE)
+    else:
+        acc = pv_packed(acc, p, v_raw, v_mt, offs_dv, V_BITS, V_G, V_ASYM, V_QMIN, VNM)
+    return acc
+
+
+@triton.jit
+def _kivi_decode_stage1(
+    Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hid = tl.program_id(1)
+    split = tl.program_id(2)
+    if BLOCK_H < KV_GROUP:
+        VALID_H: tl.constexpr = BLOCK_H
+    else:
+        VALID_H: tl.constexpr = KV_GROUP
+    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = hid * VALID_H + offs_h
+    mask_h = (offs_h < VALID_H) & (heads < HQ)
+
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    w0 = n * 0
+    if SLIDING_WINDOW > 0:
+        w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
+    a0 = w0 // BLOCK_N * BLOCK_N  # tiles start at multiples of BLOCK_N (never straddle a page)
+    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
+    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
+    s0 = a0 + per_split * split
+    s1 = tl.minimum(s0 + per_split, n)
+    nq = _kivi_nq(n, R, K_G)
+
+    offs_dk = tl.arange(0, K_D)
+    offs_dv = tl.arange(0, V_D)
+    offs_b = tl.arange(0, BLOCK_N)
+    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, V_D], dtype=tl.float32)
+
+    if s1 > s0:
+        q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_dk[None, :], mask=mask_h[:, None],
+                    other=0.0)
+        ring = tl.load(req_idx + b).to(tl.int64)
+        # ---- pages read quantized
+        for p in range(s0, tl.minimum(s1, nq), BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < s1
+            mask_n = mask_ld & (pos >= w0)
+            loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
+            page = tl.load(kv_indices + start + p).to(tl.int64) // K_G
+            qk = _scores_pc(q, Kd, Km, loc, page, kv_head, mask_ld, offs_dk, stride_kd_s, stride_kd_h,
+                            stride_km_p, stride_km_h, K_BITS, K_D, K_ASYM, K_QMIN, SPLIT_Q)
+            pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
+            acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
+                      stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
+                      DOT_F32, q.dtype)
+        # ---- the residual window, full precision from the ring
+        for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < s1
+            mask_n = mask_ld & (pos >= w0)
+            loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
+            qk = _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R, DOT_F32)
+            pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
+            acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
+                      stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
+                      DOT_F32, q.dtype)
+
+    has = e_sum > 0
+    out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :], out,
+             mask=mask_h[:, None])
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+def kivi_decode_attention(
+    q: torch.Tensor,
+    k_cache: QuantKV,
+    k_resid: torch.Tensor,
+    v_cache: QuantKV,
+    o: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    req_idx: torch.Tensor,
+    residual_length: int,
+    attn_logits: torch.Tensor,
+    attn_lse: torch.Tensor,
+    num_kv_splits: torch.Tensor,
+    max_kv_splits: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    sliding_window: int = -1,
+    block_n: int = 0,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    split_q: bool = True,
+) -> torch.Tensor:
+    """Decode attention with per-channel keys; same convention as
+    :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
+    ``split_q=False`` drops the second (low-order) query dot of the quantized tiles."""
+    kf = _check_kivi(k_cache, k_resid, residual_length)
+    bsz, hq, dk = q.shape
+    hkv = k_cache.num_heads
+    dv = v_cache.fmt.head_dim
+    if dk != kf.head_dim:
+        raise ValueError(f"q head_dim {dk} != K head_dim {kf.head_dim}")
+    if v_cache.num_heads != hkv or hq % hkv:
+        raise ValueError("Hq must be a multiple of the KV head count")
+    if tuple(o.shape) != (bsz, hq, dv):
+        raise ValueError(f"o must be {(bsz, hq, dv)}, got {tuple(o.shape)}")
+    if attn_logits.shape[2] != max_kv_splits or attn_lse.shape[2] != max_kv_splits:
+        raise ValueError("attn_logits / attn_lse must have max_kv_splits in dim 2")
+    if bsz == 0:
+        return o
+    g = kf.group
+    block_n = block_n if block_n > 0 else min(g, 64)
+    if g % block_n or block_n < 16:
+        raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
+    group = hq // hkv
+    block_h = 16
+    valid_h = min(block_h, group)
+    vms, vmh = _meta_strides(v_cache)
+    grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
+    _kivi_decode_stage1[grid](
+        q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
+        attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+        q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
+        k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
+        v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+        attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+        KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
+        LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
+        K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
+        **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    _decode_stage2[(bsz, hq)](
+        attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+        attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1),
+        MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4,
+    )
+    return o
+
+
+@triton.jit
+def _online(qk, e_max, e_sum):
+    m_new = tl.maximum(tl.max(qk, 1), e_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    re_scale = tl.exp(e_max - m_safe)
+    p = tl.exp(qk - m_safe[:, None])
+    return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
+
+
+@triton.jit
+def _kivi_extend_kernel(
+    Q, K_ext, V_ext, O, Kd, Km, Kr, Vd, Vm, qo_indptr, kv_indptr, kv_indices, req_idx, sm_scale,
+    stride_qn, stride_qh, stride_ken, stride_keh, stride_ven, stride_veh, stride_on, stride_oh,
+    stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    KV_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOGIT_CAP: tl.constexpr,
+    SLIDING_WINDOW: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    mb = tl.program_id(2)
+    kv_head = head // KV_GROUP
+    q_start = tl.load(qo_indptr + seq).to(tl.int64)
+    len_ext = (tl.load(qo_indptr + seq + 1) - q_start).to(tl.int32)
+    kv_start = tl.load(kv_indptr + seq).to(tl.int64)
+    len_pre = (tl.load(kv_indptr + seq + 1) - kv_start).to(tl.int32)
+
+    if mb * BLOCK_M < len_ext:
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < len_ext
+        offs_dk = tl.arange(0, K_D)
+        offs_dv = tl.arange(0, V_D)
+        offs_b = tl.arange(0, BLOCK_N)
+        q = tl.load(Q + (q_start + offs_m[:, None]) * stride_qn + head * stride_qh + offs_dk[None, :],
+                    mask=mask_m[:, None], other=0.0)
+        qpos = len_pre + offs_m
+        acc = tl.zeros([BLOCK_M, V_D], dtype=tl.float32)
+        e_max = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        e_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        ring = tl.load(req_idx + seq).to(tl.int64)
+        # the store ran first: the prefix is quantized below the watermark of the whole sequence
+        nq = tl.minimum(_kivi_nq(len_pre + len_ext, R, K_G), len_pre)
+        p_begin = len_pre * 0
+        if SLIDING_WINDOW > 0:
+            p_begin = tl.maximum(len_pre + mb * BLOCK_M - SLIDING_WINDOW, 0)
+        p_begin = p_begin // BLOCK_N * BLOCK_N
+        # ---- prefix: quantized pages
+        for p in range(p_begin, nq, BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < nq
+            loc = tl.load(kv_indices + kv_start + pos, mask=mask_ld, other=0).to(tl.int64)
+            page = tl.load(kv_indices + kv_start + p).to(tl.int64) // K_G
+            qk = _scores_pc(q, Kd, Km, loc, page, kv_head, mask_ld, offs_dk, stride_kd_s, stride_kd_h,
+                            stride_km_p, stride_km_h, K_BITS, K_D, K_ASYM, K_QMIN, SPLIT_Q) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+            allowed = mask_m[:, None] & mask_ld[None, :]
+            if SLIDING_WINDOW > 0:
+                allowed = allowed & ((qpos[:, None] - pos[None, :]) <= SLIDING_WINDOW)
+            qk = tl.where(allowed, qk, float("-inf"))
+            pr, re_scale, e_max, e_sum = _online(qk, e_max, e_sum)
+            acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
+                      stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
+                      DOT_F32, q.dtype)
+        # ---- prefix: residual window from the ring
+        for p in range(tl.maximum(p_begin, nq), len_pre, BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < len_pre
+            loc = tl.load(kv_indices + kv_start + pos, mask=mask_ld, other=0).to(tl.int64)
+            qk = _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R,
+                               DOT_F32) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+            allowed = mask_m[:, None] & mask_ld[None, :]
+            if SLIDING_WINDOW > 0:
+                allowed = allowed & ((qpos[:, None] - pos[None, :]) <= SLIDING_WINDOW)
+            qk = tl.where(allowed, qk, float("-inf"))
+            pr, re_scale, e_max, e_sum = _online(qk, e_max, e_sum)
+            acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
+                      stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
+                      DOT_F32, q.dtype)
+        # ---- new tokens, full precision
+        e_end = len_ext
+        if IS_CAUSAL:
+            e_end = tl.minimum(len_ext, (mb + 1) * BLOCK_M)
+        e_begin = len_ext * 0
+        if SLIDING_WINDOW > 0:
+            e_begin = tl.maximum(mb * BLOCK_M - SLIDING_WINDOW, 0)
+        for n0 in range(e_begin, e_end, BLOCK_N):
+            offs_n = n0 + offs_b
+            mask_n = offs_n < e_end
+            k = tl.load(K_ext + (q_start + offs_n[:, None]) * stride_ken + kv_head * stride_keh + offs_dk[None, :],
+                        mask=mask_n[:, None], other=0.0)
+            qk = mma(q, tl.trans(k), DOT_F32, q.dtype) * sm_scale
+            if LOGIT_CAP > 0:
+                qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+            allowed = mask_m[:, None] & mask_n[None, :]
+            if IS_CAUSAL:
+                allowed = allowed & (offs_m[:, None] >= offs_n[None, :])
+            if SLIDING_WINDOW > 0:
+                allowed = allowed & ((offs_m[:, None] - offs_n[None, :]) <= SLIDING_WINDOW)
+            qk = tl.where(allowed, qk, float("-inf"))
+            v = tl.load(V_ext + (q_start + offs_n[:, None]) * stride_ven + kv_head * stride_veh + offs_dv[None, :],
+                        mask=mask_n[:, None], other=0.0)
+            pr, re_scale, e_max, e_sum = _online(qk, e_max, e_sum)
+            acc = acc * re_scale[:, None] + mma(pr, v, DOT_F32, q.dtype)
+
+        has = e_sum > 0
+        out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
+        tl.store(O + (q_start + offs_m[:, None]) * stride_on + head * stride_oh + offs_dv[None, :],
+                 out.to(O.dtype.element_ty), mask=mask_m[:, None])
+
+
+def kivi_extend_attention(
+    q_extend: torch.Tensor,
+    k_extend: torch.Tensor,
+    v_extend: torch.Tensor,
+    o_extend: torch.Tensor,
+    k_cache: QuantKV,
+    k_resid: torch.Tensor,
+    v_cache: QuantKV,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    req_idx: torch.Tensor,
+    residual_length: int,
+    max_len_extend: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    sliding_window: int = -1,
+    is_causal: bool = True,
+    block_m: int = 0,
+    block_n: int = 0,
+    num_warps: int = 0,
+    split_q: bool = True,
+) -> torch.Tensor:
+    """Extend attention with per-channel keys; same convention as
+    :func:`kvtuner.ops.extend_attention` plus the ring of each request (``req_idx [B]``).
+    Call it after :func:`kivi_store` of the same new tokens (as SGLang stores, then attends)."""
+    kf = _check_kivi(k_cache, k_resid, residual_length)
+    ne, hq, dk = q_extend.shape
+    hkv = k_extend.shape[1]
+    dv = v_extend.shape[-1]
+    if dk != kf.head_dim or dv != v_cache.fmt.head_dim:
+        raise ValueError("head_dim mismatch between inputs and cache formats")
+    if k_cache.num_heads != hkv or v_cache.num_heads != hkv or hq % hkv:
+        raise ValueError("Hq must be a multiple of the KV head count")
+    for t in (q_extend, k_extend, v_extend, o_extend):
+        if t.stride(-1) != 1:
+            raise ValueError("extend tensors must be contiguous in the last dim")
+    bsz = qo_indptr.shape[0] - 1
+    if ne == 0 or bsz == 0 or max_len_extend <= 0:
+        return o_extend
+    g = kf.group
+    dmax = max(dk, dv)
+    block_m = block_m if block_m > 0 else (64 if dmax <= 128 else 32)
+    block_n = block_n if block_n > 0 else min(g, 64 if dmax <= 128 else 32)
+    if g % block_n or block_n < 16:
+        raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
+    num_warps = num_warps if num_warps > 0 else (4 if dmax <= 128 else 8)
+    vms, vmh = _meta_strides(v_cache)
+    grid = (bsz, hq, triton.cdiv(max_len_extend, block_m))
+    _kivi_extend_kernel[grid](
+        q_extend, k_extend, v_extend, o_extend, k_cache.data, k_cache.meta, k_resid, v_cache.data,
+        _meta_arg(v_cache), qo_indptr, kv_indptr, kv_indices, req_idx, float(sm_scale),
+        q_extend.stride(0), q_extend.stride(1), k_extend.stride(0), k_extend.stride(1),
+        v_extend.stride(0), v_extend.stride(1), o_extend.stride(0), o_extend.stride(1),
+        k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0), k_cache.meta.stride(1),
+        k_resid.stride(0), k_resid.stride(1), v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        KV_GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap),
+        SLIDING_WINDOW=int(sliding_window), IS_CAUSAL=bool(is_causal), R=int(residual_length),
+        K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
+        **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q_extend.dtype), SPLIT_Q=bool(split_q),
+        num_warps=num_warps, num_stages=1,
+    )
+    return o_extend
+
+
+# ------------------------------------------------------------------------------- gather
+
+
+@triton.jit
+def _kivi_gather_kernel(
+    Kd, Km, Kr, kv_indptr, kv_indices, req_idx, Out,
+    stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h, stride_on, stride_oh,
+    R: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    ASYM: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(2) * BLOCK_N
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    if p < n:
+        nq = _kivi_nq(n, R, G)
+        pos = p + tl.arange(0, BLOCK_N)
+        mask = pos < n
+        offs_d = tl.arange(0, D)
+        if p < nq:
+            P: tl.constexpr = D * BITS // 8
+            QMIN: tl.constexpr = -(1 << (BITS - 1))
+            MASK: tl.constexpr = (1 << BITS) - 1
+            loc = tl.load(kv_indices + start + pos, mask=mask, other=0).to(tl.int64)
+            page = tl.load(kv_indices + start + p).to(tl.int64) // G
+            raw = tl.load(Kd + (loc * stride_kd_s + h * stride_kd_h)[:, None] + (offs_d % P)[None, :],
+                          mask=mask[:, None], other=0)
+            u = ((raw.to(tl.int32) >> ((offs_d // P) * BITS)[None, :]) & MASK).to(tl.float32)
+            mrow = Km + page * stride_km_p + h * stride_km_h
+            s = tl.load(mrow + offs_d).to(tl.float32)
+            if ASYM:
+                x = u * s[None, :] + tl.load(mrow + D + offs_d).to(tl.float32)[None, :]
+            else:
+                x = (u + QMIN) * s[None, :]
+        else:
+            ring = tl.load(req_idx + b).to(tl.int64)
+            x = tl.load(Kr + ((ring * R + pos % R) * stride_kr_s + h * stride_kr_h)[:, None] + offs_d[None, :],
+                        mask=mask[:, None], other=0.0).to(tl.float32)
+        tl.store(Out + (start + pos)[:, None] * stride_on + h * stride_oh + offs_d[None, :],
+                 x.to(Out.dtype.element_ty), mask=mask[:, None])
+
+
+def kivi_gather_keys(k_cache: QuantKV, k_resid: torch.Tensor, residual_length: int, kv_indptr: torch.Tensor,
+                     kv_indices: torch.Tensor, req_idx: torch.Tensor, max_len: int, out: torch.Tensor) -> torch.Tensor:
+    """Dense keys of B requests into ``out [>= kv_indptr[B], H, D]`` (row ``kv_indptr[b] + p`` is
+    position ``p`` of request ``b``): quantized pages dequantized, the residual copied."""
+    kf = _check_kivi(k_cache, k_resid, residual_length)
+    h, d = k_cache.num_heads, kf.head_dim
+    if out.dim() != 3 or out.shape[1] != h or out.shape[2] != d or out.stride(-1) != 1:
+        raise ValueError(f"out must be [N, {h}, {d}] contiguous in the last dim, got {tuple(out.shape)}")
+    bsz = kv_indptr.shape[0] - 1
+    if bsz == 0 or max_len <= 0:
+        return out
+    block_n = min(kf.group, 32)
+    _kivi_gather_kernel[(bsz, h, triton.cdiv(max_len, block_n))](
+        k_cache.data, k_cache.meta, k_resid, kv_indptr, kv_indices, req_idx, out,
+        k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0), k_cache.meta.stride(1),
+        k_resid.stride(0), k_resid.stride(1), out.stride(0), out.stride(1),
+        R=int(residual_length), BLOCK_N=block_n, BITS=kf.bits, D=d, G=kf.group, ASYM=bool(kf.asym), num_warps=4,
+    )
+    return out

@@ -1,0 +1,287 @@
+"""Per-channel keys (KIVI) with a full-precision residual window: kernels vs the torch reference.
+
+A small paged pool (page 0 reserved, as SGLang's padding page; pages handed out shuffled) is
+driven through request histories (prefill chunks and decode steps, with group boundaries,
+residual roll-over and a shared prefix).  The store kernel must leave every buffer (packed
+keys, per-page meta, residual ring, packed values) bit-identical to ``kivi_store_ref``; the
+reference state itself must be the KIVI semantics (pages below the watermark = the page
+quantized per channel from the original keys; the rest = the original keys).  Decode,
+extend and gather then read that pool and are compared with the reference attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvtuner import reference as R
+from kvtuner.format import TensorFormat, kivi_quantized_len
+from kvtuner.ops import QuantKV, kivi_decode_attention, kivi_extend_attention, kivi_gather_keys, kivi_store
+from kvt_helpers import assert_close, indptr_of, rand_kv
+
+
+class Pool:
+    def __init__(self, device, gen, kbits, g, r, asym, d, hkv, vbits=4, vg=32, n_pages=24, rings=4, ctx=512):
+        self.device, self.gen = device, gen
+        self.kf = TensorFormat(kbits, d, g, asym, axis=1)
+        self.vf = TensorFormat(vbits, d, vg if vbits != 16 else d, asym)
+        self.g, self.r, self.h, self.d = g, r, hkv, d
+        s = (n_pages + 1) * g
+        self.k = QuantKV.empty(s, hkv, self.kf, device=device)
+        self.v = QuantKV.empty(s, hkv, self.vf, device=device)
+        self.k.data.fill_(0xA5)
+        self.k.meta.fill_(-7.0)
+        if self.vf.quantized:
+            self.v.data.fill_(0x5A)
+            self.v.meta.fill_(-5.0)
+        else:
+            self.v.data.fill_(-5.0)
+        self.resid = torch.full((rings * r, hkv, d), -3.0, dtype=torch.bfloat16, device=device)
+        self.free = (torch.randperm(n_pages, generator=gen) + 1).tolist()
+        self.table = torch.zeros(rings, ctx, dtype=torch.int32, device=device)
+        self.lens = [0] * rings
+        self.hist = [torch.empty(0, hkv, d, dtype=torch.bfloat16, device=device) for _ in range(rings)]
+
+    def clone_buffers(self):
+        return [t.clone() for t in (self.k.data, self.k.meta, self.resid, self.v.data, self.v.meta)]
+
+    def _slots(self, ring, m):
+        out = []
+        for p in range(self.lens[ring], self.lens[ring] + m):
+            if p % self.g == 0:
+                page = self.free.pop(0)
+                self.table[ring, p] = page * self.g
+            else:
+                self.table[ring, p] = self.table[ring, p - 1] + 1
+            out.append(int(self.table[ring, p]))
+        return out
+
+    def share_prefix(self, src, dst, n):
+        """dst starts with the first n (a multiple of G) positions of src (radix-cache hit)."""
+        assert n % self.g == 0 and self.lens[dst] == 0
+        self.table[dst, :n] = self.table[src, :n]
+        self.lens[dst] = n
+        self.hist[dst] = self.hist[src][:n].clone()
+
+    def batch(self, steps):
+        """steps: [(ring, m)] -> (k_new, v_new, slots, qo_indptr, prefix_lens, req_idx, max_new)."""
+        ks, vs, slots, pre = [], [], [], []
+        for ring, m in steps:
+            pre.append(self.lens[ring])
+            slots += self._slots(ring, m)
+            k = rand_kv(m, self.h, self.d, self.device, self.gen)
+            # a per-channel structure (outlier channels), as keys have after RoPE
+            k = (k.float() * (1 + 4 * (torch.arange(self.d, device=self.device) % 7 == 0))).to(torch.bfloat16)
+            ks.append(k)
+            vs.append(rand_kv(m, self.h, self.d, self.device, self.gen))
+            self.hist[ring] = torch.cat([self.hist[ring], k])
+            self.lens[ring] += m
+        dev = self.device
+        return (torch.cat(ks), torch.cat(vs), torch.tensor(slots, dtype=torch.int64, device=dev),
+                indptr_of([m for _, m in steps], dev), torch.tensor(pre, dtype=torch.int32, device=dev),
+                torch.tensor([rg for rg, _ in steps], dtype=torch.int32, device=dev), max(m for _, m in steps))
+
+    def store(self, batch, which="kernel", bufs=None):
+        k_new, v_new, slots, qo, pre, ridx, mx = batch
+        if which == "kernel":
+            kivi_store(k_new, v_new, slots, qo, pre, ridx, self.k, self.resid, self.v, self.r, mx,
+                       req_to_token=self.table)
+        else:
+            kd, km, rs, vd, vm = bufs
+            R.kivi_store_ref(k_new, v_new, slots, qo, pre, ridx, kd, km, self.kf, rs, self.r, vd, vm, self.vf,
+                             req_to_token=self.table)
+
+    def run(self, steps):
+        """Store a batch with the kernel and with the reference (on copies); assert equality."""
+        b = self.batch(steps)
+        bufs = self.clone_buffers()
+        self.store(b, "ref", bufs)
+        self.store(b, "kernel")
+        names = ("k.data", "k.meta", "resid", "v.data", "v.meta")
+        for name, got, want in zip(names, self.clone_buffers(), bufs):
+            if got.dtype.is_floating_point:
+                got, want = got.view(torch.int16), want.view(torch.int16)
+            assert torch.equal(got, want), f"{name} differs after {steps}"
+        return b
+
+    def check_semantics(self):
+        """The pool holds KIVI's state for every request (independent of the kernels)."""
+        g = self.g
+        for ring, n in enumerate(self.lens):
+            nq = kivi_quantized_len(n, g, self.r)
+            sl = self.table[ring, :n].long()
+            for k in range(nq // g):
+                data, meta = R.quantize_page(self.hist[ring][k * g : (k + 1) * g], self.kf)
+                assert torch.equal(self.k.data[sl[k * g : (k + 1) * g]], data), (ring, k)
+                assert torch.equal(self.k.meta[sl[k * g] // g].view(torch.int16), meta.view(torch.int16)), (ring, k)
+            for p in range(nq, n):
+                assert torch.equal(self.resid[ring * self.r + p % self.r], self.hist[ring][p]), (ring, p)
+
+    def requests(self, rings):
+        lens = [self.lens[r] for r in rings]
+        idx = torch.cat([self.table[r, : self.lens[r]] for r in rings]).to(torch.int64)
+        return indptr_of(lens, self.device), idx, torch.tensor(rings, dtype=torch.int32, device=self.device)
+
+
+# kbits, G, R/G, asym, d, hq, hkv
+CFGS = [
+    pytest.param(2, 16, 1, True, 64, 4, 1, id="k2-g16-r16-asym-gqa4-d64"),
+    pytest.param(2, 32, 4, False, 128, 2, 2, id="k2-g32-r128-sym-mha"),
+    pytest.param(4, 32, 2, True, 128, 8, 2, id="k4-g32-r64-asym-gqa4"),
+    pytest.param(8, 16, 2, False, 64, 2, 2, id="k8-g16-r32-sym-mha-d64"),
+    pytest.param(4, 64, 1, False, 64, 4, 1, id="k4-g64-r64-sym-gqa4-d64"),
+    pytest.param(8, 64, 2, True, 128, 4, 1, id="k8-g64-r128-asym-gqa4"),
+]
+
+
+def _history(pool: Pool):
+    """Prefill chunks and decode steps over group boundaries and the residual roll-over."""
+    g, r = pool.g, pool.r
+    pool.run([(0, g - 1), (1, g), (2, g + 1)])  # lengths G-1, G, G+1
+    pool.run([(0, 1), (1, 1), (2, 1)])  # decode: ring 0 completes its first page
+    pool.run([(3, 2 * g + 3), (0, 5)])  # 2G+3 in one chunk
+    # decode steps across the next quantization point of ring 1 (page roll-over with R > G)
+    for _ in range(max(2, r - g + 2) if r <= 2 * g else 4):
+        pool.run([(1, 1), (3, 1)])
+    pool.run([(2, r + g - 1)])  # a long chunk: several pages quantized in one store
+    pool.check_semantics()
+
+
+@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", CFGS)
+def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
+    gen = torch.Generator().manual_seed(kbits * 100 + g + rg + d + hq)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=2 if kbits == 2 else 4)
+    _history(pool)
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    # gather: dense keys equal the reference's view of the pool
+    n_tot = int(indptr[-1])
+    out = torch.full((n_tot + 3, hkv, d), float("nan"), dtype=torch.float32, device=device)
+    kivi_gather_keys(pool.k, pool.resid, pool.r, indptr, idx, ridx, max(pool.lens), out)
+    ref = torch.cat([R.kivi_keys_ref(pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                     pool.table[rg, : pool.lens[rg]], rg) for rg in rings])
+    torch.testing.assert_close(out[:n_tot], ref, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(out[n_tot:]).all()
+    # decode
+    for window, cap, splits in ((-1, 0.0, [1, 3, 2, 4]), (g + 5, 20.0, [2, 2, 1, 3])):
+        q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+        o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
+        ms = 4
+        logits = torch.empty(len(rings), hq, ms, d, dtype=torch.float32, device=device)
+        lse = torch.empty(len(rings), hq, ms, dtype=torch.float32, device=device)
+        ns = torch.tensor(splits, dtype=torch.int32, device=device)
+        sm = d**-0.5
+        kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
+                              logit_cap=cap, sliding_window=window)
+        ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
+                                          pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
+                                          sliding_window=window)
+        assert_close(o, ref)
+
+
+@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[2], CFGS[5]])
+def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv):
+    """A chunked prefill, then an extend batch: a continuing chunk (prefix ending inside a
+    page, in the residual), a new request sharing a cached whole-page prefix of another
+    (radix-cache hit: quantized pages only; R == G) or with its own prefix (R > G), and a
+    fresh request."""
+    gen = torch.Generator().manual_seed(7 + kbits + g + d)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=16 if kbits == 8 else 4)
+    pool.run([(0, 2 * g + 5), (1, g + 3)])
+    pool.run([(0, 1), (1, 1)])
+    shared = (pool.lens[0] // g) * g
+    if pool.r == g:
+        # SGLang shares whole pages only; with R == G every whole page is quantized
+        assert kivi_quantized_len(pool.lens[0], g, pool.r) == shared
+        pool.share_prefix(0, 2, shared)
+    else:
+        # R > G keeps whole pages in the request's private ring: no sharing (see FORMAT.md)
+        pool.run([(2, shared)])
+    rings = [1, 2, 3]
+    plens = [pool.lens[rg] for rg in rings]
+    kv_indptr, kv_idx, ridx = pool.requests(rings)
+    b = pool.run([(1, g + 2), (2, 7), (3, 3)])
+    pool.check_semantics()
+    k_new, v_new, _, qo, _, ridx2, mx = b
+    assert torch.equal(ridx, ridx2) and [int(x) for x in kv_indptr.diff()] == plens
+    q = (torch.randn(k_new.shape[0], hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    sm = d**-0.5
+    for window, cap in ((-1, 0.0), (g + 3, 25.0)):
+        o = torch.full((k_new.shape[0], hq, d), float("nan"), dtype=torch.float32, device=device)
+        kivi_extend_attention(q, k_new, v_new, o, pool.k, pool.resid, pool.v, qo, kv_indptr, kv_idx, ridx, pool.r,
+                              mx, sm, logit_cap=cap, sliding_window=window)
+        ref = R.extend_attention_kivi_ref(q, k_new, v_new, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                          pool.v.data, pool.v.meta, pool.vf, qo, kv_indptr, kv_idx, ridx, sm,
+                                          logit_cap=cap, sliding_window=window)
+        assert_close(o, ref)
+
+
+def test_quantize_page_is_per_channel():
+    """quantize_page == the per-token quantizer applied to each channel's G tokens."""
+    gen = torch.Generator().manual_seed(0)
+    for bits, asym in ((2, False), (4, True), (8, True)):
+        f = TensorFormat(bits, 64, 32, asym, axis=1)
+        x = rand_kv(32, 2, 64, "cpu", gen)
+        data, meta = R.quantize_page(x, f)
+        assert data.shape == (32, 2, f.packed_dim) and meta.shape == (2, f.n_meta)
+        for h in range(2):
+            for c in (0, 17, 63):
+                u, s, off = R.quantize_codes(x[:, h, c][None], TensorFormat(bits, 32, 32, asym))
+                codes = R.unpack(data[:, h], bits, 64)[:, c]
+                assert torch.equal(codes, u[0])
+                assert meta[h, c] == s.to(torch.float16)[0, 0]
+                if asym:
+                    assert meta[h, 64 + c] == off.to(torch.float16)[0, 0]
+        back = R.dequantize_page(data, meta, f)
+        assert (back - x.float()).abs().max() <= meta[..., :64].float().max() * 0.51 + 1e-3
+
+
+def test_kivi_quantized_len():
+    assert [kivi_quantized_len(n, 32, 32) for n in (0, 31, 32, 33, 64)] == [0, 0, 32, 32, 64]
+    assert [kivi_quantized_len(n, 32, 128) for n in (0, 96, 127, 128, 159, 160)] == [0, 0, 0, 32, 32, 64]
+    for n in range(300):
+        full = n - kivi_quantized_len(n, 32, 128)
+        assert 0 <= full <= 127 and (n < 128 or full >= 96)
+    with pytest.raises(ValueError):
+        kivi_quantized_len(10, 32, 0)
+    with pytest.raises(ValueError):
+        kivi_quantized_len(10, 32, 48)
+
+
+def test_kivi_padding_page_skipped(device):
+    """CUDA-graph filler tokens write slot 0 (SGLang's padding page): keys and the ring stay
+    untouched even when the filler's position would complete a page."""
+    gen = torch.Generator().manual_seed(5)
+    pool = Pool(device, gen, 4, 16, 16, False, 64, 1)
+    before = pool.clone_buffers()
+    k = rand_kv(1, 1, 64, device, gen)
+    kivi_store(k, k, torch.zeros(1, dtype=torch.int64, device=device), indptr_of([1], device),
+               torch.tensor([15], dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device),
+               pool.k, pool.resid, pool.v, 16, 1)
+    after = pool.clone_buffers()
+    for i in (0, 1, 2):
+        assert torch.equal(after[i].view(torch.uint8), before[i].view(torch.uint8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True)])
+def test_kivi_decode_gpu_long(device, kbits, vbits, asym):
+    gen = torch.Generator().manual_seed(kbits + vbits)
+    g, d, hkv, hq = 64, 128, 8, 32
+    pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096)
+    pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
+    for _ in range(70):
+        pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
+    pool.check_semantics()
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    q = (torch.randn(4, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    o = torch.empty(4, hq, d, dtype=torch.float32, device=device)
+    ms = 16
+    logits = torch.empty(4, hq, ms, d, dtype=torch.float32, device=device)
+    lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
+    ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
+    kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5)
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
+                                      pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
+    assert_close(o, ref)
