@@ -118,7 +118,11 @@ def test_published_presets_load(presets):
         (dict(kv_cache_dtype="int4", q_group_size=48), "--kvtuner-residual-length 128 is not a multiple of --kvtuner-q-group-size 48"),
         (dict(kv_cache_dtype="int4", residual_length=-1), "--kvtuner-residual-length"),
         (dict(kv_cache_dtype="int4", axis_key=2), "--kvtuner-axis-key"),
-        (dict(kv_cache_dtype="int4", axis_key=1), "--kvtuner-axis-key 1"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=48, residual_length=96), "--kvtuner-q-group-size 48 with --kvtuner-axis-key 1"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=8, residual_length=64), "power of two >= 16"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=32, residual_length=0), "--kvtuner-residual-length 0 with --kvtuner-axis-key 1"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=-1), "--kvtuner-q-group-size -1"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=64, residual_length=96), "--kvtuner-residual-length 96 is not a multiple"),
         (dict(kv_cache_dtype="int4", axis_value=1), "--kvtuner-axis-value 1"),
         (dict(enable_kvtuner_quant=True, nbits_key=16, nbits_value=16), "quantizes nothing"),
         (dict(kv_cache_dtype="kvtuner"), "--kv-cache-dtype kvtuner needs"),
@@ -198,3 +202,50 @@ def test_write_preset_round_trip(tmp_path):
         assert load_preset(p) == (layers, meta)
     text = (tmp_path / "w.yaml").read_text()
     assert text.startswith("_meta:") and "\n0:\n  nbits_key: 8\n  nbits_value: 4\n" in text
+
+
+def test_axis_key_1_formats():
+    c = F("int2", axis_key=1, q_group_size=32, residual_length=128, asym=True)
+    assert (c.axis_key, c.group_size, c.residual_length) == (1, 32, 128)
+    kf, vf = c.tensor_formats(0, 128)
+    assert (kf.axis, kf.group, kf.per_channel, kf.n_meta) == (1, 32, True, 256)  # D scales + D offsets per page
+    assert (vf.axis, vf.group) == (0, 32)  # values: per token, 32 channels per group
+    c.check_model(num_layers=28, head_dim=128)  # the token group is not checked against head_dim
+    # 16-bit keys in a preset layer stay plain
+    assert F("kvtuner", nbits_key=16, nbits_value=4, axis_key=1, q_group_size=32).tensor_formats(0, 128)[0].axis == 0
+    # exact layout per token and head: 32 data bytes + (128 scales + 128 offsets) * 2 B / 32 tokens
+    assert kf.bytes_per_token_head() == 32 + 16
+    assert c.bytes_per_token([0], 128, 1) == 48 + 48
+    # the meta share is exact (a fraction when head_dim * 2 B does not fill a page's tokens)
+    assert TensorFormat(2, 32, 128, False, 1).bytes_per_token_head() == 8 + 0.5
+    assert layer_bytes_per_token(TensorFormat(2, 32, 128, False, 1), TensorFormat(2, 32, 32), 3) == 3 * (8.5 + 10)
+    # rings: R rows of bf16 keys per request and layer; none for per-token keys
+    assert c.residual_bytes_per_request(range(28), 128, 4) == 28 * 128 * 4 * 128 * 2
+    assert F("int2").residual_bytes_per_request(range(28), 128, 4) == 0
+
+
+def test_kivi_capacity_meets_target():
+    """Issue 6: K2V2 per-channel keys hold >= 5x the bf16 tokens at residual 128.
+
+    Qwen2.5-7B shape (28 layers, 4 KV heads, head_dim 128).  On paper, for a 40 GiB KV
+    budget with the rings of 1024 requests set apart (3.5 GiB: 28 x 4 x 128 x 2 B x 128 rows
+    each); bf16 holds 40 GiB / 56 KiB = 748k tokens.  Per token and layer (4 heads):
+    G=128 asym K 4 x (32 + 4) + V 4 x (32 + 4) = 288 B (7.1x before the rings, 6.5x after);
+    G=64 sym 4 x (32 + 4) + 4 x (32 + 4) = 288 B; G=64 asym 320 B (5.8x after the rings);
+    G=32 sym 320 B; G=32 asym 384 B (5.3x before the rings, 4.8x after: below target).
+    """
+    layers, d, heads = range(28), 128, 4
+    budget = 40 << 30
+    bf16_cell = 28 * layer_bytes_per_token(TensorFormat(16, d, d), TensorFormat(16, d, d), heads)
+    bf16_tokens = budget // bf16_cell
+
+    def ratio(g, asym, reqs=1024):
+        c = F("int2", axis_key=1, q_group_size=g, residual_length=128, asym=asym)
+        return c.pool_tokens(budget, reqs, layers, d, heads) / bf16_tokens
+
+    for g, asym in ((128, False), (128, True), (64, False), (64, True), (32, False)):
+        assert ratio(g, asym) >= 5.0, (g, asym, ratio(g, asym))
+    assert ratio(128, True, reqs=0) == pytest.approx(512 / 72, rel=1e-3)
+    assert 4.5 < ratio(32, True) < 5.0  # G=32 asym pays 16 B/token of key meta: short of 5x at 1024 rings
+    # the benchmark shape (64 requests x 8k): the rings are ~0.2% of the pool
+    assert ratio(128, True, reqs=64) >= 7.0

@@ -15,11 +15,12 @@ naming the flag.  Model-dependent checks (layer count, head_dim, MLA) are in
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from kvtuner.format import ALL_BITS, QUANT_BITS, TensorFormat, layer_bytes_per_token
+from kvtuner.format import ALL_BITS, QUANT_BITS, TensorFormat, layer_bytes_per_token, residual_bytes_per_request
 
 INT_DTYPES = {"int8": 8, "int4": 4, "int2": 2}
 KVTUNER_DTYPES = (*INT_DTYPES, "kvtuner")
@@ -28,7 +29,7 @@ DEFAULT_RESIDUAL_LENGTH = 128
 PRESET_KEYS = ("nbits_key", "nbits_value")
 PRESET_META_KEY = "_meta"
 # What the kernels implement today; anything else is refused at startup.
-SUPPORTED_AXIS_KEY = (0,)
+SUPPORTED_AXIS_KEY = (0, 1)
 SUPPORTED_AXIS_VALUE = (0,)
 
 
@@ -269,6 +270,17 @@ class KVQuantConfig:
             raise _err(f"--kvtuner-residual-length must be >= 0, got {resid!r}")
         if group > 0 and resid % group:
             raise _err(f"--kvtuner-residual-length {resid} is not a multiple of --kvtuner-q-group-size {group}")
+        if ak == 1:
+            if group < 16 or group & (group - 1):
+                raise _err(
+                    f"--kvtuner-q-group-size {group} with --kvtuner-axis-key 1: keys are grouped by page, "
+                    "the group must be a power of two >= 16 (the page size: 32, 64, 128)"
+                )
+            if resid < group:
+                raise _err(
+                    f"--kvtuner-residual-length {resid} with --kvtuner-axis-key 1 must be at least "
+                    f"--kvtuner-q-group-size {group} (the incomplete page stays in full precision)"
+                )
 
         return cls(
             dtype=dtype,
@@ -303,17 +315,40 @@ class KVQuantConfig:
     def tensor_formats(self, layer_id: int, head_dim: int, v_head_dim: Optional[int] = None) -> tuple[TensorFormat, TensorFormat]:
         bits = self.layer_bits(layer_id)
         vd = head_dim if v_head_dim is None else v_head_dim
-        return (
-            TensorFormat(bits.key, head_dim, self.group_for(head_dim), self.asym, self.axis_key),
-            TensorFormat(bits.value, vd, self.group_for(vd), self.asym, self.axis_value),
-        )
+        if self.axis_key == 1 and bits.key != 16:
+            # per-channel keys: groups of group_size TOKENS (one page)
+            kf = TensorFormat(bits.key, head_dim, self.group_size, self.asym, 1)
+        else:
+            kf = TensorFormat(bits.key, head_dim, self.group_for(head_dim), self.asym, 0)
+        return kf, TensorFormat(bits.value, vd, self.group_for(vd), self.asym, self.axis_value)
 
     def bytes_per_token(self, layer_ids, head_dim: int, num_kv_heads: int, full_dtype_bytes: int = 2, v_head_dim: Optional[int] = None) -> int:
-        """Bytes one token takes in the pool over ``layer_ids`` (this rank's heads)."""
-        return sum(
+        """Bytes one token takes in the pool over ``layer_ids`` (this rank's heads).
+
+        Per-channel key meta is per page; its share per token is exact and rounded up once.
+        The per-request residual rings are not in it: see :meth:`residual_bytes_per_request`.
+        """
+        return math.ceil(sum(
             layer_bytes_per_token(*self.tensor_formats(i, head_dim, v_head_dim), num_kv_heads, full_dtype_bytes)
             for i in layer_ids
+        ))
+
+    def residual_bytes_per_request(self, layer_ids, head_dim: int, num_kv_heads: int, full_dtype_bytes: int = 2) -> int:
+        """Bytes of one request's full-precision key rings (``residual_length`` rows) over
+        ``layer_ids``; 0 for per-token keys."""
+        return sum(
+            residual_bytes_per_request(self.tensor_formats(i, head_dim)[0], num_kv_heads, self.residual_length,
+                                       full_dtype_bytes)
+            for i in layer_ids
         )
+
+    def pool_tokens(self, kv_budget_bytes: int, max_requests: int, layer_ids, head_dim: int, num_kv_heads: int,
+                    full_dtype_bytes: int = 2, v_head_dim: Optional[int] = None) -> int:
+        """Token slots a KV budget holds once the rings of ``max_requests`` requests are set apart."""
+        layer_ids = list(layer_ids)
+        rings = max_requests * self.residual_bytes_per_request(layer_ids, head_dim, num_kv_heads, full_dtype_bytes)
+        cell = self.bytes_per_token(layer_ids, head_dim, num_kv_heads, full_dtype_bytes, v_head_dim)
+        return max(0, (kv_budget_bytes - rings) // cell)
 
     def average_bits(self, num_layers: int) -> float:
         """KVTuner's average bit width: mean of (key + value) / 2 over layers."""
@@ -333,7 +368,9 @@ class KVQuantConfig:
             )
         for what, d in (("head_dim", head_dim), ("v_head_dim", v_head_dim or head_dim)):
             g = self.group_for(d)
-            if d % g:
+            if what == "head_dim" and self.axis_key == 1:
+                pass  # per-channel keys group tokens (a page), not head_dim elements
+            elif d % g:
                 raise _err(f"--kvtuner-q-group-size {self.group_size} does not divide the model's {what} {d}")
             for bits in QUANT_BITS:
                 if (d * bits) % 8:

@@ -77,6 +77,8 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
         is_mla=is_mla,
         arch=arch,
     )
+    if cfg.axis_key == 1:
+        check_kivi_server_args(server_args, cfg)
     for field, fine, flag in _UNSUPPORTED_FEATURES:
         value = getattr(server_args, field, fine)
         if value is not None and value != fine:
@@ -94,6 +96,32 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
 
 # The quantized memory pool and the triton attention path are wired by patches 0003-0006.
 POOL_AVAILABLE = True
+# Per-channel keys: format, reference and kernels exist (kvtuner.ops.kivi); the pool buffers
+# (per-page meta, per-request residual rings) and the backend store/attention calls with
+# req_pool_indices are not wired into SGLang yet, so the server refuses --kvtuner-axis-key 1.
+KIVI_POOL_AVAILABLE = False
+
+
+def check_kivi_server_args(server_args: Any, cfg: KVQuantConfig) -> None:
+    """Per-channel keys: keys are grouped by page, the newest pages live in a private ring."""
+    g, r = cfg.group_size, cfg.residual_length
+    page = getattr(server_args, "page_size", None) or 1
+    if page != g:
+        raise KVTunerConfigError(
+            f"--page-size {page} must equal --kvtuner-q-group-size {g} with --kvtuner-axis-key 1 "
+            f"(keys are quantized per channel over the {g} tokens of a page); add --page-size {g}"
+        )
+    if r > g and not getattr(server_args, "disable_radix_cache", False):
+        raise KVTunerConfigError(
+            f"--kvtuner-residual-length {r} > --kvtuner-q-group-size {g} keeps whole pages in a private "
+            f"full-precision ring the radix cache cannot share; add --disable-radix-cache or use "
+            f"--kvtuner-residual-length {g}"
+        )
+    if not KIVI_POOL_AVAILABLE:
+        raise KVTunerConfigError(
+            "--kvtuner-axis-key 1 (per-channel keys, KIVI): the kernels exist but this build's SGLang "
+            "pool and triton backend do not wire them yet; use --kvtuner-axis-key 0"
+        )
 
 # Server features whose code paths read or move KV in ways the packed pool does not support
 # yet: (field, value that is fine, flag named in the message).
