@@ -116,7 +116,7 @@ def test_preset(model_dir, preset):
         (["--kv-cache-dtype", "int2", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
           "--kvtuner-residual-length", "64", "--attention-backend", "triton"], "add --disable-radix-cache"),
         (["--kv-cache-dtype", "int2", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
-          "--kvtuner-residual-length", "32", "--attention-backend", "triton"], "do not wire them yet"),
+          "--kvtuner-residual-length", "32", "--attention-backend", "triton"], "give --max-running-requests N"),
         (["--kv-cache-dtype", "fp8_e4m3", "--enable-kvtuner-quant", "--kvtuner-nbits-key", "4"],
          "--enable-kvtuner-quant conflicts with --kv-cache-dtype fp8_e4m3"),
         (["--kvtuner-nbits-key", "4"], "--kvtuner-nbits-key needs quantized KV"),

@@ -96,10 +96,10 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
 
 # The quantized memory pool and the triton attention path are wired by patches 0003-0006.
 POOL_AVAILABLE = True
-# Per-channel keys: format, reference and kernels exist (kvtuner.ops.kivi); the pool buffers
-# (per-page meta, per-request residual rings) and the backend store/attention calls with
-# req_pool_indices are not wired into SGLang yet, so the server refuses --kvtuner-axis-key 1.
-KIVI_POOL_AVAILABLE = False
+# Per-channel keys: kernels in kvtuner.ops.kivi; pool buffers (per-page meta, per-request
+# residual rings) in kvtuner.sglang_method; store/decode/extend through patch 0005, ring
+# memory set apart by patch 0004.
+KIVI_POOL_AVAILABLE = True
 
 
 def check_kivi_server_args(server_args: Any, cfg: KVQuantConfig) -> None:
@@ -116,6 +116,11 @@ def check_kivi_server_args(server_args: Any, cfg: KVQuantConfig) -> None:
             f"--kvtuner-residual-length {r} > --kvtuner-q-group-size {g} keeps whole pages in a private "
             f"full-precision ring the radix cache cannot share; add --disable-radix-cache or use "
             f"--kvtuner-residual-length {g}"
+        )
+    if not getattr(server_args, "max_running_requests", None):
+        raise KVTunerConfigError(
+            f"--kvtuner-axis-key 1 keeps a {r}-token full-precision key ring per request slot; "
+            "give --max-running-requests N so the rings can be sized and set apart from the KV pool"
         )
     if not KIVI_POOL_AVAILABLE:
         raise KVTunerConfigError(

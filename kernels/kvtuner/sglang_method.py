@@ -14,6 +14,13 @@ every buffer's rows with its byte copy, and hands the packed tensors to a backen
 * plain reads (``get_key_buffer``) return a tensor on the ``meta`` device with the logical
   shape ``[slots, heads, head_dim]``: shape queries work, and any code path that would read
   the data as bf16 fails loudly instead of reading garbage or dequantizing the whole pool.
+
+Per-channel keys (``--kvtuner-axis-key 1``, KIVI; see ``kvtuner/FORMAT.md``): a layer's
+``k_scale_buffer`` has one row per page (``[slots // page, heads, head_dim * (1|2)]``) and the
+method owns one full-precision residual ring per request slot and layer
+(``[req slots * residual_length, heads, head_dim]``, allocated by the triton hook from the
+request pool's size).  Keys of such layers are stored by the hook (it needs each token's
+request and position, which the pool's ``set_kv_buffer`` does not get).
 """
 
 from __future__ import annotations
@@ -46,6 +53,9 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
         self.head_num = 0
         self.head_dim = 0
         self._k_data: list[torch.Tensor] = []
+        self.rings: list[Optional[torch.Tensor]] = []  # per local layer (per-channel keys only)
+        self.num_rings = 0
+        self.device = None
 
     # --- what the pool asks ------------------------------------------------------------------
     def attention_accesses(self):
@@ -73,8 +83,11 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
                 dtype = torch.uint8 if fmt.quantized else self.model_dtype
                 # zeros: slot 0 (padding) and never-written slots dequantize to 0, not NaN
                 data.append(torch.zeros((size, head_num, fmt.packed_dim), dtype=dtype, device=device))
-                meta.append(torch.zeros((size, head_num, fmt.n_meta), dtype=torch.float16, device=device))
+                rows = -(-size // fmt.group) if fmt.per_channel else size  # per page for per-channel keys
+                meta.append(torch.zeros((rows, head_num, fmt.n_meta), dtype=torch.float16, device=device))
         self._k_data = k_data
+        self.device = device
+        self.rings = [None] * layer_num
         logger.info(
             "kvtuner pool: %d slots x %d layers (%d..%d), %s; %.1f bytes/token/layer",
             size, layer_num, self.start_layer, self.start_layer + layer_num - 1, self.cfg.describe(),
@@ -90,9 +103,31 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
             "store_dtype": torch.uint8,
         }
 
+    # --- per-channel keys -----------------------------------------------------------------------
+    def has_per_channel(self) -> bool:
+        return any(fk.per_channel for fk, _ in self.formats)
+
+    def allocate_rings(self, num_rings: int) -> None:
+        """One full-precision key ring of ``residual_length`` rows per request slot and
+        per-channel layer (zeros: a ring row is read only after it was written)."""
+        r = self.cfg.residual_length
+        self.num_rings = num_rings
+        for i, (fk, _) in enumerate(self.formats):
+            if fk.per_channel and self.rings[i] is None:
+                self.rings[i] = torch.zeros((num_rings * r, self.head_num, fk.head_dim), dtype=self.model_dtype,
+                                            device=self.device)
+        n = sum(t.numel() * t.element_size() for t in self.rings if t is not None)
+        logger.info("kvtuner: per-channel keys: %d residual rings x %d rows, %.1f MiB", num_rings, r, n / (1 << 20))
+
     def quantize_and_store(self, k_buffer, v_buffer, k_scale_buffer, v_scale_buffer, loc,
                            cache_k, cache_v, k_scale=None, v_scale=None) -> None:
         from kvtuner.ops import QuantKV, quantize_store
+
+        if k_scale_buffer is not None and k_scale_buffer.shape[0] != k_buffer.shape[0]:
+            raise RuntimeError(
+                "kvtuner: per-channel keys are stored by the triton backend (they need each token's "
+                "request and position); this code path wrote through the pool directly"
+            )
 
         fk = self._format_for(k_buffer, k_scale_buffer, self.head_dim)
         fv = self._format_for(v_buffer, v_scale_buffer, self.v_head_dim or self.head_dim)
@@ -138,6 +173,21 @@ def build_quant_method(server_args: Any, start_layer: int, model_dtype: torch.dt
     return KVTunerKVCacheMethod(cfg, start_layer, model_dtype, v_head_dim)
 
 
+def pool_fixed_bytes(server_args: Any, start_layer: int, num_layers: int, num_kv_heads: int,
+                     head_dim: int, model_dtype: torch.dtype) -> int:
+    """Bytes set apart before the token pool is sized: the per-channel keys' residual rings of
+    every request slot (``--max-running-requests`` + 1; SGLang's request slot 0 is a dummy)."""
+    if not is_quantized_dtype(getattr(server_args, "kv_cache_dtype", None)):
+        return 0
+    cfg = config_from_server_args(server_args)
+    if cfg.axis_key != 1:
+        return 0
+    reqs = getattr(server_args, "max_running_requests", None) or 0
+    per_req = cfg.residual_bytes_per_request(range(start_layer, start_layer + num_layers), head_dim, num_kv_heads,
+                                             torch.tensor([], dtype=model_dtype).element_size())
+    return (reqs + 1) * per_req
+
+
 def pool_cell_size(server_args: Any, start_layer: int, num_layers: int, num_kv_heads: int,
                    head_dim: int, v_head_dim: int, model_dtype: torch.dtype) -> Optional[int]:
     """Bytes per token over this rank's layers and heads (packed data + meta), else None."""
@@ -153,10 +203,61 @@ def pool_cell_size(server_args: Any, start_layer: int, num_layers: int, num_kv_h
 class TritonHook:
     """What SGLang's triton backend calls for decode and extend over a kvtuner pool."""
 
-    def __init__(self, pool: Any, method: KVTunerKVCacheMethod):
+    def __init__(self, pool: Any, method: KVTunerKVCacheMethod, req_to_token_pool: Any = None):
         self.pool = pool
         self.method = method
         self._views: dict[int, tuple] = {}
+        if method.has_per_channel():
+            if req_to_token_pool is None:
+                raise RuntimeError("kvtuner: per-channel keys need the request pool (one residual ring per request)")
+            n = getattr(req_to_token_pool, "_alloc_size", None) or req_to_token_pool.req_to_token.shape[0]
+            method.allocate_rings(int(n))
+
+    def _kivi(self, layer_id: int):
+        """``(k QuantKV, ring, v QuantKV)`` when the layer's keys are per-channel, else None."""
+        local = layer_id - self.method.start_layer
+        if not self.method.formats[local][0].per_channel:
+            return None
+        k, v = self.views(layer_id)
+        return k, self.method.rings[local], v
+
+    def store(self, forward_batch: Any, layer: Any, loc: Any, k: torch.Tensor, v: torch.Tensor,
+              metadata: Any = None) -> bool:
+        """Store new K/V of a per-channel layer (True); False: the pool's own path stores it.
+
+        Decode: one token per request at position ``seq_lens - 1``; extend (and mixed): the
+        requests' new rows at ``extend_prefix_lens`` on.  Graph-capturable for decode (grids
+        depend on the batch size only; CUDA-graph filler tokens write slot 0 and are skipped).
+        """
+        kv = self._kivi(layer.layer_id)
+        if kv is None:
+            return False
+        from kvtuner.ops import kivi_store
+
+        kq, ring, vq = kv
+        loc = getattr(loc, "loc", loc)
+        h = layer.tp_k_head_num
+        k3 = k.reshape(-1, h, kq.fmt.head_dim)
+        v3 = v.reshape(-1, h, vq.fmt.head_dim)
+        k3 = k3 if k3.stride(-1) == 1 else k3.contiguous()
+        v3 = v3 if v3.stride(-1) == 1 else v3.contiguous()
+        if k3.dtype != ring.dtype:
+            k3 = k3.to(ring.dtype)
+        req = forward_batch.req_pool_indices
+        table = forward_batch.req_to_token_pool.req_to_token
+        md = metadata
+        if forward_batch.forward_mode.is_decode():
+            bs = req.shape[0]
+            qo = torch.arange(bs + 1, dtype=torch.int32, device=k3.device)
+            prefix = forward_batch.seq_lens - 1
+            max_new = 1
+        else:
+            qo = md.qo_indptr
+            prefix = forward_batch.extend_prefix_lens
+            max_new = int(md.max_extend_len)
+        kivi_store(k3, v3, loc, qo, prefix, req, kq, ring, vq, self.method.cfg.residual_length, max_new,
+                   req_to_token=table)
+        return True
 
     def views(self, layer_id: int):
         """``(QuantKV k, QuantKV v)`` of a layer (global id), built once."""
@@ -174,10 +275,22 @@ class TritonHook:
         return kv
 
     def decode(self, q, o, layer, kv_indptr, kv_indices, attn_logits, attn_lse, num_kv_splits,
-               max_kv_splits, logit_cap: float, sinks=None, score_mod=None, xai_temperature_len=-1):
+               max_kv_splits, logit_cap: float, sinks=None, score_mod=None, xai_temperature_len=-1,
+               forward_batch=None):
         _refuse(layer, sinks, score_mod, xai_temperature_len)
-        from kvtuner.ops import decode_attention
+        from kvtuner.ops import decode_attention, kivi_decode_attention
 
+        kv = self._kivi(layer.layer_id)
+        if kv is not None:
+            _refuse_window(layer)
+            kq, ring, vq = kv
+            kivi_decode_attention(
+                q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), kq, ring, vq,
+                o.view(-1, layer.tp_q_head_num, layer.v_head_dim), kv_indptr, kv_indices,
+                forward_batch.req_pool_indices, self.method.cfg.residual_length, attn_logits, attn_lse,
+                num_kv_splits, max_kv_splits, layer.scaling, logit_cap=logit_cap,
+            )
+            return o
         k, v = self.views(layer.layer_id)
         decode_attention(
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), k, v,
@@ -190,12 +303,25 @@ class TritonHook:
 
     def extend(self, q, k_new, v_new, o, layer, qo_indptr, kv_indptr, kv_indices, max_len_extend,
                logit_cap: float, causal: bool, custom_mask=None, sinks=None, score_mod=None,
-               xai_temperature_len=-1):
+               xai_temperature_len=-1, forward_batch=None):
         _refuse(layer, sinks, score_mod, xai_temperature_len)
         if custom_mask is not None:
             raise NotImplementedError("kvtuner: custom attention masks (speculative verify) are not supported")
-        from kvtuner.ops import extend_attention
+        from kvtuner.ops import extend_attention, kivi_extend_attention
 
+        kv = self._kivi(layer.layer_id)
+        if kv is not None:
+            _refuse_window(layer)
+            kq, ring, vq = kv
+            kivi_extend_attention(
+                q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
+                k_new.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim).contiguous(),
+                v_new.reshape(-1, layer.tp_v_head_num, layer.v_head_dim).contiguous(),
+                o.view(-1, layer.tp_q_head_num, layer.v_head_dim), kq, ring, vq, qo_indptr, kv_indptr,
+                kv_indices, forward_batch.req_pool_indices, self.method.cfg.residual_length, max_len_extend,
+                layer.scaling, logit_cap=logit_cap, is_causal=causal,
+            )
+            return o
         k, v = self.views(layer.layer_id)
         extend_attention(
             q.view(-1, layer.tp_q_head_num, layer.qk_head_dim),
@@ -213,6 +339,14 @@ def _window(layer) -> int:
     return w if w is not None and w > -1 else -1
 
 
+def _refuse_window(layer) -> None:
+    if _window(layer) > 0:
+        raise NotImplementedError(
+            f"kvtuner: layer {layer.layer_id} uses a sliding window; per-channel keys read positions "
+            "from the start of each request and do not support it"
+        )
+
+
 def _refuse(layer, sinks, score_mod, xai_temperature_len) -> None:
     if sinks is not None or score_mod is not None or (xai_temperature_len or -1) > 0:
         raise NotImplementedError(
@@ -227,7 +361,7 @@ def triton_hook(model_runner: Any) -> Optional[TritonHook]:
     method = getattr(pool, "quant_method", None)
     if not isinstance(method, KVTunerKVCacheMethod):
         return None
-    return TritonHook(pool, method)
+    return TritonHook(pool, method, getattr(model_runner, "req_to_token_pool", None))
 
 
 def check_pool(server_args: Any, pool: Any) -> None:
