@@ -142,7 +142,7 @@ def test_backend_kivi_extend_decode(kw):
         md = _md(kv_indptr, kv_idx, len(plan), qo, max(m_all))
         fb = types.SimpleNamespace(out_cache_loc=slots, forward_mode=ForwardMode.EXTEND,
                                    req_pool_indices=_i32([r for r, _ in plan]).long(),
-                                   extend_prefix_lens=_i32(prefix), req_to_token_pool=hx.rtp,
+                                   extend_prefix_lens=_i32(prefix),
                                    seq_lens=_i32([p + m for p, m in zip(prefix, m_all)]))
         o = TritonAttnBackend.forward_extend(hx.fake(md), q, k, v, layer, fb)
         hx.check_state()
@@ -164,7 +164,7 @@ def test_backend_kivi_extend_decode(kw):
         kv_indptr = _i32([0] + list(torch.tensor(lens).cumsum(0)))
         md = _md(kv_indptr, kv_idx, 4)
         fb = types.SimpleNamespace(out_cache_loc=slots, forward_mode=ForwardMode.DECODE,
-                                   req_pool_indices=_i32([0] + reqs).long(), req_to_token_pool=hx.rtp,
+                                   req_pool_indices=_i32([0] + reqs).long(),
                                    seq_lens=_i32(lens))
         o = TritonAttnBackend.forward_decode(hx.fake(md), qd, kn, vn, layer, fb)
         if step % 4 == 0 or step == g + 1:

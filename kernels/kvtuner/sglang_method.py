@@ -207,6 +207,7 @@ class TritonHook:
         self.pool = pool
         self.method = method
         self._views: dict[int, tuple] = {}
+        self.req_to_token_pool = req_to_token_pool
         if method.has_per_channel():
             if req_to_token_pool is None:
                 raise RuntimeError("kvtuner: per-channel keys need the request pool (one residual ring per request)")
@@ -244,7 +245,7 @@ class TritonHook:
         if k3.dtype != ring.dtype:
             k3 = k3.to(ring.dtype)
         req = forward_batch.req_pool_indices
-        table = forward_batch.req_to_token_pool.req_to_token
+        table = self.req_to_token_pool.req_to_token  # ForwardBatch does not carry the pool
         md = metadata
         if forward_batch.forward_mode.is_decode():
             bs = req.shape[0]
