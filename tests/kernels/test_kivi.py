@@ -163,7 +163,8 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
     torch.testing.assert_close(out[:n_tot], ref, atol=1e-5, rtol=1e-5)
     assert torch.isnan(out[n_tot:]).all()
     # decode
-    for window, cap, splits in ((-1, 0.0, [1, 3, 2, 4]), (g + 5, 20.0, [2, 2, 1, 3])):
+    for window, cap, splits, path in ((-1, 0.0, [1, 3, 2, 4], None), (g + 5, 20.0, [2, 2, 1, 3], None),
+                                      (-1, 0.0, [2, 1, 4, 3], False)):
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
         ms = 4
@@ -172,7 +173,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         ns = torch.tensor(splits, dtype=torch.int32, device=device)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
-                              logit_cap=cap, sliding_window=window)
+                              logit_cap=cap, sliding_window=window, packed_path=path)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                           pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
                                           sliding_window=window)
@@ -264,8 +265,9 @@ def test_kivi_padding_page_skipped(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True)])
-def test_kivi_decode_gpu_long(device, kbits, vbits, asym):
+@pytest.mark.parametrize("path", [None, False])
+@pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 16, False)])
+def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path):
     gen = torch.Generator().manual_seed(kbits + vbits)
     g, d, hkv, hq = 64, 128, 8, 32
     pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096)
@@ -281,7 +283,8 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym):
     logits = torch.empty(4, hq, ms, d, dtype=torch.float32, device=device)
     lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
     ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
-    kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5)
+    kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5,
+                          packed_path=path)
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                       pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
     assert_close(o, ref)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
-from kvtuner.ops.decode import _decode_stage2, _softmax_step
+from kvtuner.ops.decode import _codes, _decode_stage2, _load_chunks, _load_meta, _softmax_step
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
 
@@ -392,6 +392,170 @@ def _kivi_decode_stage1(
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast path (values packed): no tile is permuted back into head_dim order.  As in
+# ops/decode.py's packed kernel, each byte chunk of bit field f is read as float16 codes
+# ``1024 + u * 2**(f*bits)`` (masked in place).  Keys: chunk k of the head (field k // KNC, bytes
+# k % KNC) holds channels [k*KC, (k+1)*KC); the page's per-channel scales of those channels
+# and 2**-(f*bits) are folded into the query chunk.  Values: per token, exactly as the
+# per-token packed kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, stride_km_p, mask_ld,
+                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, K_D: tl.constexpr, K_BITS: tl.constexpr,
+                      K_ASYM: tl.constexpr, K_QMIN: tl.constexpr, SPLIT_Q: tl.constexpr):
+    KC: tl.constexpr = K_D * K_BITS // 8
+    KNF: tl.constexpr = 8 // K_BITS
+    offs_kc = tl.arange(0, KC)
+    k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_ld, 1, KC, True)[0]  # [KC, BLOCK_N]
+    mrow = Km + page * stride_km_p + k_head_m
+    qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    corr = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for f in tl.static_range(KNF):
+        s_f = tl.load(mrow + f * KC + offs_kc).to(tl.float32)
+        qs = qc[f] * s_f[None, :]
+        w = qs * (1.0 / (1 << (f * K_BITS)))
+        hi = w.to(tl.float16)
+        codes = _codes(k_raw, K_BITS, f)
+        qk = tl.dot(hi, codes, qk)
+        used = hi.to(tl.float32)
+        if SPLIT_Q:
+            lo = (w - used).to(tl.float16)
+            qk = tl.dot(lo, codes, qk)
+            used += lo.to(tl.float32)
+        corr += 1024.0 * tl.sum(used, 1)
+        if K_ASYM:
+            o_f = tl.load(mrow + K_D + f * KC + offs_kc).to(tl.float32)
+            corr -= tl.sum(qc[f] * o_f[None, :], 1)
+        else:
+            corr -= K_QMIN * tl.sum(qs, 1)
+    return qk - corr[:, None]
+
+
+@triton.jit
+def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+               V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
+               V_QMIN: tl.constexpr):
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VCPG: tl.constexpr = V_G // VC
+    VNG: tl.constexpr = V_D // V_G
+    VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
+    v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VNC, VC, False)
+    v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
+    new_accs = ()
+    for k in tl.static_range(VNF * VNC):
+        ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
+        psum = tl.sum(ps.to(tl.float32), 1)
+        if V_ASYM:
+            corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
+        else:
+            corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
+        a = accs[k] * re_scale[:, None] + corr[:, None]
+        new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
+    return new_accs
+
+
+@triton.jit
+def _kivi_decode_stage1_packed(
+    Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    hid = tl.program_id(1)
+    split = tl.program_id(2)
+    if BLOCK_H < KV_GROUP:
+        VALID_H: tl.constexpr = BLOCK_H
+    else:
+        VALID_H: tl.constexpr = KV_GROUP
+    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    heads = hid * VALID_H + offs_h
+    mask_h = (offs_h < VALID_H) & (heads < HQ)
+
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    w0 = n * 0
+    if SLIDING_WINDOW > 0:
+        w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
+    a0 = w0 // BLOCK_N * BLOCK_N
+    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
+    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
+    s0 = a0 + per_split * split
+    s1 = tl.minimum(s0 + per_split, n)
+    nq = _kivi_nq(n, R, K_G)
+
+    KC: tl.constexpr = K_D * K_BITS // 8
+    KNF: tl.constexpr = 8 // K_BITS
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    offs_kc = tl.arange(0, KC)
+    offs_vc = tl.arange(0, VC)
+    offs_dk = tl.arange(0, K_D)
+    offs_b = tl.arange(0, BLOCK_N)
+    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    accs = ()
+    for k in tl.static_range(VNF * VNC):
+        accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
+
+    if s1 > s0:
+        q_row = Q + b * stride_qb + heads[:, None] * stride_qh
+        qc = ()
+        for f in tl.static_range(KNF):
+            qc = qc + (tl.load(q_row + f * KC + offs_kc[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32),)
+        k_head_d = kv_head * stride_kd_h
+        k_head_m = kv_head * stride_km_h
+        v_head_d = kv_head * stride_vd_h
+        v_head_m = kv_head * stride_vm_h
+        for p in range(s0, tl.minimum(s1, nq), BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < s1
+            mask_n = mask_ld & (pos >= w0)
+            loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
+            page = tl.load(kv_indices + start + p).to(tl.int64) // K_G
+            qk = _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, stride_km_p, mask_ld,
+                                   BLOCK_H, BLOCK_N, K_D, K_BITS, K_ASYM, K_QMIN, SPLIT_Q)
+            pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
+            accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
+                              mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+        if nq < s1:
+            q = tl.load(q_row + offs_dk[None, :], mask=mask_h[:, None], other=0.0)
+            ring = tl.load(req_idx + b).to(tl.int64)
+            for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
+                pos = p + offs_b
+                mask_ld = pos < s1
+                mask_n = mask_ld & (pos >= w0)
+                loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
+                qk = _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R,
+                                   DOT_F32)
+                pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
+                accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
+                                  mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    for k in tl.static_range(VNF * VNC):
+        tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
+                 accs[k] * inv[:, None], mask=mask_h[:, None])
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
 def kivi_decode_attention(
     q: torch.Tensor,
     k_cache: QuantKV,
@@ -413,10 +577,12 @@ def kivi_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     split_q: bool = True,
+    packed_path: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
-    ``split_q=False`` drops the second (low-order) query dot of the quantized tiles."""
+    ``split_q=False`` drops the second (low-order) query dot of the quantized tiles.  With
+    packed values the chunked fast path runs (``packed_path=False``: the general kernel)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -440,7 +606,9 @@ def kivi_decode_attention(
     valid_h = min(block_h, group)
     vms, vmh = _meta_strides(v_cache)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
-    _kivi_decode_stage1[grid](
+    packed = v_cache.fmt.quantized if packed_path is None else (packed_path and v_cache.fmt.quantized)
+    kernel = _kivi_decode_stage1_packed if packed else _kivi_decode_stage1
+    kernel[grid](
         q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
         attn_logits, attn_lse, num_kv_splits, float(sm_scale),
         q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
