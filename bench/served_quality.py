@@ -12,6 +12,10 @@ the pool size against the prediction from ``kvtuner.config`` (bf16 capacity of t
 bf16 bytes per token / configuration bytes per token).
 
     PYTHONPATH=/tmp/site python3 bench/served_quality.py --model /tmp/model --out R.json
+    # issue 6, per-token vs per-channel keys (chunk 64 = the page, so both read every earlier
+    # chunk quantized):
+    PYTHONPATH=/tmp/site python3 bench/served_quality.py --model /tmp/model --chunk 64 \
+        --configs bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi --out bench/results/served_quality_kivi.json
 """
 
 from __future__ import annotations
@@ -40,7 +44,15 @@ CONFIGS = {
     "searched-4.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-4.0.yaml", *ASYM],
     "K4V2": ["--kv-cache-dtype", "kvtuner", "--kvtuner-nbits-key", "4", "--kvtuner-nbits-value", "2", *ASYM],
     "searched-3.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-3.0.yaml", *ASYM],
+    "K2V2": ["--kv-cache-dtype", "int2", *ASYM],
 }
+# Per-channel keys (KIVI, issue 6): keys grouped over a page of 64 tokens (the value group stays
+# 64 channels), residual = one page (R == G: radix-cache safe), rings for 16 request slots.
+KIVI = ["--kvtuner-axis-key", "1", "--page-size", "64", "--kvtuner-residual-length", "64",
+        "--max-running-requests", "16"]
+for _name in ("K2V2", "K4V4", "K4V2"):
+    CONFIGS[f"{_name}-kivi"] = CONFIGS[_name] + KIVI
+DEFAULT_CONFIGS = [n for n in CONFIGS if n != "K2V2" and not n.endswith("-kivi")]
 
 
 def predicted_bytes(flags: list[str], cfg: dict) -> tuple[int, float]:
@@ -56,8 +68,23 @@ def predicted_bytes(flags: list[str], cfg: dict) -> tuple[int, float]:
 
     kc = KVQuantConfig.from_flags(kv_cache_dtype=val("--kv-cache-dtype"), nbits_key=val("--kvtuner-nbits-key", int),
                                   nbits_value=val("--kvtuner-nbits-value", int), q_group_size=val("--kvtuner-q-group-size", int),
-                                  asym="--kvtuner-asym" in flags, config_path=val("--kvtuner-config"))
+                                  asym="--kvtuner-asym" in flags, config_path=val("--kvtuner-config"),
+                                  axis_key=val("--kvtuner-axis-key", int),
+                                  residual_length=val("--kvtuner-residual-length", int))
     return kc.bytes_per_token(range(layers), d, h), kc.average_bits(layers)
+
+
+def ring_bytes(flags: list[str], cfg: dict) -> int:
+    """Bytes the per-channel keys' residual rings take before the pool is sized (0 otherwise)."""
+    from kvtuner.config import KVQuantConfig
+
+    if "--kvtuner-axis-key" not in flags:
+        return 0
+    layers, d, h = cfg["num_hidden_layers"], cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    val = {f: flags[flags.index(f) + 1] for f in ("--kvtuner-residual-length", "--kvtuner-q-group-size", "--max-running-requests")}
+    kc = KVQuantConfig.from_flags(kv_cache_dtype="int8", axis_key=1, q_group_size=int(val["--kvtuner-q-group-size"]),
+                                  residual_length=int(val["--kvtuner-residual-length"]))
+    return (int(val["--max-running-requests"]) + 1) * kc.residual_bytes_per_request(range(layers), d, h)
 
 
 def score(server: Server, windows) -> dict:
@@ -81,7 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="HF directory of the embedded model (real weights)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+                    help=f"any of {', '.join(CONFIGS)} (issue 6: bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi)")
     ap.add_argument("--text", default=str(HERE / "data" / "heldout_en.txt"))
     ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -116,7 +144,11 @@ def main() -> int:
         out["sglang"] = repr(e)
     ref_argmax = None
     for i, name in enumerate(args.configs):
-        flags = CONFIGS[name] + ["--chunked-prefill-size", str(args.chunk)] + args.extra.split()
+        chunk = args.chunk
+        if "--page-size" in CONFIGS[name]:  # SGLang: the chunk must be a multiple of the page size
+            page = int(CONFIGS[name][CONFIGS[name].index("--page-size") + 1])
+            chunk = -(-chunk // page) * page
+        flags = CONFIGS[name] + ["--chunked-prefill-size", str(chunk)] + args.extra.split()
         res = {"flags": flags}
         out["results"][name] = res
         server = None
@@ -134,7 +166,8 @@ def main() -> int:
                 res["top1_agreement_vs_bf16"] = sum(a == b for a, b in pairs) / len(pairs)
             base = out["results"].get("bf16", {})
             if base.get("max_total_num_tokens") and res.get("max_total_num_tokens"):
-                pred = base["max_total_num_tokens"] * base["bytes_per_token"] / res["bytes_per_token"]
+                pred = (base["max_total_num_tokens"] * base["bytes_per_token"] - ring_bytes(CONFIGS[name], mcfg)) \
+                    / res["bytes_per_token"]
                 res["capacity_predicted"] = round(pred)
                 res["capacity_measured_over_predicted"] = res["max_total_num_tokens"] / pred
             res["ok"] = True
