@@ -54,6 +54,14 @@ QWEN = {
     "K8V4": ["--enable-kvtuner-quant", "--kvtuner-nbits-key", "8", "--kvtuner-nbits-value", "4"],
     "fp4_mx_block16": ["--kv-cache-dtype", "fp4_mx_block16"],
 }
+# Per-channel keys (issue 6): pages of 64 tokens = the key group, residual one page (radix-cache
+# safe), rings for up to 80 running requests; compare with the per-token asym configurations.
+KIVI = ["--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size", "64",
+        "--kvtuner-residual-length", "64", "--max-running-requests", "80"]
+for _suite in (EMBEDDED, QWEN):
+    _suite["int2_asym"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym"]
+    _suite["int2_kivi"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", *KIVI]
+    _suite["int4_kivi"] = ["--kv-cache-dtype", "int4", "--kvtuner-asym", *KIVI]
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -296,7 +304,7 @@ def main() -> int:
     args = ap.parse_args()
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
-    names = args.configs or list(suite)
+    names = args.configs or [n for n in suite if n not in ("int2_asym", "int2_kivi", "int4_kivi")]
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     out = {"suite": args.suite, "model": args.model, "argv": sys.argv, "results": {}}
     try:
