@@ -3,6 +3,7 @@ round trip, seed reproducibility, one-line errors."""
 
 import itertools
 import json
+import math
 import random
 
 import pytest
@@ -190,9 +191,11 @@ def test_cli_round_trip_and_seed(model_dir, tmp_path):
 
 
 def test_cli_one_line_errors(model_dir, tmp_path, capsys):
-    assert _cli(model_dir, tmp_path / "x.yaml", "--axis-key", "1") == 2
+    assert _cli(model_dir, tmp_path / "x.yaml", "--axis-key", "2") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("calibrate: error: --axis-key 1 (per-channel keys, KIVI) is not supported") and "\n" not in err
+    assert err.startswith("calibrate: error: --axis-key must be 0 (per-token) or 1") and "\n" not in err
+    assert _cli(model_dir, tmp_path / "x.yaml", "--axis-key", "1", "--residual-length", "24") == 2
+    assert "--residual-length 24 must be a multiple of --group-size" in capsys.readouterr().err
     assert C.main(["--model", str(model_dir), "--budget", "4", "--out", str(tmp_path / "y.yaml"),
                    "--group-size", "24", "--no-progress", "--device", "cpu"]) == 2
     assert "does not divide the model's head_dim 16" in capsys.readouterr().err
@@ -229,3 +232,34 @@ def test_verify_keeps_the_best_measured(model, windows, table, evaluator):
     assert res.verified[0]["predicted"] == pytest.approx(C.search(table, 3.0)[1])
     for l, c in res.assignment.items():
         assert not C.dominated(c, table[l])
+
+
+def test_kivi_fake_quant_pages_and_residual():
+    """Per-channel keys: whole pages below the residual window go through quantize_page, the
+    newest tokens stay; values (key=False) stay per token."""
+    from kvtuner import reference as R
+    from kvtuner.format import TensorFormat
+
+    mode = C.QuantMode(16, asym=True, axis_key=1, residual_length=32)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 70, HEAD_DIM, generator=g).to(torch.bfloat16)  # [batch, heads, T, D]
+    y = C.fake_quant(x, 2, mode, key=True)
+    nq = 48  # 16 * floor((70 - 32 + 16) / 16)
+    assert torch.equal(y[..., nq:, :], x[..., nq:, :])
+    kf = TensorFormat(2, HEAD_DIM, 16, True, 1)
+    for b, h, p in ((0, 0, 0), (1, 2, 2)):
+        page = x[b, h, p * 16:(p + 1) * 16][:, None]  # [G, 1, D]
+        want = R.dequantize_page(*R.quantize_page(page, kf), kf).to(x.dtype)[:, 0]
+        assert torch.equal(y[b, h, p * 16:(p + 1) * 16], want)
+    assert torch.equal(C.fake_quant(x[..., :31, :], 2, mode, key=True), x[..., :31, :])  # nq(31) = 0
+    assert not torch.equal(C.fake_quant(x, 2, mode), x)  # values: per token
+    assert mode.as_meta()["residual_length"] == 32 and mode.name == "kivi"
+
+
+def test_kivi_mode_evaluates(model, windows):
+    ev = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True, axis_key=1))
+    assert ev.mode.residual_length == GROUP
+    low = ev.evaluate({1: (2, 2)})
+    assert low["kl"] > 0 and math.isfinite(low["kl"])
+    pt = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True)).evaluate({1: (2, 2)})
+    assert low["kl"] != pt["kl"]

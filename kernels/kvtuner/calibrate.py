@@ -33,8 +33,10 @@ and writes a preset the server loads with ``--kvtuner-config`` (KVTuner's format
 The sensitivity table (the expensive part: ``layers x 9`` forward passes) can be cached
 with ``--table PATH`` (it keeps every metric of every run) and reused for other budgets and
 for the other metric.  Layers before the first quantized one are replayed from the
-reference run, not recomputed.  Per-channel keys (``--axis-key 1``,
-KIVI) are refused: :mod:`kvtuner.reference` has no per-channel quantizer yet.
+reference run, not recomputed.  Per-channel keys (``--axis-key 1``, KIVI; the server's
+``--kvtuner-axis-key 1``): each window's keys are quantized per channel over pages of
+``--group-size`` tokens, except the newest ``--residual-length`` window (as the server reads a
+request of that length, :func:`kvtuner.format.kivi_quantized_len`); values per token.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch
 
 from kvtuner import reference as ref
 from kvtuner.config import KVQuantConfig, KVTunerConfigError, LayerBits, load_preset, write_preset
-from kvtuner.format import QUANT_BITS, TensorFormat
+from kvtuner.format import QUANT_BITS, TensorFormat, kivi_quantized_len
 
 __all__ = [
     "CANDIDATES",
@@ -93,37 +95,64 @@ class QuantMode:
 
     group_size: int = 64  # -1: the whole head
     asym: bool = False
-    axis_key: int = 0  # 0: per-token groups along head_dim
+    axis_key: int = 0  # 0: per-token groups along head_dim; 1: per-channel keys over pages of group_size tokens
+    residual_length: int = 0  # per-channel keys: full-precision window (0: one group)
 
     def __post_init__(self) -> None:
-        if self.axis_key == 1:
-            raise CalibrationError(
-                "--axis-key 1 (per-channel keys, KIVI) is not supported: kvtuner.reference has no "
-                "per-channel quantizer yet (and the server refuses it); use --axis-key 0"
-            )
-        if self.axis_key != 0:
-            raise CalibrationError(f"--axis-key must be 0 (per-token), got {self.axis_key!r}")
+        if self.axis_key not in (0, 1):
+            raise CalibrationError(f"--axis-key must be 0 (per-token) or 1 (per-channel), got {self.axis_key!r}")
         if self.group_size <= 0 and self.group_size != -1:
             raise CalibrationError(f"--group-size must be positive or -1 (whole head), got {self.group_size}")
+        if self.axis_key == 1:
+            if self.group_size == -1:
+                raise CalibrationError("--axis-key 1 groups keys over tokens: give --group-size N (the page size)")
+            r = self.residual_length or self.group_size
+            if r < self.group_size or r % self.group_size:
+                raise CalibrationError(
+                    f"--residual-length {r} must be a multiple of --group-size {self.group_size} (at least one group)")
+            object.__setattr__(self, "residual_length", r)
+        elif self.residual_length:
+            raise CalibrationError("--residual-length applies to --axis-key 1 only")
 
     @property
     def name(self) -> str:
         return "pertoken" if self.axis_key == 0 else "kivi"
 
-    def fmt(self, bits: int, head_dim: int) -> TensorFormat:
+    def fmt(self, bits: int, head_dim: int, key: bool = False) -> TensorFormat:
+        if key and self.axis_key == 1:
+            return TensorFormat(bits, head_dim, self.group_size, self.asym, 1)
         g = head_dim if self.group_size == -1 else self.group_size
-        return TensorFormat(bits, head_dim, g, self.asym, self.axis_key)
+        return TensorFormat(bits, head_dim, g, self.asym, 0)
 
     def as_meta(self) -> dict:
-        return {"name": self.name, "axis_key": self.axis_key, "axis_value": 0,
-                "group_size": self.group_size, "asym": self.asym}
+        m = {"name": self.name, "axis_key": self.axis_key, "axis_value": 0,
+             "group_size": self.group_size, "asym": self.asym}
+        if self.axis_key == 1:
+            m["residual_length"] = self.residual_length
+        return m
 
 
-def fake_quant(x: torch.Tensor, bits: int, mode: QuantMode) -> torch.Tensor:
-    """``x [..., D]`` stored and read back through :mod:`kvtuner.reference` (same dtype)."""
+def fake_quant(x: torch.Tensor, bits: int, mode: QuantMode, key: bool = False) -> torch.Tensor:
+    """``x [..., D]`` stored and read back through :mod:`kvtuner.reference` (same dtype).
+
+    Per-channel keys (``key`` and ``mode.axis_key == 1``): ``x [..., T, D]`` is one sequence
+    per leading index; its first ``kivi_quantized_len(T)`` tokens go through
+    :func:`kvtuner.reference.quantize_page` page by page, the newest stay as they are.
+    """
     if bits == 16:
         return x
-    fmt = mode.fmt(bits, x.shape[-1])
+    fmt = mode.fmt(bits, x.shape[-1], key)
+    if fmt.per_channel:
+        t, d, g = x.shape[-2], x.shape[-1], fmt.group
+        nq = kivi_quantized_len(t, g, mode.residual_length)
+        if nq == 0:
+            return x
+        pages = x[..., :nq, :].reshape(-1, nq // g, g, d).reshape(-1, g, d).transpose(0, 1)  # [G, pages, D]
+        data, meta = ref.quantize_page(pages, fmt)
+        deq = ref.dequantize_page(data, meta, fmt).to(x.dtype).transpose(0, 1)  # [pages, G, D]
+        out = x.clone()
+        out[..., :nq, :] = deq.reshape(*x.shape[:-2], nq, d)
+        return out
     data, meta = ref.quantize(x, fmt)
     return ref.dequantize(data, meta, fmt, torch.float32).to(x.dtype)
 
@@ -170,7 +199,7 @@ def _quant_cache(model, assignment: Mapping[int, Candidate], mode: QuantMode):
     def update(key_states, value_states, layer_idx, *args, **kwargs):
         c = assignment.get(layer_idx)
         if c is not None:
-            key_states = fake_quant(key_states, c[0], mode)
+            key_states = fake_quant(key_states, c[0], mode, key=True)  # [batch, heads, T, D]
             value_states = fake_quant(value_states, c[1], mode)
         return orig(key_states, value_states, layer_idx, *args, **kwargs)
 
@@ -573,6 +602,7 @@ def predicted_bytes(assignment: Mapping[int, Candidate], mode: QuantMode, head_d
     """Bytes one token takes in the server's pool over all layers (TP 1), data and scales."""
     cfg = KVQuantConfig(dtype="kvtuner", nbits_key=16, nbits_value=16, group_size=mode.group_size,
                         asym=mode.asym, axis_key=mode.axis_key,
+                        residual_length=mode.residual_length or mode.group_size,
                         per_layer={l: LayerBits(*c) for l, c in assignment.items()})
     return cfg.bytes_per_token(sorted(assignment), head_dim, kv_heads, full_dtype_bytes)
 
@@ -633,7 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64, help="elements per scale group (-1: whole head)")
     ap.add_argument("--asym", action="store_true", help="scale and offset per group (the server's --kvtuner-asym)")
-    ap.add_argument("--axis-key", type=int, default=0, help="0: per-token keys (1, per-channel, is not supported)")
+    ap.add_argument("--axis-key", type=int, default=0,
+                    help="0: per-token keys; 1: per-channel keys (KIVI) over pages of --group-size tokens")
+    ap.add_argument("--residual-length", type=int, default=0,
+                    help="--axis-key 1: newest tokens kept in full precision (a multiple of --group-size; 0: one group)")
     ap.add_argument("--metric", choices=METRICS, default="kl",
                     help="kl: KL divergence vs the unquantized model; nll: log perplexity increase")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
@@ -666,7 +699,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args, argv) -> int:
     t0 = time.time()
-    mode = QuantMode(args.group_size, args.asym, args.axis_key)
+    mode = QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length)
     if not (2 <= args.budget <= 8):
         raise CalibrationError(f"--budget must be between 2 and 8 average bits, got {args.budget}")
     if args.max_tokens < 2 or args.seq_len < 2:
@@ -736,7 +769,9 @@ def _run(args, argv) -> int:
         "num_layers": n_layers, "head_dim": head_dim, "num_kv_heads": kv_heads,
         "mode": mode.as_meta(),
         "server_flags": (f"--kv-cache-dtype kvtuner --kvtuner-config {os.path.basename(args.out)} "
-                         f"--kvtuner-q-group-size {mode.group_size}" + (" --kvtuner-asym" if mode.asym else "")),
+                         f"--kvtuner-q-group-size {mode.group_size}" + (" --kvtuner-asym" if mode.asym else "")
+                         + (f" --kvtuner-axis-key 1 --page-size {mode.group_size} --kvtuner-residual-length "
+                            f"{mode.residual_length} --max-running-requests N" if mode.axis_key == 1 else "")),
         "budget": args.budget,
         "average_bits": round(res.average_bits, 6),
         "metric": args.metric,
