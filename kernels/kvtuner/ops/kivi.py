@@ -90,6 +90,11 @@ def _kivi_page_kernel(
 ):
     """Program (b, h, j): the j-th page of request b whose quantization point
     (position k*G + R - 1) is written in this batch, quantized per channel in one pass."""
+    P: tl.constexpr = D * BITS // 8
+    F: tl.constexpr = 8 // BITS
+    QMIN: tl.constexpr = -(1 << (BITS - 1))
+    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    MASK: tl.constexpr = (1 << BITS) - 1
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     j = tl.program_id(2)
@@ -109,11 +114,6 @@ def _kivi_page_kernel(
                 first = tl.load(req_to_token + ring * stride_rt + k * G).to(tl.int64)
             else:
                 first = slot_trig // G * G
-            P: tl.constexpr = D * BITS // 8
-            F: tl.constexpr = 8 // BITS
-            QMIN: tl.constexpr = -(1 << (BITS - 1))
-            QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-            MASK: tl.constexpr = (1 << BITS) - 1
             offs_i = tl.arange(0, G)
             offs_d = tl.arange(0, D)
             pos = k * G + offs_i
@@ -822,6 +822,9 @@ def _kivi_gather_kernel(
     R: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     ASYM: tl.constexpr,
 ):
+    P: tl.constexpr = D * BITS // 8
+    QMIN: tl.constexpr = -(1 << (BITS - 1))
+    MASK: tl.constexpr = (1 << BITS) - 1
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     p = tl.program_id(2) * BLOCK_N
@@ -833,9 +836,6 @@ def _kivi_gather_kernel(
         mask = pos < n
         offs_d = tl.arange(0, D)
         if p < nq:
-            P: tl.constexpr = D * BITS // 8
-            QMIN: tl.constexpr = -(1 << (BITS - 1))
-            MASK: tl.constexpr = (1 << BITS) - 1
             loc = tl.load(kv_indices + start + pos, mask=mask, other=0).to(tl.int64)
             page = tl.load(kv_indices + start + p).to(tl.int64) // G
             raw = tl.load(Kd + (loc * stride_kd_s + h * stride_kd_h)[:, None] + (offs_d % P)[None, :],
