@@ -180,7 +180,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         assert_close(o, ref)
 
 
-@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[2], CFGS[5]])
+@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[1], CFGS[2], CFGS[3], CFGS[5]])
 def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv):
     """A chunked prefill, then an extend batch: a continuing chunk (prefix ending inside a
     page, in the residual), a new request sharing a cached whole-page prefix of another
