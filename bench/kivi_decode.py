@@ -133,7 +133,10 @@ def main() -> int:
         torch.cuda.empty_cache()
         for r in (int(x) for x in args.residuals.split(",")):
             kc, vc, ring, idx, indptr, req = kivi_pool(batch, ctx, hkv, d, kb, vb, g, r, device)
-            for name, kw in {"packed": {}, "packed_nosplit": dict(split_q=False), "general": dict(packed_path=False)}.items():
+            variants = {"packed": {}, "packed_nosplit": dict(split_q=False), "general": dict(packed_path=False),
+                        "packed_n32": dict(block_n=32), "packed_w8": dict(num_warps=8),
+                        "packed_nosplit_n32": dict(split_q=False, block_n=32)}
+            for name, kw in variants.items():
                 row[f"kivi_r{r}_{name}"] = {n: bench(lambda n=n, kw=kw: kivi_decode_attention(
                     q, kc, ring, vc, o, indptr, idx, req, r, lg, lse, nsp[n], ms, sm, **kw)) for n in splits}
             del kc, vc, ring

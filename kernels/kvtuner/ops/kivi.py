@@ -435,6 +435,23 @@ def _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, st
 
 
 @triton.jit
+def _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, stride_kr_h, R: tl.constexpr,
+                         RC: tl.constexpr, NRC: tl.constexpr, DOT_F32: tl.constexpr):
+    """Raw scores against the ring's full-precision keys, ``RC`` channels at a time (``qr``:
+    the query in NRC chunks), so the tile staged for the dot stays small."""
+    row = ((ring * R + pos % R).to(tl.int64) * stride_kr_s + kv_head * stride_kr_h)[None, :]
+    offs = tl.arange(0, RC)
+    qk = tl.zeros([qr[0].shape[0], pos.shape[0]], dtype=tl.float32)
+    for c in tl.static_range(NRC):
+        k = tl.load(Kr + row + (c * RC + offs)[:, None], mask=mask_ld[None, :], other=0.0)  # [RC, BLOCK_N]
+        if DOT_F32:
+            qk = tl.dot(qr[c].to(tl.float32), k.to(tl.float32), qk, input_precision="ieee")
+        else:
+            qk = tl.dot(qr[c], k, qk)
+    return qk
+
+
+@triton.jit
 def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
                V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
                V_QMIN: tl.constexpr):
@@ -534,15 +551,19 @@ def _kivi_decode_stage1_packed(
             accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
                               mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
         if nq < s1:
-            q = tl.load(q_row + offs_dk[None, :], mask=mask_h[:, None], other=0.0)
+            RC: tl.constexpr = 32 if K_D >= 32 else K_D
+            offs_rc = tl.arange(0, RC)
+            qr = ()
+            for c in tl.static_range(K_D // RC):
+                qr = qr + (tl.load(q_row + c * RC + offs_rc[None, :], mask=mask_h[:, None], other=0.0),)
             ring = tl.load(req_idx + b).to(tl.int64)
             for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
                 pos = p + offs_b
                 mask_ld = pos < s1
                 mask_n = mask_ld & (pos >= w0)
                 loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
-                qk = _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R,
-                                   DOT_F32)
+                qk = _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, stride_kr_h, R, RC,
+                                          K_D // RC, DOT_F32)
                 pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
                 accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
                                   mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
