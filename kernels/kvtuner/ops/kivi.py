@@ -229,7 +229,8 @@ def kivi_store(
         k_new, slots, qo_indptr, prefix_lens, req_idx, table, kc.data, kc.meta, k_resid,
         k_new.stride(0), k_new.stride(1), kc.data.stride(0), kc.data.stride(1), kc.meta.stride(0),
         kc.meta.stride(1), k_resid.stride(0), k_resid.stride(1), table.stride(0) if use_table else 0,
-        R=r, G=g, BITS=kf.bits, D=kf.head_dim, ASYM=bool(kf.asym), USE_TABLE=use_table, num_warps=4,
+        R=r, G=g, BITS=kf.bits, D=kf.head_dim, ASYM=bool(kf.asym), USE_TABLE=use_table,
+        num_warps=8 if g * kf.head_dim >= 8192 else 4,  # sm_90 AOT: [64, 128] page, 4 warps spill, 8 do not
     )
     vc = _v_constexprs(vf)
     vms, vmh = _meta_strides(v_cache)
@@ -814,7 +815,7 @@ def kivi_extend_attention(
     block_n = block_n if block_n > 0 else min(g, 64 if dmax <= 128 else 32)
     if g % block_n or block_n < 16:
         raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
-    num_warps = num_warps if num_warps > 0 else (4 if dmax <= 128 else 8)
+    num_warps = num_warps if num_warps > 0 else 8  # sm_90 AOT: 4 warps spill 1.5 KB at d=128, 8 warps 0.5 KB
     vms, vmh = _meta_strides(v_cache)
     grid = (bsz, hq, triton.cdiv(max_len_extend, block_m))
     _kivi_extend_kernel[grid](
