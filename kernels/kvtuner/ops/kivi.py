@@ -266,21 +266,22 @@ def _scores_pc(q, Kd, Km, loc, page, kv_head, mask_ld, offs_dk, stride_kd_s, str
     offs_p = tl.arange(0, P)
     raw = tl.load(Kd + (loc * stride_kd_s + kv_head * stride_kd_h)[None, :] + offs_p[:, None],
                   mask=mask_ld[None, :], other=0)  # [P, BLOCK_N]
-    u = codes_f16(raw, BITS, True) - 1024.0  # [D, BLOCK_N] float16 u, exact
+    # float16 u (asym) or u + q_min (sym): small integers, exact
+    if ASYM:
+        u16 = (codes_f16(raw, BITS, True) - 1024.0).to(tl.float16)  # [D, BLOCK_N]
+    else:
+        u16 = (codes_f16(raw, BITS, True) - (1024.0 - QMIN)).to(tl.float16)
     mrow = Km + page * stride_km_p + kv_head * stride_km_h
     s = tl.load(mrow + offs_dk).to(tl.float32)
     qf = q.to(tl.float32)
     qs32 = qf * s[None, :]
     qs = qs32.to(tl.float16)
-    u16 = u.to(tl.float16)
     qk = tl.dot(qs, u16)
     if SPLIT_Q:
         qk = tl.dot((qs32 - qs.to(tl.float32)).to(tl.float16), u16, qk)
     if ASYM:
         off = tl.load(mrow + D + offs_dk).to(tl.float32)
         qk += tl.sum(qf * off[None, :], 1)[:, None]
-    else:
-        qk += QMIN * tl.sum(qs32, 1)[:, None]
     return qk
 
 
@@ -413,26 +414,26 @@ def _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, st
     k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_ld, 1, KC, True)[0]  # [KC, BLOCK_N]
     mrow = Km + page * stride_km_p + k_head_m
     qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    corr = tl.zeros([BLOCK_H], dtype=tl.float32)
+    if K_ASYM:
+        corr = tl.zeros([BLOCK_H], dtype=tl.float32)
     for f in tl.static_range(KNF):
         s_f = tl.load(mrow + f * KC + offs_kc).to(tl.float32)
-        qs = qc[f] * s_f[None, :]
-        w = qs * (1.0 / (1 << (f * K_BITS)))
+        w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[None, :]
         hi = w.to(tl.float16)
-        codes = _codes(k_raw, K_BITS, f)
+        # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
+        if K_ASYM:
+            codes = (_codes(k_raw, K_BITS, f) - 1024.0).to(tl.float16)
+        else:
+            codes = (_codes(k_raw, K_BITS, f) - (1024.0 - K_QMIN * (1 << (f * K_BITS)))).to(tl.float16)
         qk = tl.dot(hi, codes, qk)
-        used = hi.to(tl.float32)
         if SPLIT_Q:
-            lo = (w - used).to(tl.float16)
-            qk = tl.dot(lo, codes, qk)
-            used += lo.to(tl.float32)
-        corr += 1024.0 * tl.sum(used, 1)
+            qk = tl.dot((w - hi.to(tl.float32)).to(tl.float16), codes, qk)
         if K_ASYM:
             o_f = tl.load(mrow + K_D + f * KC + offs_kc).to(tl.float32)
-            corr -= tl.sum(qc[f] * o_f[None, :], 1)
-        else:
-            corr -= K_QMIN * tl.sum(qs, 1)
-    return qk - corr[:, None]
+            corr += tl.sum(qc[f] * o_f[None, :], 1)
+    if K_ASYM:
+        qk += corr[:, None]
+    return qk
 
 
 @triton.jit
