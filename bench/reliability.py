@@ -796,6 +796,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 server (bad requests then have no upstream answer)")
     ap.add_argument("--bad-inputs-json", help="use this bench/reliability_cpu.py output instead of running it here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pressure-kv", default="--kv-cache-dtype int8",
+                    help="KV flags of the pressure/prefix servers (named int8_*); per-channel keys (issue 6): "
+                         "'--kv-cache-dtype int4 --kvtuner-asym --kvtuner-axis-key 1 --kvtuner-q-group-size 64 "
+                         "--page-size 64 --kvtuner-residual-length 64 --max-running-requests 64'")
     # sizes
     ap.add_argument("--soak-requests", type=int, default=5000)
     ap.add_argument("--concurrency", type=int, default=256)
@@ -890,8 +894,8 @@ def main(argv=None) -> int:
     if "soak" in parts:
         want["mixed"] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", a.preset, "--max-total-tokens", str(a.soak_pool)]
     if parts & {"pressure", "prefix"}:
-        want["int8_small"] = ["--kv-cache-dtype", "int8", *small]
-        want["int8_ref"] = ["--kv-cache-dtype", "int8", "--max-total-tokens", str(a.ref_pool)]
+        want["int8_small"] = [*a.pressure_kv.split(), *small]
+        want["int8_ref"] = [*a.pressure_kv.split(), "--max-total-tokens", str(a.ref_pool)]
     if "prefix" in parts:
         want["int4_small"] = ["--kv-cache-dtype", "int4", "--kvtuner-asym", *small]
     if "bad" in parts and not a.no_bf16:
