@@ -89,6 +89,25 @@ def test_seed_flags(model_dir):
     assert cfg.layer_bits(29).key == 8 and cfg.tensor_formats(0, 64)[1].bits == 4
 
 
+def test_per_channel_keys_accepted(model_dir):
+    """Issue 6: the seed's ablation group F spelling (--kvtuner-axis-key 1) with the page size,
+    residual length and request bound it needs."""
+    a = serve_args(model_dir, "--enable-kvtuner-quant", "--kvtuner-nbits-key", "2", "--kvtuner-nbits-value", "2",
+                   "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
+                   "--kvtuner-residual-length", "32", "--kvtuner-asym", "--max-running-requests", "8",
+                   "--attention-backend", "triton")
+    assert (a.kv_cache_dtype, a.kvtuner_axis_key, a.kvtuner_residual_length) == ("int2", 1, 32)
+    from kvtuner.sglang_glue import config_from_server_args
+
+    kf, vf = config_from_server_args(a).tensor_formats(0, 64)
+    assert (kf.per_channel, kf.group, vf.axis, vf.group) == (True, 32, 0, 32)
+    # R > G is fine without the radix cache
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32",
+                   "--page-size", "32", "--kvtuner-residual-length", "128", "--disable-radix-cache",
+                   "--max-running-requests", "8", "--attention-backend", "triton")
+    assert a.kvtuner_residual_length == 128
+
+
 def test_seed_kv4_maps_to_int4(model_dir):
     a = serve_args(model_dir, "--enable-kvtuner-quant", "--kvtuner-nbits-key", "4", "--kvtuner-nbits-value", "4",
                    "--attention-backend", "triton")
