@@ -3,8 +3,8 @@
 
 For K2V2, K4V4 and K4V2 (asymmetric, value group 64): the per-token packed decode
 (``ops.decode_attention``, its fast path) against the per-channel decode
-(``ops.kivi_decode_attention``: fast path, general kernel, with and without the low-order
-query dot), each at its best KV-split count, at batch 64 x context 8k (32/8 heads,
+(``ops.kivi_decode_attention``: fast path with and without the low-order query dot
+``split_q``, general kernel, tile and warp variants), each at its best KV-split count, at batch 64 x context 8k (32/8 heads,
 head_dim 128) by default; pages of G = 64 tokens, residual R = 64 and 128, pages shuffled
 over the pool as SGLang hands them out.  Each configuration is first checked against the
 float32 reference on a small shape.  Target: per-channel within 10% of per-token.
@@ -79,7 +79,7 @@ def check(kb, vb, device):
     ref = R.decode_attention_kivi_ref(q, kc.data, kc.meta, kc.fmt, ring, r, vc.data, vc.meta, vc.fmt, indptr, idx,
                                       req, d**-0.5)
     out = {}
-    for name, kw in {"packed": {}, "general": dict(packed_path=False), "packed_nosplit": dict(split_q=False)}.items():
+    for name, kw in {"packed": {}, "general": dict(packed_path=False), "packed_split": dict(split_q=True)}.items():
         o = torch.empty(batch, hq, d, dtype=torch.float32, device=device)
         lg = torch.empty(batch, hq, 8, d, dtype=torch.float32, device=device)
         lse = torch.empty(batch, hq, 8, dtype=torch.float32, device=device)
@@ -133,9 +133,9 @@ def main() -> int:
         torch.cuda.empty_cache()
         for r in (int(x) for x in args.residuals.split(",")):
             kc, vc, ring, idx, indptr, req = kivi_pool(batch, ctx, hkv, d, kb, vb, g, r, device)
-            variants = {"packed": {}, "packed_nosplit": dict(split_q=False), "general": dict(packed_path=False),
+            variants = {"packed": {}, "packed_split": dict(split_q=True), "general": dict(packed_path=False),
                         "packed_n32": dict(block_n=32), "packed_w8": dict(num_warps=8),
-                        "packed_nosplit_n32": dict(split_q=False, block_n=32)}
+                        "packed_split_n32": dict(split_q=True, block_n=32)}
             for name, kw in variants.items():
                 row[f"kivi_r{r}_{name}"] = {n: bench(lambda n=n, kw=kw: kivi_decode_attention(
                     q, kc, ring, vc, o, indptr, idx, req, r, lg, lse, nsp[n], ms, sm, **kw)) for n in splits}

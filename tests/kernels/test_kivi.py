@@ -163,8 +163,12 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
     torch.testing.assert_close(out[:n_tot], ref, atol=1e-5, rtol=1e-5)
     assert torch.isnan(out[n_tot:]).all()
     # decode
-    for window, cap, splits, path in ((-1, 0.0, [1, 3, 2, 4], None), (g + 5, 20.0, [2, 2, 1, 3], None),
-                                      (-1, 0.0, [2, 1, 4, 3], False)):
+    # default (fast path, query * scale rounded once to float16), the exact split (hi + lo) and
+    # the general kernel; the float16 query rounding costs ~1e-3 relative in the logits, far
+    # below any key quantization step, and is checked at a looser absolute tolerance
+    for window, cap, splits, path, split_q, atol in ((-1, 0.0, [1, 3, 2, 4], None, False, 4e-2),
+                                                      (g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2),
+                                                      (-1, 0.0, [2, 1, 4, 3], False, True, 1e-2)):
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
         ms = 4
@@ -173,11 +177,11 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         ns = torch.tensor(splits, dtype=torch.int32, device=device)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
-                              logit_cap=cap, sliding_window=window, packed_path=path)
+                              logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                           pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
                                           sliding_window=window)
-        assert_close(o, ref)
+        assert_close(o, ref, atol=atol)
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[1], CFGS[2], CFGS[3], CFGS[5]])
@@ -265,9 +269,9 @@ def test_kivi_padding_page_skipped(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", [None, False])
+@pytest.mark.parametrize("path,split_q,atol", [(None, False, 4e-2), (None, True, 1e-2), (False, True, 1e-2)])
 @pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 16, False)])
-def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path):
+def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol):
     gen = torch.Generator().manual_seed(kbits + vbits)
     g, d, hkv, hq = 64, 128, 8, 32
     pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096)
@@ -284,7 +288,7 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path):
     lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
     ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
     kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5,
-                          packed_path=path)
+                          packed_path=path, split_q=split_q)
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                       pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
-    assert_close(o, ref)
+    assert_close(o, ref, atol=atol)

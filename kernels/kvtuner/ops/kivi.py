@@ -261,7 +261,8 @@ def _scores_pc(q, Kd, Km, loc, page, kv_head, mask_ld, offs_dk, stride_kd_s, str
 
     ``q * s`` is rounded to float16 for the tensor cores; with SPLIT_Q the rounding error
     goes into a second float16 operand and a second dot (``hi + lo`` carries ~22 bits), so
-    scores are as accurate as the per-token kernels' (which scale after the dot)."""
+    scores are as accurate as the per-token kernels' (which scale after the dot).  Decode
+    defaults to one dot, extend to the split."""
     P: tl.constexpr = D * BITS // 8
     offs_p = tl.arange(0, P)
     raw = tl.load(Kd + (loc * stride_kd_s + kv_head * stride_kd_h)[None, :] + offs_p[:, None],
@@ -599,13 +600,17 @@ def kivi_decode_attention(
     block_n: int = 0,
     num_warps: int = 4,
     num_stages: int = 2,
-    split_q: bool = True,
+    split_q: bool = False,
     packed_path: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
-    ``split_q=False`` drops the second (low-order) query dot of the quantized tiles.  With
-    packed values the chunked fast path runs (``packed_path=False``: the general kernel)."""
+
+    ``query * scale`` of the quantized tiles is rounded once to float16 (~1e-3 relative in
+    the logits, far below a key quantization step); ``split_q=True`` adds the low-order
+    part as a second dot (as accurate as the per-token kernels, but on sm_90 it costs ~60
+    registers per thread in the fast path: 189 -> 128 with it off, ``ci/kivi_aot.py``).
+    With packed values the chunked fast path runs (``packed_path=False``: the general kernel)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
