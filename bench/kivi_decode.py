@@ -135,7 +135,8 @@ def main() -> int:
             kc, vc, ring, idx, indptr, req = kivi_pool(batch, ctx, hkv, d, kb, vb, g, r, device)
             variants = {"packed": {}, "packed_split": dict(split_q=True), "general": dict(packed_path=False),
                         "packed_n32": dict(block_n=32), "packed_w8": dict(num_warps=8),
-                        "packed_split_n32": dict(split_q=True, block_n=32)}
+                        "packed_split_n32": dict(split_q=True, block_n=32), "packed_r128": dict(maxnreg=128),
+                        "packed_r168": dict(maxnreg=168)}
             for name, kw in variants.items():
                 row[f"kivi_r{r}_{name}"] = {n: bench(lambda n=n, kw=kw: kivi_decode_attention(
                     q, kc, ring, vc, o, indptr, idx, req, r, lg, lse, nsp[n], ms, sm, **kw)) for n in splits}

@@ -64,10 +64,11 @@ def compile_one(fn, cons: dict, over: dict | None = None, warps: int = 4) -> str
 def cases():
     qmin = lambda b: float(-(1 << (b - 1)))  # noqa: E731
     dec = dict(KV_GROUP=4, HQ=32, BLOCK_H=16, BLOCK_N=64, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1, R=64,
-               K_D=128, K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=True)
+               K_D=128, K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=False)
     for kb, vb, asym in ((2, 2, True), (4, 4, False), (4, 2, True), (8, 4, False)):
         c = dict(dec, K_BITS=kb, K_ASYM=asym, K_QMIN=qmin(kb), V_BITS=vb, V_ASYM=asym, V_QMIN=qmin(vb))
         yield f"decode packed K{kb}V{vb}", K._kivi_decode_stage1_packed, c, None
+        yield f"decode packed split K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, SPLIT_Q=True), None
         yield f"decode general K{kb}V{vb}", K._kivi_decode_stage1, c, None
     yield ("decode general K4V16", K._kivi_decode_stage1,
            dict(dec, K_BITS=4, K_ASYM=True, K_QMIN=-8.0, V_BITS=16, V_ASYM=False, V_QMIN=0.0, V_G=128), {"Vd": "*bf16"})

@@ -375,13 +375,20 @@ def _kivi_decode_stage1(
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
                       DOT_F32, q.dtype)
-        # ---- the residual window, full precision from the ring
+        # ---- the residual window, full precision from the ring (32 channels per dot: small staging)
+        RC: tl.constexpr = 32 if K_D >= 32 else K_D
+        offs_rc = tl.arange(0, RC)
+        qr = ()
+        for c in tl.static_range(K_D // RC):
+            qr = qr + (tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + c * RC + offs_rc[None, :],
+                               mask=mask_h[:, None], other=0.0),)
         for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
             pos = p + offs_b
             mask_ld = pos < s1
             mask_n = mask_ld & (pos >= w0)
             loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
-            qk = _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stride_kr_h, R, DOT_F32)
+            qk = _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, stride_kr_h, R, RC,
+                                      K_D // RC, DOT_F32)
             pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
@@ -602,6 +609,7 @@ def kivi_decode_attention(
     num_stages: int = 2,
     split_q: bool = False,
     packed_path: bool | None = None,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -648,7 +656,7 @@ def kivi_decode_attention(
         LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
         K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
         **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
     )
     _decode_stage2[(bsz, hq)](
         attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
