@@ -159,6 +159,27 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
             "first_divergence": first, "exact_prompts": sum(o == r for o, r in zip(outs, ref))}
 
 
+def teacher_forced_top1(server: Server, windows: list[list[int]], prefix: int) -> list[list]:
+    """Top-1 next-token ids at positions ``prefix..`` of fixed token windows, with the first
+    ``prefix`` tokens served from the radix cache (so the scored positions read the stored,
+    quantized KV) and no generated token fed back: unlike free-running greedy output, one
+    near-tie does not change everything after it."""
+    tops = []
+    for w in windows:
+        server.generate(w[:prefix], 1)  # puts the prefix into the radix cache
+        r = e2e_server.http(server.url + "/generate", {
+            "input_ids": w, "return_logprob": True, "logprob_start_len": prefix, "top_logprobs_num": 1,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
+        tops.append([t[0][1] if t else None for t in r["meta_info"]["input_top_logprobs"]])
+    return tops
+
+
+def top1_agreement(tops: list[list], ref: list[list]) -> dict:
+    pairs = [(a, b) for t, r in zip(tops, ref) for a, b in zip(t, r) if a is not None and b is not None]
+    same = sum(a == b for a, b in pairs)
+    return {"agreement": same / len(pairs) if pairs else None, "same": same, "positions": len(pairs)}
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -207,9 +228,12 @@ def derive(results: dict) -> None:
         base = results.get(f"{layout}/bf16", {}).get("max_total_num_tokens")
         if base and r.get("max_total_num_tokens") and dtype != "bf16":
             r["capacity_vs_bf16"] = r["max_total_num_tokens"] / base
-        ref = results.get(f"single/{dtype}", {}).get("outputs")
+        single = results.get(f"single/{dtype}", {})
+        ref = single.get("outputs")
         if layout != "single" and ref and r.get("outputs"):
             r["vs_single"] = agreement(r["outputs"], ref)
+        if layout != "single" and single.get("tf_top1") and r.get("tf_top1"):
+            r["tf_vs_single"] = top1_agreement(r["tf_top1"], single["tf_top1"])
 
 
 # --- GPU work --------------------------------------------------------------------------------------
@@ -252,6 +276,16 @@ class Follower:
         self.fh.close()
 
 
+def tf_windows_for(n_vocab: int, tok, n: int = 4, length: int = 256) -> list[list[int]]:
+    """Fixed windows for teacher-forced top-1: held-out English when there is a tokenizer."""
+    if tok is not None:
+        ids = tok((HERE / "data" / "heldout_en.txt").read_text())["input_ids"]
+        if len(ids) >= n * length:
+            return [ids[i * length:(i + 1) * length] for i in range(n)]
+    rng = random.Random(3)
+    return [[rng.randrange(100, n_vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
 def prompts_for(model: str, n_vocab: int, tok) -> list[list[int]]:
     if tok is not None:
         return [tok(p)["input_ids"] for p in PROMPTS]
@@ -267,6 +301,7 @@ def run_one(server: Server, res: dict, prompts, vocab: int, a) -> None:
             raise RuntimeError(f"asked {a.gen_len} tokens, got {len(o)}")
         outs.append(o)
     res["outputs"] = outs
+    res["tf_top1"] = teacher_forced_top1(server, a.tf_windows, a.tf_prefix)
     rng = random.Random(2)
 
     def prompt(n):
@@ -490,6 +525,7 @@ def main(argv=None) -> int:
 
         tok = AutoTokenizer.from_pretrained(a.model)
     prompts = prompts_for(a.model, vocab, tok)
+    a.tf_windows, a.tf_prefix = tf_windows_for(vocab, tok), 128
 
     Path(a.logs).mkdir(parents=True, exist_ok=True)
     out_path = Path(a.out)
@@ -551,7 +587,7 @@ def main(argv=None) -> int:
         merged = merge(existing, inv, {key: res})
         out_path.write_text(json.dumps(merged, indent=1))
         r = merged["results"][key]
-        print(f"[{key}] ok={r.get('ok')} cap={r.get('max_total_num_tokens')} "
+        print(f"[{key}] ok={r.get('ok')} cap={r.get('max_total_num_tokens')} tf={r.get('tf_vs_single', {}).get('agreement')} "
               f"ranks={[(x['pp'], x['tp'], x.get('max_total_num_tokens') or x.get('allocated_tokens')) for x in r.get('per_rank', [])]} "
               f"vs_bf16={r.get('capacity_vs_bf16')} vs_single={r.get('vs_single', {}).get('agreement')} "
               f"{r.get('skipped', '')}{r.get('error', '')[:300]}", flush=True)

@@ -9,7 +9,7 @@ zero ``o_proj`` columns, and no existing head changes its KV head (query head ``
 KV head ``h // group``, the same before and after).  Greedy outputs of TP=2 can then be
 compared with one GPU on real weights; capacities count 4 KV heads, not 3.
 
-    python bench/pad_heads.py --model /tmp/model --out /tmp/model-tp --multiple 2
+    python bench/pad_heads.py --model /tmp/model --out /tmp/model-tp --multiple 2 --untie
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def pad_state(state: dict, n_layers: int, head_dim: int, n_q: int, n_kv: int, ne
     return out
 
 
-def pad_model(src: Path, out: Path, multiple: int) -> dict:
+def pad_model(src: Path, out: Path, multiple: int, untie: bool = False) -> dict:
     from safetensors.torch import load_file, save_file
 
     cfg = json.loads((src / "config.json").read_text())
@@ -70,9 +70,14 @@ def pad_model(src: Path, out: Path, multiple: int) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    tied = untie and cfg.get("tie_word_embeddings", False)
     for f in files:
         state = pad_state(load_file(str(f)), cfg["num_hidden_layers"], head_dim, n_q, n_kv, new_q, new_kv)
+        if tied and "model.embed_tokens.weight" in state and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / f.name), metadata={"format": "pt"})
+    if tied:
+        cfg["tie_word_embeddings"] = False
     cfg.update(num_attention_heads=new_q, num_key_value_heads=new_kv, head_dim=head_dim,
                kvtuner_padded_from={"num_attention_heads": n_q, "num_key_value_heads": n_kv})
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -86,8 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="HF Llama directory (safetensors)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--multiple", type=int, default=2, help="KV heads are padded to a multiple of this (the TP size)")
+    ap.add_argument("--untie", action="store_true",
+                    help="give lm_head its own copy of the tied embedding (SGLang 0.5.17's PP=2 fails on tied "
+                         "embeddings: the last stage's lm_head is a PPMissingLayer)")
     a = ap.parse_args(argv)
-    info = pad_model(Path(a.model), Path(a.out), a.multiple)
+    info = pad_model(Path(a.model), Path(a.out), a.multiple, a.untie)
     print(f"pad_heads: {a.out}: heads {info['from']} -> {info['to']} (head_dim {info['head_dim']})", file=sys.stderr)
     return 0
 

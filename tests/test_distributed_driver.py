@@ -218,3 +218,14 @@ def test_merge_part_keeps_both_runs():
     assert [i["id"] for i in m["invocations"]] == ["a", "b"]
     assert set(m["results"]) == {"single/int8", "tp2/int8"}
     assert m["results"]["tp2/int8"]["vs_single"]["same_tokens"] == 2
+
+
+def test_teacher_forced_agreement():
+    ref = [[None, 5, 6, 7], [None, 1]]
+    assert D.top1_agreement([[None, 5, 9, 7], [None, 1]], ref) == {"agreement": 0.75, "same": 3, "positions": 4}
+    assert D.top1_agreement([], ref)["agreement"] is None
+    w = D.tf_windows_for(1000, None)
+    assert len(w) == 4 and all(len(x) == 256 for x in w) and w == D.tf_windows_for(1000, None)
+    res = {"single/int8": {"tf_top1": ref}, "pp2/int8": {"tf_top1": ref}}
+    D.derive(res)
+    assert res["pp2/int8"]["tf_vs_single"]["agreement"] == 1.0

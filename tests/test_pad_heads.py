@@ -55,3 +55,23 @@ def test_shape_mismatch_is_refused():
              "model.layers.0.self_attn.o_proj.weight": torch.zeros(8, 8 * 4)}
     with pytest.raises(ValueError, match="q_proj"):
         P.pad_state(state, 1, 4, 9, 3, 12, 4)
+
+
+def test_untie_keeps_logits(tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(2)
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    P.pad_model(tmp_path / "m", tmp_path / "u", 2, untie=True)
+    c = json.loads((tmp_path / "u" / "config.json").read_text())
+    assert c["tie_word_embeddings"] is False and (c["num_attention_heads"], c["num_key_value_heads"]) == (6, 2)
+    from safetensors.torch import load_file
+
+    state = load_file(str(next((tmp_path / "u").glob("*.safetensors"))))
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    padded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "u", dtype=torch.float32).eval()
+    ids = torch.randint(0, 61, (1, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(padded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
