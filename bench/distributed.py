@@ -385,7 +385,8 @@ def free_block(pool: list[int], busy: set, n: int) -> list[int] | None:
 
 def schedule(jobs: list[tuple[str, str]], pool: list[int], start, poll, deadline: float | None = None,
              now=time.time, sleep=time.sleep) -> list[tuple[str, str]]:
-    """Start jobs in order on free GPU blocks (a later, smaller job may fill a gap); ``start(job,
+    """Start jobs strictly in order, each on the first free GPU block of its size (no job jumps
+    the queue, so a four-GPU job is not starved by smaller ones behind it); ``start(job,
     block)`` returns a handle, ``poll(handle)`` is true once it has ended.  Past ``deadline``
     (seconds from now) nothing new starts; returns the jobs that never started."""
     t0 = now()
@@ -395,20 +396,24 @@ def schedule(jobs: list[tuple[str, str]], pool: list[int], start, poll, deadline
             if not running:
                 break
         else:
-            for job in list(pending):
-                block = free_block(pool, busy, gpus_needed(job[0]))
-                if block is not None:
-                    pending.remove(job)
-                    running.append((start(job, block), block))
-                    busy.update(block)
+            while pending and gpus_needed(pending[0][0]) <= len(pool):
+                block = free_block(pool, busy, gpus_needed(pending[0][0]))
+                if block is None:
+                    break
+                job = pending.pop(0)
+                running.append((start(job, block), block))
+                busy.update(block)
         for item in list(running):
             if poll(item[0]):
                 running.remove(item)
                 busy.difference_update(item[1])
         if running:
             sleep(1)
-        elif pending and all(gpus_needed(j[0]) > len(pool) for j in pending):
-            break
+        elif pending:
+            if gpus_needed(pending[0][0]) > len(pool):
+                break
+            if free_block(pool, busy, gpus_needed(pending[0][0])) is None:
+                break
     return pending
 
 

@@ -19,7 +19,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 EXTRA="--cuda-graph-max-bs 8 --mem-fraction-static 0.8"
 FIVE=bf16+int8+int4+K8V4+mixed
 cleanup() { pkill -f bench/distributed.py; pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
-budget() { local left=$(( ${1} - SECONDS )); echo $(( left > 0 ? left : 0 )); }
+budget() { local left=$(( ${1} - SECONDS )); echo $(( left > 1 ? left : 1 )); }
 
 case $step in embedded|qwen|both) cleanup ;; esac
 case $step in
