@@ -33,3 +33,19 @@ def test_merge_order_later_run_wins(tmp_path):
     assert [i["id"] for i in merged["invocations"]] == ["a", "b"]
     four = C.load_merged(sorted(tmp_path.glob("dist_embedded_*.json")), ("single",) + C.FOUR)
     assert four["results"]["tp2pp2/int8"]["vs_single"]["same_tokens"] == 2
+
+
+def test_readme_tables_quote_the_committed_files():
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Measured (4x H200"):text.index("Not run yet (device time ran out)")]
+    dist = json.loads((RESULTS / "distributed.json").read_text())
+    four = json.loads((RESULTS / "four_gpu.json").read_text())
+    rows = dist["summary"] + four["qwen2.5-7b_dummy"]["summary"] + four["smollm2_padded"]["summary"]
+    caps = {r["capacity_tokens"] for r in rows}
+    quoted = {int(x.replace(",", "")) for x in re.findall(r"\b\d{1,3}(?:,\d{3}){2}\b", section)}
+    assert quoted and quoted <= caps, quoted - caps
+    tok_s = {v for r in rows for v in r["tok_s_by_concurrency"].values()}
+    for x in re.findall(r"\| ([\d,]+) \|\n", section):  # last column: tok/s with 8 clients
+        assert int(x.replace(",", "")) in tok_s, x
