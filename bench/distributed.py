@@ -6,6 +6,9 @@
     # 4 GPUs (issue 11)
     python bench/distributed.py --model bench/configs/qwen2.5-7b --extra "--load-format dummy" \
         --layouts tp2pp2,tp2pp2_2node --dtypes bf16,int8,int4,K8V4,mixed --out bench/results/four_gpu.json
+    # several layouts side by side on disjoint GPUs of one host, stopping new starts after 500 s
+    python bench/distributed.py --model /tmp/model-tp --gpu-pool 0,1,2,3 --deadline 500 \
+        --jobs "tp2:bf16+int8,pp2:bf16+int8,single:int8" --out bench/results/distributed.json
 
 Per layout and KV dtype: capacity (``max_total_num_tokens`` from /server_info, and per stage
 and rank from the server log: SGLang's ``[.. PPi TPj] max_total_num_tokens=`` and
@@ -13,7 +16,9 @@ and rank from the server log: SGLang's ``[.. PPi TPj] max_total_num_tokens=`` an
 layers), greedy outputs of 8 prompts x 32 tokens compared with the ``single`` layout of the
 same dtype, time to first token of a lone long prompt, and a concurrency table (1, 2, 4, 8
 clients; fixed prompt and output lengths with ignore_eos; tokens actually returned are
-counted).  A two-node layout is two ``sglang.launch_server`` processes on this host with
+counted).  ``--gpu-pool`` runs the jobs (``layout:dtype+dtype,...``) side by side, each in a
+child process on its own aligned block of GPUs (``--first-gpu``), and merges their files.  A
+two-node layout is two ``sglang.launch_server`` processes on this host with
 ``--nnodes 2 --node-rank 0/1 --dist-init-addr 127.0.0.1:PORT``, each seeing its own GPUs
 through ``CUDA_VISIBLE_DEVICES`` (so ``--base-gpu-id`` stays 0).  The JSON file is
 rewritten after every layout x dtype and merged with what it already holds.
@@ -57,7 +62,7 @@ DTYPES = EMBEDDED  # bf16, int8, int8_asym, int4, int2, K8V4, mixed ({preset})
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 CONCURRENCY = (1, 2, 4, 8)
 DEFAULT_PRESETS = {
-    28: ROOT.parent / "shared" / "kvtuner-presets" / "Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml",
+    28: HERE / "presets" / "qwen2.5-7b-mixed.yaml",
     30: HERE / "presets" / "smollm2-mixed.yaml",
 }
 
@@ -154,6 +159,27 @@ def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
             "first_divergence": first, "exact_prompts": sum(o == r for o, r in zip(outs, ref))}
 
 
+def teacher_forced_top1(server: Server, windows: list[list[int]], prefix: int) -> list[list]:
+    """Top-1 next-token ids at positions ``prefix..`` of fixed token windows, with the first
+    ``prefix`` tokens served from the radix cache (so the scored positions read the stored,
+    quantized KV) and no generated token fed back: unlike free-running greedy output, one
+    near-tie does not change everything after it."""
+    tops = []
+    for w in windows:
+        server.generate(w[:prefix], 1)  # puts the prefix into the radix cache
+        r = e2e_server.http(server.url + "/generate", {
+            "input_ids": w, "return_logprob": True, "logprob_start_len": prefix, "top_logprobs_num": 1,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
+        tops.append([t[0][1] if t else None for t in r["meta_info"]["input_top_logprobs"]])
+    return tops
+
+
+def top1_agreement(tops: list[list], ref: list[list]) -> dict:
+    pairs = [(a, b) for t, r in zip(tops, ref) for a, b in zip(t, r) if a is not None and b is not None]
+    same = sum(a == b for a, b in pairs)
+    return {"agreement": same / len(pairs) if pairs else None, "same": same, "positions": len(pairs)}
+
+
 def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -186,6 +212,15 @@ def merge(existing: dict | None, invocation: dict, results: dict) -> dict:
     return out
 
 
+def merge_part(existing: dict | None, part: dict) -> dict:
+    """Another run's whole file (its invocations and results) merged into ``existing``."""
+    out = merge(existing, {"id": None}, part.get("results", {}))
+    out["invocations"] = [i for i in out["invocations"] if i.get("id") is not None]
+    for inv in part.get("invocations", []):
+        out = merge(out, inv, {})
+    return out
+
+
 def derive(results: dict) -> None:
     """Capacity vs bf16 of the same layout, and greedy agreement vs the single layout's same dtype."""
     for key, r in results.items():
@@ -193,9 +228,12 @@ def derive(results: dict) -> None:
         base = results.get(f"{layout}/bf16", {}).get("max_total_num_tokens")
         if base and r.get("max_total_num_tokens") and dtype != "bf16":
             r["capacity_vs_bf16"] = r["max_total_num_tokens"] / base
-        ref = results.get(f"single/{dtype}", {}).get("outputs")
+        single = results.get(f"single/{dtype}", {})
+        ref = single.get("outputs")
         if layout != "single" and ref and r.get("outputs"):
             r["vs_single"] = agreement(r["outputs"], ref)
+        if layout != "single" and single.get("tf_top1") and r.get("tf_top1"):
+            r["tf_vs_single"] = top1_agreement(r["tf_top1"], single["tf_top1"])
 
 
 # --- GPU work --------------------------------------------------------------------------------------
@@ -238,6 +276,16 @@ class Follower:
         self.fh.close()
 
 
+def tf_windows_for(n_vocab: int, tok, n: int = 4, length: int = 256) -> list[list[int]]:
+    """Fixed windows for teacher-forced top-1: held-out English when there is a tokenizer."""
+    if tok is not None:
+        ids = tok((HERE / "data" / "heldout_en.txt").read_text())["input_ids"]
+        if len(ids) >= n * length:
+            return [ids[i * length:(i + 1) * length] for i in range(n)]
+    rng = random.Random(3)
+    return [[rng.randrange(100, n_vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
 def prompts_for(model: str, n_vocab: int, tok) -> list[list[int]]:
     if tok is not None:
         return [tok(p)["input_ids"] for p in PROMPTS]
@@ -253,19 +301,24 @@ def run_one(server: Server, res: dict, prompts, vocab: int, a) -> None:
             raise RuntimeError(f"asked {a.gen_len} tokens, got {len(o)}")
         outs.append(o)
     res["outputs"] = outs
+    res["tf_top1"] = teacher_forced_top1(server, a.tf_windows, a.tf_prefix)
     rng = random.Random(2)
 
     def prompt(n):
         return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    ttft = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        last, stamps = server.generate(prompt(a.ttft_ctx), 4, stream=True)
-        if not stamps or len(output_ids(last)) != 4:
-            raise RuntimeError("TTFT request returned the wrong number of tokens")
-        ttft.append(stamps[0][0] - t0)
-    res["ttft"] = {"context": a.ttft_ctx, "runs_s": ttft, "median_s": sorted(ttft)[1]}
+    by_len = []
+    for n in a.ttft_lens:
+        ttft = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            last, stamps = server.generate(prompt(n), 4, stream=True)
+            if not stamps or len(output_ids(last)) != 4:
+                raise RuntimeError("TTFT request returned the wrong number of tokens")
+            ttft.append(stamps[0][0] - t0)
+        by_len.append({"context": n, "runs_s": ttft, "median_s": sorted(ttft)[1]})
+    res["ttft_by_len"] = by_len
+    res["ttft"] = by_len[-1]  # the longest prompt
 
     table = []
     for c in CONCURRENCY:
@@ -305,6 +358,106 @@ def run_one(server: Server, res: dict, prompts, vocab: int, a) -> None:
     res["concurrency"] = table
 
 
+def parse_jobs(spec: str) -> list[tuple[str, str]]:
+    """``"tp2:bf16+int8,pp2:int8"`` -> [("tp2", "bf16"), ("tp2", "int8"), ("pp2", "int8")]."""
+    jobs = []
+    for part in filter(None, (x.strip() for x in spec.split(","))):
+        layout, sep, dtypes = part.partition(":")
+        if not sep or not dtypes:
+            raise ValueError(f"--jobs: {part!r} is not layout:dtype[+dtype...]")
+        if layout not in LAYOUTS:
+            raise ValueError(f"--jobs: unknown layout {layout} (known: {', '.join(LAYOUTS)})")
+        for d in dtypes.split("+"):
+            if d not in DTYPES:
+                raise ValueError(f"--jobs: unknown dtype {d} (known: {', '.join(DTYPES)})")
+            jobs.append((layout, d))
+    return jobs
+
+
+def free_block(pool: list[int], busy: set, n: int) -> list[int] | None:
+    """The first aligned run of ``n`` free GPUs of ``pool`` (pairs at 0-1, 2-3; fours at 0-3)."""
+    for i in range(0, len(pool) - n + 1, n):
+        block = pool[i:i + n]
+        if not busy.intersection(block):
+            return block
+    return None
+
+
+def schedule(jobs: list[tuple[str, str]], pool: list[int], start, poll, deadline: float | None = None,
+             now=time.time, sleep=time.sleep) -> list[tuple[str, str]]:
+    """Start jobs strictly in order, each on the first free GPU block of its size (no job jumps
+    the queue, so a four-GPU job is not starved by smaller ones behind it); ``start(job,
+    block)`` returns a handle, ``poll(handle)`` is true once it has ended.  Past ``deadline``
+    (seconds from now) nothing new starts; returns the jobs that never started."""
+    t0 = now()
+    pending, running, busy = list(jobs), [], set()
+    while pending or running:
+        if deadline is not None and now() - t0 > deadline:
+            if not running:
+                break
+        else:
+            while pending and gpus_needed(pending[0][0]) <= len(pool):
+                block = free_block(pool, busy, gpus_needed(pending[0][0]))
+                if block is None:
+                    break
+                job = pending.pop(0)
+                running.append((start(job, block), block))
+                busy.update(block)
+        for item in list(running):
+            if poll(item[0]):
+                running.remove(item)
+                busy.difference_update(item[1])
+        if running:
+            sleep(1)
+        elif pending:
+            if gpus_needed(pending[0][0]) > len(pool):
+                break
+            if free_block(pool, busy, gpus_needed(pending[0][0])) is None:
+                break
+    return pending
+
+
+def run_parallel(a, jobs: list[tuple[str, str]]) -> int:
+    """Each job in a child ``distributed.py`` on its own GPUs; results merged into ``--out``."""
+    pool = [int(x) for x in a.gpu_pool.split(",") if x.strip()]
+    out_path = Path(a.out)
+    tmp_dir = Path(a.logs) / "parts"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    counter = iter(range(10**6))
+
+    def start(job, block):
+        k = next(counter)
+        part = tmp_dir / f"{k:03d}_{job[0]}_{job[1]}.json"
+        part.unlink(missing_ok=True)
+        argv = [sys.executable, __file__, "--model", a.model, "--jobs", f"{job[0]}:{job[1]}", "--first-gpu",
+                str(block[0]), "--port", str(a.port + 300 * (k % 20)), "--out", str(part), "--logs", a.logs,
+                "--startup-timeout", str(a.startup_timeout), "--extra=" + a.extra]
+        if a.preset:
+            argv += ["--preset", a.preset]
+        if a.quick:
+            argv.append("--quick")
+        if a.rounds:
+            argv += ["--rounds", str(a.rounds)]
+        argv += ["--ttft-lens", ",".join(map(str, a.ttft_lens))]
+        print(f"[parallel] start {job[0]}/{job[1]} on GPUs {block}", flush=True)
+        return subprocess.Popen(argv), part
+
+    def poll(handle):
+        proc, part = handle
+        if proc.poll() is None:
+            return False
+        if part.exists():
+            existing = json.loads(out_path.read_text()) if out_path.exists() else None
+            out_path.write_text(json.dumps(merge_part(existing, json.loads(part.read_text())), indent=1))
+        return True
+
+    left = schedule(jobs, pool, start, poll, a.deadline)
+    if left:
+        print(f"[parallel] not started (deadline {a.deadline}s or too few GPUs): "
+              f"{', '.join(f'{l}/{d}' for l, d in left)}", flush=True)
+    return 0
+
+
 def environment() -> dict:
     env = {"id": f"{time.time():.0f}-{os.getpid()}", "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "git_sha": os.environ.get("GIT_SHA") or subprocess.run(
@@ -342,18 +495,32 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=32000)
     ap.add_argument("--startup-timeout", type=float, default=420)
     ap.add_argument("--logs", default="/tmp/dist-logs")
+    ap.add_argument("--jobs", help="layout:dtype[+dtype...],... instead of --layouts x --dtypes")
+    ap.add_argument("--first-gpu", type=int, default=0, help="the layout's GPUs start here")
+    ap.add_argument("--gpu-pool", help="GPU ids to run jobs side by side on (child processes)")
+    ap.add_argument("--deadline", type=float, help="start no job after this many seconds")
+    ap.add_argument("--rounds", type=int, help="requests per client in the concurrency table (default 4)")
+    ap.add_argument("--ttft-lens", help="prompt lengths of the TTFT table (default 10,50,100,500,1000,4096)")
     a = ap.parse_args(argv)
     a.gen_len = 32
-    a.prompt_len, a.out_len, a.rounds, a.ttft_ctx = (64, 16, 1, 512) if a.quick else (512, 128, 4, 4096)
+    rounds = a.rounds
+    a.prompt_len, a.out_len, a.rounds = (64, 16, 1) if a.quick else (512, 128, 4)
+    a.rounds = rounds or a.rounds
+    lens = a.ttft_lens or ("10,100,512" if a.quick else "10,50,100,500,1000,4096")
+    a.ttft_lens = [int(x) for x in lens.split(",") if x]
 
-    layouts = [x for x in a.layouts.split(",") if x]
-    dtypes = [x for x in a.dtypes.split(",") if x]
-    for x in layouts:
-        if x not in LAYOUTS:
-            ap.error(f"--layouts: unknown {x} (known: {', '.join(LAYOUTS)})")
-    for x in dtypes:
-        if x not in DTYPES:
-            ap.error(f"--dtypes: unknown {x} (known: {', '.join(DTYPES)})")
+    try:
+        if a.jobs:
+            jobs = parse_jobs(a.jobs)
+        else:
+            layouts = [x for x in a.layouts.split(",") if x]
+            dtypes = [x for x in a.dtypes.split(",") if x]
+            jobs = parse_jobs(",".join(f"{l}:{'+'.join(dtypes)}" for l in layouts))
+    except ValueError as e:
+        ap.error(str(e))
+    if a.gpu_pool:
+        Path(a.logs).mkdir(parents=True, exist_ok=True)
+        return run_parallel(a, jobs)
     cfg = json.load(open(Path(a.model) / "config.json"))
     vocab, n_layers = cfg["vocab_size"], cfg["num_hidden_layers"]
     preset = a.preset or str(DEFAULT_PRESETS.get(n_layers, ""))
@@ -363,13 +530,15 @@ def main(argv=None) -> int:
 
         tok = AutoTokenizer.from_pretrained(a.model)
     prompts = prompts_for(a.model, vocab, tok)
+    a.tf_windows, a.tf_prefix = tf_windows_for(vocab, tok), 128
 
     Path(a.logs).mkdir(parents=True, exist_ok=True)
     out_path = Path(a.out)
     inv = environment()
     inv.update(model=a.model, quick=a.quick, preset=preset, extra=a.extra,
+               first_gpu=a.first_gpu,
                workload={"greedy": f"{len(prompts)} prompts x {a.gen_len} tokens", "prompt_len": a.prompt_len,
-                         "out_len": a.out_len, "requests_per_client": a.rounds, "ttft_ctx": a.ttft_ctx},
+                         "out_len": a.out_len, "requests_per_client": a.rounds, "ttft_lens": a.ttft_lens},
                commands={})
     try:
         import torch
@@ -378,50 +547,55 @@ def main(argv=None) -> int:
     except Exception:
         have = 0
 
-    for layout in layouts:
-        for dtype in dtypes:
-            key = f"{layout}/{dtype}"
-            res: dict = {"layout": layout, "dtype": dtype, "tp_pp_nnodes": list(LAYOUTS[layout])}
-            t0 = time.time()
-            if gpus_needed(layout) > have:
-                res.update(ok=False, skipped=f"needs {gpus_needed(layout)} GPUs, {have} visible")
-            else:
-                flags = [f.format(preset=preset) for f in DTYPES[dtype]]
-                port = free_port(a.port)
-                procs = layout_procs(layout, flags, port, free_port(port + 100), free_port(port + 1), a.extra.split())
-                res["commands"] = [p.record(a.model) for p in procs]
-                inv["commands"][key] = res["commands"]
-                followers, server = [], None
-                logs = [Path(a.logs) / f"{layout}_{dtype}_node{p.node_rank}.log" for p in procs]
-                try:
-                    for p, log in zip(procs[1:], logs[1:]):
-                        followers.append(Follower(p, a.model, log))
-                    with patched_env(procs[0].env):
-                        server = Server(a.model, procs[0].flags, procs[0].port, logs[0], a.startup_timeout)
-                    res["startup_s"] = server.startup_s
-                    res["max_total_num_tokens"] = server.max_total_num_tokens
-                    run_one(server, res, prompts, vocab, a)
-                    res["ok"] = True
-                except Exception as e:
-                    res.update(ok=False, error=str(e)[-2000:])
-                finally:
-                    if server is not None:
-                        server.stop()
-                    for f in followers:
-                        f.stop()
-                    text = "".join(l.read_text(errors="replace") for l in logs if l.exists())
-                    res["per_rank"] = parse_rank_capacity(text)
-                    if not res.get("ok"):
-                        res["log_tail"] = text[-1500:]
-            res["elapsed_s"] = time.time() - t0
-            existing = json.loads(out_path.read_text()) if out_path.exists() else None
-            merged = merge(existing, inv, {key: res})
-            out_path.write_text(json.dumps(merged, indent=1))
-            r = merged["results"][key]
-            print(f"[{key}] ok={r.get('ok')} cap={r.get('max_total_num_tokens')} "
-                  f"ranks={[(x['pp'], x['tp'], x.get('max_total_num_tokens') or x.get('allocated_tokens')) for x in r.get('per_rank', [])]} "
-                  f"vs_bf16={r.get('capacity_vs_bf16')} vs_single={r.get('vs_single', {}).get('agreement')} "
-                  f"{r.get('skipped', '')}{r.get('error', '')[:300]}", flush=True)
+    t_start = time.time()
+    for layout, dtype in jobs:
+        if a.deadline is not None and time.time() - t_start > a.deadline:
+            print(f"[{layout}/{dtype}] not started: past --deadline {a.deadline}s", flush=True)
+            continue
+        key = f"{layout}/{dtype}"
+        res: dict = {"layout": layout, "dtype": dtype, "tp_pp_nnodes": list(LAYOUTS[layout])}
+        t0 = time.time()
+        if a.first_gpu + gpus_needed(layout) > have:
+            res.update(ok=False, skipped=f"needs GPUs {a.first_gpu}..{a.first_gpu + gpus_needed(layout) - 1}, "
+                                         f"{have} visible")
+        else:
+            flags = [f.format(preset=preset) for f in DTYPES[dtype]]
+            port = free_port(a.port)
+            procs = layout_procs(layout, flags, port, free_port(port + 100), free_port(port + 1), a.extra.split(),
+                                 first_gpu=a.first_gpu)
+            res["commands"] = [p.record(a.model) for p in procs]
+            inv["commands"][key] = res["commands"]
+            followers, server = [], None
+            logs = [Path(a.logs) / f"{layout}_{dtype}_node{p.node_rank}.log" for p in procs]
+            try:
+                for p, log in zip(procs[1:], logs[1:]):
+                    followers.append(Follower(p, a.model, log))
+                with patched_env(procs[0].env):
+                    server = Server(a.model, procs[0].flags, procs[0].port, logs[0], a.startup_timeout)
+                res["startup_s"] = server.startup_s
+                res["max_total_num_tokens"] = server.max_total_num_tokens
+                run_one(server, res, prompts, vocab, a)
+                res["ok"] = True
+            except Exception as e:
+                res.update(ok=False, error=str(e)[-2000:])
+            finally:
+                if server is not None:
+                    server.stop()
+                for f in followers:
+                    f.stop()
+                text = "".join(l.read_text(errors="replace") for l in logs if l.exists())
+                res["per_rank"] = parse_rank_capacity(text)
+                if not res.get("ok"):
+                    res["log_tail"] = text[-1500:]
+        res["elapsed_s"] = time.time() - t0
+        existing = json.loads(out_path.read_text()) if out_path.exists() else None
+        merged = merge(existing, inv, {key: res})
+        out_path.write_text(json.dumps(merged, indent=1))
+        r = merged["results"][key]
+        print(f"[{key}] ok={r.get('ok')} cap={r.get('max_total_num_tokens')} tf={r.get('tf_vs_single', {}).get('agreement')} "
+              f"ranks={[(x['pp'], x['tp'], x.get('max_total_num_tokens') or x.get('allocated_tokens')) for x in r.get('per_rank', [])]} "
+              f"vs_bf16={r.get('capacity_vs_bf16')} vs_single={r.get('vs_single', {}).get('agreement')} "
+              f"{r.get('skipped', '')}{r.get('error', '')[:300]}", flush=True)
     return 0
 
 

@@ -133,7 +133,99 @@ def test_main_without_gpus_records_skips(tmp_path, monkeypatch):
     assert set(data["results"]) == {"tp2/int8", "tp2/mixed", "tp2pp2_2node/int8", "tp2pp2_2node/mixed"}
     assert all("needs" in r["skipped"] for r in data["results"].values())
     inv = data["invocations"][-1]
-    assert inv["git_sha"] == "deadbeef" and inv["preset"].endswith("Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml")
+    assert inv["git_sha"] == "deadbeef" and inv["preset"].endswith("bench/presets/qwen2.5-7b-mixed.yaml")  # travels with the repo
     assert inv["child_env"] == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
     with pytest.raises(SystemExit):
         D.main([*args[:4], "tp3"])
+
+
+def test_parse_jobs():
+    assert D.parse_jobs("tp2:bf16+int8, pp2:mixed") == [("tp2", "bf16"), ("tp2", "int8"), ("pp2", "mixed")]
+    for bad, msg in (("tp3:int8", "unknown layout"), ("tp2:int3", "unknown dtype"), ("tp2", "layout:dtype")):
+        with pytest.raises(ValueError, match=msg):
+            D.parse_jobs(bad)
+
+
+def test_first_gpu_offsets_every_node():
+    (p,) = D.layout_procs("tp2", INT8, 1, 2, 3, first_gpu=2)
+    assert p.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    procs = D.layout_procs("pp2_2node", INT8, 1, 2, 3, first_gpu=2)
+    assert [p.env["CUDA_VISIBLE_DEVICES"] for p in procs] == ["2", "3"]
+
+
+def test_free_block_is_aligned():
+    pool = [0, 1, 2, 3]
+    assert D.free_block(pool, set(), 2) == [0, 1]
+    assert D.free_block(pool, {1}, 2) == [2, 3]
+    assert D.free_block(pool, {1, 2}, 2) is None  # 2-3 would straddle; only aligned pairs
+    assert D.free_block(pool, {0, 3}, 1) == [1]
+    assert D.free_block(pool, {3}, 4) is None and D.free_block(pool, set(), 4) == pool
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+def run_schedule(jobs, pool, durations, deadline=None):
+    clock, log, live = FakeClock(), [], {}
+
+    def start(job, block):
+        log.append((clock.t, job, tuple(block)))
+        live[job] = clock.t + durations[job[0]]
+        return job
+
+    def poll(job):
+        return clock.t >= live[job]
+
+    left = D.schedule(jobs, pool, start, poll, deadline, now=clock.now, sleep=clock.sleep)
+    return log, left, clock.t
+
+
+def test_schedule_runs_side_by_side_and_never_shares_a_gpu():
+    jobs = D.parse_jobs("tp2:bf16+int8,pp2:bf16+int8,single:int8+int4,tp2pp2:int8")
+    log, left, end = run_schedule(jobs, [0, 1, 2, 3], {"tp2": 10, "pp2": 10, "single": 5, "tp2pp2": 10})
+    assert left == [] and len(log) == len(jobs)
+    events = []
+    for t, job, block in log:
+        events.append((t, t + {"tp2": 10, "pp2": 10, "single": 5, "tp2pp2": 10}[job[0]], set(block)))
+    for i, (a0, a1, ga) in enumerate(events):  # overlapping jobs hold disjoint GPUs
+        for b0, b1, gb in events[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                assert not ga & gb
+    assert log[0][0] == log[1][0] == 0  # tp2 and the next tp2 start together on 0-1 and 2-3
+    assert end < sum(10 if j[0] != "single" else 5 for j in jobs)  # faster than one after another
+
+
+def test_schedule_deadline_and_oversized_jobs():
+    jobs = D.parse_jobs("tp2:bf16+int8+int4+K8V4")
+    log, left, _ = run_schedule(jobs, [0, 1], {"tp2": 10}, deadline=15)
+    assert [j for _, j, _ in log] == jobs[:2] and left == jobs[2:]
+    log, left, _ = run_schedule(D.parse_jobs("tp2pp2:int8"), [0, 1], {"tp2pp2": 1})
+    assert log == [] and left == [("tp2pp2", "int8")]
+
+
+def test_merge_part_keeps_both_runs():
+    a = D.merge(None, {"id": "a"}, {"single/int8": {"outputs": [[1, 2, 3]], "max_total_num_tokens": 10}})
+    b = D.merge(None, {"id": "b"}, {"tp2/int8": {"outputs": [[1, 2, 4]], "max_total_num_tokens": 20}})
+    m = D.merge_part(a, b)
+    assert [i["id"] for i in m["invocations"]] == ["a", "b"]
+    assert set(m["results"]) == {"single/int8", "tp2/int8"}
+    assert m["results"]["tp2/int8"]["vs_single"]["same_tokens"] == 2
+
+
+def test_teacher_forced_agreement():
+    ref = [[None, 5, 6, 7], [None, 1]]
+    assert D.top1_agreement([[None, 5, 9, 7], [None, 1]], ref) == {"agreement": 0.75, "same": 3, "positions": 4}
+    assert D.top1_agreement([], ref)["agreement"] is None
+    w = D.tf_windows_for(1000, None)
+    assert len(w) == 4 and all(len(x) == 256 for x in w) and w == D.tf_windows_for(1000, None)
+    res = {"single/int8": {"tf_top1": ref}, "pp2/int8": {"tf_top1": ref}}
+    D.derive(res)
+    assert res["pp2/int8"]["tf_vs_single"]["agreement"] == 1.0
