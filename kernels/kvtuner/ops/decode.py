@@ -19,15 +19,12 @@ MIN_BLOCK_KV = 32
 
 
 @triton.jit
-def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr,
-                   MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, SLIDING_WINDOW: tl.constexpr):
-    """What a stage-1 program works on: request ``b``, KV ``split``, its KV head and query
-    ``heads`` (``mask_h``), and the token range ``[s0, s1)`` of the request's slot list
-    starting at ``start`` (after the sliding window)."""
+def _program_heads(KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A stage-1 program's request ``b``, KV ``split``, KV head, and the query ``heads`` of
+    that KV head it computes (``mask_h``: the valid ones)."""
     b = tl.program_id(0).to(tl.int64)
     hid = tl.program_id(1)
     split = tl.program_id(2)
-
     if BLOCK_H < KV_GROUP:
         VALID_H: tl.constexpr = BLOCK_H
     else:
@@ -36,7 +33,16 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
     offs_h = tl.arange(0, BLOCK_H)
     heads = hid * VALID_H + offs_h
     mask_h = (offs_h < VALID_H) & (heads < HQ)
+    return b, split, kv_head, heads, mask_h
 
+
+@triton.jit
+def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr,
+                   MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, SLIDING_WINDOW: tl.constexpr):
+    """What a stage-1 program works on: request ``b``, KV ``split``, its KV head and query
+    ``heads`` (``mask_h``), and the token range ``[s0, s1)`` of the request's slot list
+    starting at ``start`` (after the sliding window)."""
+    b, split, kv_head, heads, mask_h = _program_heads(KV_GROUP, HQ, BLOCK_H)
     start = tl.load(kv_indptr + b).to(tl.int64)
     seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
     if SLIDING_WINDOW > 0:

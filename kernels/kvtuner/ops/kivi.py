@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
-from kvtuner.ops.decode import _codes, _decode_stage2, _load_chunks, _load_meta, _softmax_step
+from kvtuner.ops.decode import _codes, _decode_stage2, _load_chunks, _load_meta, _program_heads, _softmax_step
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
 
@@ -315,6 +315,29 @@ def _pv(acc, p, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s, stride_vd_h
 
 
 @triton.jit
+def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                        SLIDING_WINDOW: tl.constexpr):
+    """What a per-channel stage-1 program works on: request ``b``, its KV head and query
+    ``heads`` (``mask_h``), the request's ``n`` slots from ``start``, the first visible
+    position ``w0`` (sliding window), and this split's positions ``[s0, s1)``.  Positions
+    stay absolute (a page's channel scales are found from them) and splits start at
+    multiples of BLOCK_N, so no tile straddles a page."""
+    b, split, kv_head, heads, mask_h = _program_heads(KV_GROUP, HQ, BLOCK_H)
+    start = tl.load(kv_indptr + b).to(tl.int64)
+    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+    w0 = n * 0
+    if SLIDING_WINDOW > 0:
+        w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
+    a0 = w0 // BLOCK_N * BLOCK_N
+    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
+    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
+    s0 = a0 + per_split * split
+    s1 = tl.minimum(s0 + per_split, n)
+    return b, split, kv_head, heads, mask_h, start, n, w0, s0, s1
+
+
+@triton.jit
 def _kivi_decode_stage1(
     Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
@@ -327,28 +350,8 @@ def _kivi_decode_stage1(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
     DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    hid = tl.program_id(1)
-    split = tl.program_id(2)
-    if BLOCK_H < KV_GROUP:
-        VALID_H: tl.constexpr = BLOCK_H
-    else:
-        VALID_H: tl.constexpr = KV_GROUP
-    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = hid * VALID_H + offs_h
-    mask_h = (offs_h < VALID_H) & (heads < HQ)
-
-    start = tl.load(kv_indptr + b).to(tl.int64)
-    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
-    w0 = n * 0
-    if SLIDING_WINDOW > 0:
-        w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
-    a0 = w0 // BLOCK_N * BLOCK_N  # tiles start at multiples of BLOCK_N (never straddle a page)
-    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
-    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
-    s0 = a0 + per_split * split
-    s1 = tl.minimum(s0 + per_split, n)
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
     nq = _kivi_nq(n, R, K_G)
 
     offs_dk = tl.arange(0, K_D)
@@ -500,28 +503,8 @@ def _kivi_decode_stage1_packed(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
     DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    hid = tl.program_id(1)
-    split = tl.program_id(2)
-    if BLOCK_H < KV_GROUP:
-        VALID_H: tl.constexpr = BLOCK_H
-    else:
-        VALID_H: tl.constexpr = KV_GROUP
-    kv_head = (hid // tl.cdiv(KV_GROUP, BLOCK_H)).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)
-    heads = hid * VALID_H + offs_h
-    mask_h = (offs_h < VALID_H) & (heads < HQ)
-
-    start = tl.load(kv_indptr + b).to(tl.int64)
-    n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
-    w0 = n * 0
-    if SLIDING_WINDOW > 0:
-        w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
-    a0 = w0 // BLOCK_N * BLOCK_N
-    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
-    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
-    s0 = a0 + per_split * split
-    s1 = tl.minimum(s0 + per_split, n)
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
     nq = _kivi_nq(n, R, K_G)
 
     KC: tl.constexpr = K_D * K_BITS // 8
