@@ -228,6 +228,22 @@ def decode_attention_ref(
     return out
 
 
+def _extend_one(q, kp, vp, k_new, v_new, sm_scale, logit_cap, is_causal, sliding_window):
+    """One request of extend attention: ``m`` new queries over its ``lp`` prefix keys/values
+    (already dequantized, float32) followed by its ``m`` new full-precision ones."""
+    lp, m = kp.shape[0], q.shape[0]
+    k = torch.cat([kp, k_new.float()], dim=0)
+    v = torch.cat([vp, v_new.float()], dim=0)
+    qpos = lp + torch.arange(m, device=q.device)
+    kpos = torch.arange(lp + m, device=q.device)
+    allowed = torch.ones(m, lp + m, dtype=torch.bool, device=q.device)
+    if is_causal:
+        allowed &= kpos[None, :] <= qpos[:, None]
+    if sliding_window > 0:
+        allowed &= (qpos[:, None] - kpos[None, :]) <= sliding_window
+    return _attend(q.float(), k, v, sm_scale, logit_cap, allowed)
+
+
 def extend_attention_ref(
     q_extend: torch.Tensor,
     k_extend: torch.Tensor,
@@ -265,19 +281,10 @@ def extend_attention_ref(
         if m == 0:
             continue
         idx = kv_indices[kvp[b] : kvp[b + 1]].long()
-        lp = idx.numel()
         kp = _gather(k_data, k_meta, kfmt, idx)
         vp = _gather(v_data, v_meta, vfmt, idx)
-        k = torch.cat([kp, k_extend[q0:q1].float()], dim=0)
-        v = torch.cat([vp, v_extend[q0:q1].float()], dim=0)
-        qpos = lp + torch.arange(m, device=q_extend.device)
-        kpos = torch.arange(lp + m, device=q_extend.device)
-        allowed = torch.ones(m, lp + m, dtype=torch.bool, device=q_extend.device)
-        if is_causal:
-            allowed &= kpos[None, :] <= qpos[:, None]
-        if sliding_window > 0:
-            allowed &= (qpos[:, None] - kpos[None, :]) <= sliding_window
-        out[q0:q1] = _attend(q_extend[q0:q1].float(), k, v, sm_scale, logit_cap, allowed)
+        out[q0:q1] = _extend_one(q_extend[q0:q1], kp, vp, k_extend[q0:q1], v_extend[q0:q1], sm_scale, logit_cap,
+                                 is_causal, sliding_window)
     return out
 
 
@@ -454,14 +461,6 @@ def extend_attention_kivi_ref(q_extend, k_extend, v_extend, k_data, k_meta, kfmt
             pos = torch.arange(nq, lp, device=q_extend.device)
             kp[nq:] = k_resid[int(req_idx[b]) * r + pos % r].float()
         vp = _gather(v_data, v_meta, vfmt, idx)
-        k = torch.cat([kp, k_extend[q0:q1].float()], dim=0)
-        v = torch.cat([vp, v_extend[q0:q1].float()], dim=0)
-        qpos = lp + torch.arange(m, device=q_extend.device)
-        kpos = torch.arange(lp + m, device=q_extend.device)
-        allowed = torch.ones(m, lp + m, dtype=torch.bool, device=q_extend.device)
-        if is_causal:
-            allowed &= kpos[None, :] <= qpos[:, None]
-        if sliding_window > 0:
-            allowed &= (qpos[:, None] - kpos[None, :]) <= sliding_window
-        out[q0:q1] = _attend(q_extend[q0:q1].float(), k, v, sm_scale, logit_cap, allowed)
+        out[q0:q1] = _extend_one(q_extend[q0:q1], kp, vp, k_extend[q0:q1], v_extend[q0:q1], sm_scale, logit_cap,
+                                 is_causal, sliding_window)
     return out
