@@ -282,6 +282,33 @@ def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
 
 
 @triton.jit
+def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
+                      V_ASYM: tl.constexpr, V_QMIN: tl.constexpr):
+    """The value side of one tile on the chunked path: each output chunk's accumulator is
+    rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the codes of its chunk, plus
+    the correction for the code offset (from the same rounded probabilities).  ``v_raw`` and
+    ``v_mt`` are the tile's loaded byte chunks and meta (see ``_load_chunks``/``_load_meta``)."""
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VCPG: tl.constexpr = V_G // VC
+    VNG: tl.constexpr = V_D // V_G
+    new_accs = ()
+    for k in tl.static_range(VNF * VNC):
+        # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
+        ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
+        psum = tl.sum(ps.to(tl.float32), 1)
+        if V_ASYM:
+            corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
+        else:
+            corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
+        a = accs[k] * re_scale[:, None] + corr[:, None]
+        new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
+    return new_accs
+
+
+@triton.jit
 def _decode_stage1_packed(
     Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh,
@@ -389,18 +416,7 @@ def _decode_stage1_packed(
                 qk += t
             p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
-            new_accs = ()
-            for k in tl.static_range(VNF * VNC):
-                # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
-                ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
-                psum = tl.sum(ps.to(tl.float32), 1)
-                if V_ASYM:
-                    corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
-                else:
-                    corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
-                a = accs[k] * re_scale[:, None] + corr[:, None]
-                new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
-            accs = new_accs
+            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
             if PREFETCH:
                 k_raw = k_raw_x
                 k_mt = k_mt_x

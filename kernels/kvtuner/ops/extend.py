@@ -34,6 +34,22 @@ def _online_update(qk, v, acc, e_max, e_sum, DOT_F32: tl.constexpr, DTYPE: tl.co
 
 
 @triton.jit
+def _extend_program(qo_indptr, kv_indptr, KV_GROUP: tl.constexpr):
+    """An extend program's request ``seq``, query ``head`` (and its KV head), query block
+    ``mb``, and the request's new tokens (``q_start``, ``len_ext``) and prefix slots
+    (``kv_start``, ``len_pre``)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    mb = tl.program_id(2)
+    kv_head = head // KV_GROUP
+    q_start = tl.load(qo_indptr + seq).to(tl.int64)
+    len_ext = (tl.load(qo_indptr + seq + 1) - q_start).to(tl.int32)
+    kv_start = tl.load(kv_indptr + seq).to(tl.int64)
+    len_pre = (tl.load(kv_indptr + seq + 1) - kv_start).to(tl.int32)
+    return seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre
+
+
+@triton.jit
 def _extend_kernel(
     Q,
     K_ext,
@@ -81,15 +97,7 @@ def _extend_kernel(
     K_QMIN: tl.constexpr,
     V_QMIN: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    mb = tl.program_id(2)
-    kv_head = head // KV_GROUP
-
-    q_start = tl.load(qo_indptr + seq).to(tl.int64)
-    len_ext = (tl.load(qo_indptr + seq + 1) - q_start).to(tl.int32)
-    kv_start = tl.load(kv_indptr + seq).to(tl.int64)
-    len_pre = (tl.load(kv_indptr + seq + 1) - kv_start).to(tl.int32)
+    seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre = _extend_program(qo_indptr, kv_indptr, KV_GROUP)
 
     if mb * BLOCK_M < len_ext:
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)

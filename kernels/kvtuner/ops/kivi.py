@@ -32,7 +32,9 @@ import triton.language as tl
 
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
-from kvtuner.ops.decode import _codes, _decode_stage2, _load_chunks, _load_meta, _program_heads, _softmax_step
+from kvtuner.ops.decode import (_codes, _decode_stage2, _load_chunks, _load_meta, _program_heads,
+                                _pv_chunks_loaded, _softmax_step)
+from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
 
@@ -470,24 +472,10 @@ def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, 
                V_QMIN: tl.constexpr):
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
-    VNC: tl.constexpr = VP // VC
-    VNF: tl.constexpr = 8 // V_BITS
-    VCPG: tl.constexpr = V_G // VC
-    VNG: tl.constexpr = V_D // V_G
-    VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
-    v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VNC, VC, False)
+    VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
+    v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VP // VC, VC, False)
     v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
-    new_accs = ()
-    for k in tl.static_range(VNF * VNC):
-        ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
-        psum = tl.sum(ps.to(tl.float32), 1)
-        if V_ASYM:
-            corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
-        else:
-            corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
-        a = accs[k] * re_scale[:, None] + corr[:, None]
-        new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
-    return new_accs
+    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
 
 
 @triton.jit
@@ -671,14 +659,7 @@ def _kivi_extend_kernel(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
     DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    mb = tl.program_id(2)
-    kv_head = head // KV_GROUP
-    q_start = tl.load(qo_indptr + seq).to(tl.int64)
-    len_ext = (tl.load(qo_indptr + seq + 1) - q_start).to(tl.int32)
-    kv_start = tl.load(kv_indptr + seq).to(tl.int64)
-    len_pre = (tl.load(kv_indptr + seq + 1) - kv_start).to(tl.int32)
+    seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre = _extend_program(qo_indptr, kv_indptr, KV_GROUP)
 
     if mb * BLOCK_M < len_ext:
         offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
