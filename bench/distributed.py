@@ -409,11 +409,8 @@ def schedule(jobs: list[tuple[str, str]], pool: list[int], start, poll, deadline
                 busy.difference_update(item[1])
         if running:
             sleep(1)
-        elif pending:
-            if gpus_needed(pending[0][0]) > len(pool):
-                break
-            if free_block(pool, busy, gpus_needed(pending[0][0])) is None:
-                break
+        elif pending and gpus_needed(pending[0][0]) > len(pool):
+            break  # with nothing running, only a job larger than the pool can fail to start
     return pending
 
 
