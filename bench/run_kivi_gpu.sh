@@ -6,7 +6,7 @@
 #                                   #   then retraction + radix-prefix checks with per-channel keys
 #   bench/run_kivi_gpu.sh kernels   # carry .stageB: GGUF part 0; GPU0 bench/kivi_decode.py; GPU1 CUDA tests
 #   bench/run_kivi_gpu.sh quality   # carry .stageC: GGUF part 1 -> /tmp/model; GPU0 served quality
-#                                   #   per-token vs per-channel; GPU1 greedy/radix on the embedded model
+#                                   #   per-token vs per-channel; GPU1 a 3.0-bit nll preset search + served (issue 8)
 # Results land in $OUT; GIT_SHA must be set (the host's git metadata is stale).
 set -u
 step=${1:?step}
@@ -44,10 +44,15 @@ quality)
     on 0 timeout 540 python3 bench/served_quality.py --model /tmp/model --chunk 64 --port 33000 --logs "$OUT/logs-q" \
         --configs bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi --out "$OUT/served_quality_kivi.json" \
         > "$OUT/quality.txt" 2>&1 &
-    on 1 timeout 540 python3 bench/e2e_server.py --suite embedded --model /tmp/model --configs bf16 int4 int4_kivi int2_asym int2_kivi \
-        --extra "--cuda-graph-max-bs 16 --mem-fraction-static 0.5" --port 34000 --logs "$OUT/logs-emb" \
-        --out "$OUT/kivi_embedded.json" > "$OUT/embedded.txt" 2>&1 &
-    wait; tail -15 "$OUT/quality.txt"; tail -8 "$OUT/embedded.txt" ;;
+    # issue 8 on GPU1: search a 3.0-bit preset for log perplexity (the served metric), then serve it
+    # next to the uniform 3.0-bit configurations (same chunk 32 as bench/results/served_quality_smollm2_h100.json)
+    (on 1 timeout 200 python3 -m kvtuner.calibrate --model /tmp/model --budget 3.0 \
+        --metric nll --asym --group-size 64 --verify 32 --no-progress --table "$OUT/sens_nll.json" \
+        --out "$OUT/smollm2-kvtuner-3.0-nll.yaml"
+     on 1 timeout 330 python3 bench/served_quality.py --model /tmp/model --port 35000 --logs "$OUT/logs-q3" \
+        --configs bf16 K4V2 K2V4 searched-3.0 --preset "searched-3.0-nll=$OUT/smollm2-kvtuner-3.0-nll.yaml" \
+        --out "$OUT/served_quality_3bit.json") > "$OUT/calib.txt" 2>&1 &
+    wait; tail -15 "$OUT/quality.txt"; tail -12 "$OUT/calib.txt" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 rc=$?

@@ -44,6 +44,7 @@ CONFIGS = {
     "searched-4.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-4.0.yaml", *ASYM],
     "K4V2": ["--kv-cache-dtype", "kvtuner", "--kvtuner-nbits-key", "4", "--kvtuner-nbits-value", "2", *ASYM],
     "searched-3.0": ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", "bench/presets/smollm2-kvtuner-3.0.yaml", *ASYM],
+    "K2V4": ["--kv-cache-dtype", "kvtuner", "--kvtuner-nbits-key", "2", "--kvtuner-nbits-value", "4", *ASYM],
     "K2V2": ["--kv-cache-dtype", "int2", *ASYM],
 }
 # Per-channel keys (KIVI, issue 6): keys grouped over a page of 64 tokens (the value group stays
@@ -52,7 +53,7 @@ KIVI = ["--kvtuner-axis-key", "1", "--page-size", "64", "--kvtuner-residual-leng
         "--max-running-requests", "16"]
 for _name in ("K2V2", "K4V4", "K4V2"):
     CONFIGS[f"{_name}-kivi"] = CONFIGS[_name] + KIVI
-DEFAULT_CONFIGS = [n for n in CONFIGS if n != "K2V2" and not n.endswith("-kivi")]
+DEFAULT_CONFIGS = [n for n in CONFIGS if n not in ("K2V2", "K2V4") and not n.endswith("-kivi")]
 
 
 def predicted_bytes(flags: list[str], cfg: dict) -> tuple[int, float]:
@@ -108,7 +109,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="HF directory of the embedded model (real weights)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS,
+    ap.add_argument("--configs", nargs="*", default=list(DEFAULT_CONFIGS),
                     help=f"any of {', '.join(CONFIGS)} (issue 6: bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi)")
     ap.add_argument("--text", default=str(HERE / "data" / "heldout_en.txt"))
     ap.add_argument("--max-tokens", type=int, default=2048)
@@ -119,7 +120,20 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=33000)
     ap.add_argument("--logs", default="/tmp/served-quality-logs")
     ap.add_argument("--startup-timeout", type=float, default=240)
+    ap.add_argument("--preset", action="append", default=[], metavar="NAME=PATH",
+                    help="another configuration: per-layer preset PATH (per-token keys, group 64, asym), "
+                         "scored under NAME; list NAME in --configs to place it (else it runs last)")
     args = ap.parse_args()
+    for spec in args.preset:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--preset wants NAME=PATH, got {spec!r}")
+        CONFIGS[name] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", path, *ASYM]
+        if name not in args.configs:
+            args.configs.append(name)
+    unknown = [n for n in args.configs if n not in CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
 
     import torch
     from transformers import AutoTokenizer
