@@ -5,7 +5,7 @@
 #                                   #   GPU0 bf16, int4, int4_kivi; GPU1 int2_asym, int2_kivi, int2_kivi128,
 #                                   #   then retraction + radix-prefix checks with per-channel keys
 #   bench/run_kivi_gpu.sh kernels   # carry .stageB: GGUF part 0; GPU0 bench/kivi_decode.py; GPU1 CUDA tests
-#   bench/run_kivi_gpu.sh quality   # carry .stageC: GGUF part 1 -> /tmp/model; GPU0 served quality
+#   bench/run_kivi_gpu.sh quality   # carry .stageC unless /tmp/model exists (run_distributed_gpu.sh model); GPU0 served quality
 #                                   #   per-token vs per-channel; GPU1 a 3.0-bit nll preset search + served (issue 8)
 # Results land in $OUT; GIT_SHA must be set (the host's git metadata is stale).
 set -u
@@ -39,8 +39,8 @@ kernels)
         tests/kernels/test_decode.py --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.txt" 2>&1 &
     wait; tail -20 "$OUT/kivi_decode.txt"; tail -15 "$OUT/pytest_gpu.txt" ;;
 quality)
-    cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
-        python3 ci/make_model.py --gguf /tmp/stage/m.gguf --out /tmp/model > "$OUT/make_model.txt" 2>&1 || exit 1
+    [ -f /tmp/model/config.json ] || { cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
+        python3 ci/make_model.py --gguf /tmp/stage/m.gguf --out /tmp/model > "$OUT/make_model.txt" 2>&1; } || exit 1
     on 0 timeout 540 python3 bench/served_quality.py --model /tmp/model --chunk 64 --port 33000 --logs "$OUT/logs-q" \
         --configs bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi --out "$OUT/served_quality_kivi.json" \
         > "$OUT/quality.txt" 2>&1 &
