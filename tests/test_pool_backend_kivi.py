@@ -185,6 +185,17 @@ def test_pool_direct_write_refused():
         hx.pool.set_kv_buffer(layer_ns(), torch.tensor([16, 17], device=DEVICE), k, k)
 
 
+def test_logit_cap_refused_with_a_clear_message():
+    """Per-channel keys with a logit cap are refused (not yet validated on CUDA); the message
+    names the flag that works instead."""
+    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=16, residual_length=16)
+    hx = Harness(cfg, 16)
+    for call in (lambda: hx.hook.decode(None, None, layer_ns(cap=30.0), None, None, None, None, None, 8, 30.0),
+                 lambda: hx.hook.extend(None, None, None, None, layer_ns(cap=30.0), None, None, None, 8, 30.0, True)):
+        with pytest.raises(NotImplementedError, match="logit cap.*--kvtuner-axis-key 0"):
+            call()
+
+
 def test_ring_bytes_set_apart():
     sa = types.SimpleNamespace(kv_cache_dtype="int2", kvtuner_axis_key=1, kvtuner_q_group_size=64,
                                kvtuner_residual_length=128, max_running_requests=63)

@@ -165,10 +165,18 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
     # decode
     # default (fast path, query * scale rounded once to float16), the exact split (hi + lo) and
     # the general kernel; the float16 query rounding costs ~1e-3 relative in the logits, far
-    # below any key quantization step, and is checked at a looser absolute tolerance
-    for window, cap, splits, path, split_q, atol in ((-1, 0.0, [1, 3, 2, 4], None, False, 4e-2),
-                                                      (g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2),
-                                                      (-1, 0.0, [2, 1, 4, 3], False, True, 1e-2)):
+    # below any key quantization step, and is checked at a looser absolute tolerance.  Sliding
+    # window and logit cap one at a time and together, so a failure names its feature; every
+    # case runs and the failures are reported together.
+    cases = (("plain fast", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2),
+             ("plain fast split", -1, 0.0, [2, 2, 1, 3], None, True, 1e-2),
+             ("window fast split", g + 5, 0.0, [2, 2, 1, 3], None, True, 1e-2),
+             ("cap fast split", -1, 20.0, [2, 2, 1, 3], None, True, 1e-2),
+             ("window+cap fast split", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2),
+             ("plain general", -1, 0.0, [2, 1, 4, 3], False, True, 1e-2),
+             ("window+cap general", g + 5, 20.0, [2, 1, 4, 3], False, True, 1e-2))
+    failed = []
+    for name, window, cap, splits, path, split_q, atol in cases:
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
         ms = 4
@@ -181,7 +189,11 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                           pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
                                           sliding_window=window)
-        assert_close(o, ref, atol=atol)
+        try:
+            assert_close(o, ref, atol=atol)
+        except AssertionError as e:
+            failed.append(f"{name}: {str(e).splitlines()[0]}")
+    assert not failed, "; ".join(failed)
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[1], CFGS[2], CFGS[3], CFGS[5]])

@@ -587,9 +587,13 @@ def kivi_decode_attention(
 
     ``query * scale`` of the quantized tiles is rounded once to float16 (~1e-3 relative in
     the logits, far below a key quantization step); ``split_q=True`` adds the low-order
-    part as a second dot (as accurate as the per-token kernels, but on sm_90 it costs ~60
-    registers per thread in the fast path: 189 -> 128 with it off, ``ci/kivi_aot.py``).
-    With packed values the chunked fast path runs (``packed_path=False``: the general kernel)."""
+    part as a second dot (as accurate as the per-token kernels, but it costs ~60 registers
+    per thread in the fast path on sm_90, ``ci/kivi_aot.py``).  With packed values the
+    chunked fast path runs (``packed_path=False``: the general kernel).  ``maxnreg``: the
+    register cap per thread on CUDA; ``None`` caps the fast path at 128 for keys of 2 or 4
+    bits with ``split_q`` off (it spills a little, and gains occupancy: on an H200 at batch
+    64 x 8k, 32/8 heads, K2V2 0.79 -> 0.72 ms, K4V4 0.75 -> 0.65 ms,
+    ``bench/results/kivi_decode_h200.json``); 0 leaves it to the compiler."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -615,6 +619,8 @@ def kivi_decode_attention(
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
     packed = v_cache.fmt.quantized if packed_path is None else (packed_path and v_cache.fmt.quantized)
     kernel = _kivi_decode_stage1_packed if packed else _kivi_decode_stage1
+    if maxnreg is None:
+        maxnreg = 128 if packed and not split_q and kf.bits <= 4 else 0  # measured: K2V2, K4V4, K4V2
     kernel[grid](
         q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
         attn_logits, attn_lse, num_kv_splits, float(sm_scale),
