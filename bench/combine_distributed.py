@@ -35,6 +35,8 @@ COMMANDS = [
     "QWEN_JOBS=tp2pp2:bf16,tp2pp2_2node:int4,... bench/run_distributed_gpu.sh both   (run2)",
     "GIT_SHA=1c72a23 EMB_JOBS=tp2pp2:int8,tp2_2node:int8,pp2_2node:int8 "
     "QWEN_JOBS=tp2pp2:int4,tp2pp2:int8,tp2pp2:mixed,tp2pp2:K8V4 bench/run_distributed_gpu.sh both   (run3)",
+    "GIT_SHA=44f1b1d GPU_POOL=0,1 EMB_JOBS=pp2:bf16+int4+K8V4,tp2:mixed bench/run_distributed_gpu.sh embedded   "
+    "(run4, on 2x H200 after bench/run_kivi_gpu.sh had made /tmp/model)",
 ]
 NOTES = [
     "Server flags of every process: --attention-backend triton --sampling-backend pytorch --grammar-backend none "
@@ -44,6 +46,8 @@ NOTES = [
     "tied embedding, which lives on stage 0), bf16 included.  run2/run3 untie it (lm_head = a copy of the "
     "embedding: same logits); run1's tp2 rows are kept (tp2 does not depend on the tie: tp2/int8 gave the same "
     "tokens in run1 and run2).",
+    "run4 (dist_embedded_run4_h200x2.json) ran on a 2x H200 host (same GPU model, same flags); its tp2/mixed "
+    "greedy is against single/mixed of run1 (4x H200).",
     "greedy = same token at the same position over 8 prompts x 32 tokens, vs the single-GPU run of the same "
     "dtype; tf = teacher-forced top-1 over 4 held-out windows (positions 128-255 read a radix-cached, "
     "quantized prefix), which does not cascade after a near-tie.",
