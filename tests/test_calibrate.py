@@ -227,7 +227,8 @@ def test_k_best_matches_brute_force_over_pruned(table):
 
 def test_verify_keeps_the_best_measured(model, windows, table, evaluator):
     res = C.calibrate(model, windows, 3.0, C.QuantMode(GROUP, asym=True), table=table, evaluator=evaluator, verify=5)
-    assert len(res.verified) == 5 and res.average_bits <= 3.0
+    assert [v["source"] for v in res.verified] == [f"dp#{i}" for i in range(1, 6)] + ["uniform K4V2", "uniform K2V4"]
+    assert res.average_bits <= 3.0
     assert res.measured["kl"] == min(v["measured"]["kl"] for v in res.verified)
     assert res.verified[0]["predicted"] == pytest.approx(C.search(table, 3.0)[1])
     for l, c in res.assignment.items():
@@ -263,3 +264,91 @@ def test_kivi_mode_evaluates(model, windows):
     assert low["kl"] > 0 and math.isfinite(low["kl"])
     pt = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True)).evaluate({1: (2, 2)})
     assert low["kl"] != pt["kl"]
+
+
+@pytest.fixture(scope="module")
+def around_record(evaluator):
+    rec: dict = {}
+    t = C.measure_sensitivity(evaluator, LAYERS, progress=False, record=rec, around=(4, 2))
+    return t, rec
+
+
+def test_around_table_base_entry_is_the_base_joint_loss(evaluator, around_record):
+    t, rec = around_record
+    base = evaluator.evaluate({l: (4, 2) for l in range(LAYERS)})
+    assert sorted(t) == list(range(LAYERS))
+    for l in range(LAYERS):
+        assert sorted(t[l]) == sorted(C.CANDIDATES)
+        assert t[l][(4, 2)] == pytest.approx(base["kl"], rel=1e-9, abs=1e-12)
+        assert rec[l][(4, 2)]["dnll"] == pytest.approx(base["dnll"], rel=1e-9, abs=1e-12)
+    # one layer changed around the operating point: the joint run of that assignment
+    assert t[2][(8, 8)] == pytest.approx(evaluator.evaluate({**{l: (4, 2) for l in range(LAYERS)}, 2: (8, 8)})["kl"])
+    # every layer quantized: no replay of a prefix, the same as the full run
+    full = C.Evaluator(evaluator.model, evaluator.windows, evaluator.mode, reuse_prefix=False)
+    assert full.evaluate({l: (4, 2) for l in range(LAYERS)}) == pytest.approx(base, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("verify", [1, 4])
+def test_around_result_respects_budget(model, windows, evaluator, around_record, verify):
+    t, _ = around_record
+    res = C.calibrate(model, windows, 3.0, C.QuantMode(GROUP, asym=True), table=t, evaluator=evaluator,
+                      verify=verify, around=(4, 2))
+    assert res.average_bits <= 3.0 + 1e-9 and res.around == "K4V2"
+    base = t[0][(4, 2)]
+    if res.source.startswith("dp"):
+        assert res.predicted == pytest.approx(base + sum(t[l][c] - base for l, c in res.assignment.items()))
+    # uniform K4V2's prediction is its own measured loss
+    a = {l: (4, 2) for l in range(LAYERS)}
+    for v in res.verified:
+        if v["source"] == "uniform K4V2":
+            assert v["predicted"] == pytest.approx(base)
+    assert res.measured["kl"] <= evaluator.evaluate(a)["kl"] + 1e-12
+
+
+@pytest.mark.parametrize("budget", [3.0, 4.0])
+def test_verify_never_worse_than_same_average_uniform(model, windows, table, evaluator, budget):
+    res = C.calibrate(model, windows, budget, C.QuantMode(GROUP, asym=True), table=table, evaluator=evaluator,
+                      verify=3)
+    sources = [v["source"] for v in res.verified]
+    want = [f"uniform {C.cand_name(c)}" for c in C.CANDIDATES if C.bits_of(c) == 2 * budget]
+    assert want and all(w in sources for w in want)
+    for c in C.CANDIDATES:
+        if C.bits_of(c) / 2 == budget:
+            u = evaluator.evaluate({l: c for l in range(LAYERS)})
+            assert res.measured["kl"] <= u["kl"] + 1e-12
+    for c in C.CANDIDATES:
+        if C.bits_of(c) / 2 == res.average_bits:
+            assert res.measured["kl"] <= res.uniform[C.cand_name(c)]["kl"] + 1e-12
+    assert res.measured["kl"] == min(v["measured"]["kl"] for v in res.verified)
+
+
+def test_uniform_wins_when_the_table_misleads(model, windows, evaluator):
+    """A table that makes the search pick a bad assignment: the uniform one is written."""
+    bad = {l: {c: (0.0 if c == (2, 2) else 1.0) for c in C.CANDIDATES} for l in range(LAYERS)}
+    res = C.calibrate(model, windows, 3.0, C.QuantMode(GROUP, asym=True), table=bad, evaluator=evaluator, verify=1)
+    # the search picks all K2V2 (average 2 bits): no same-average uniform to beat it except itself
+    assert res.average_bits == 2.0 and res.source in ("dp", "uniform K2V2")
+    bad = {l: {c: (0.0 if C.bits_of(c) == 6 and (l % 2 == 0) == (c == (2, 4)) else 1.0) for c in C.CANDIDATES}
+           for l in range(LAYERS)}
+    res = C.calibrate(model, windows, 3.0, C.QuantMode(GROUP, asym=True), table=bad, evaluator=evaluator, verify=2)
+    u = {n: evaluator.evaluate({l: C.parse_cand(n) for l in range(LAYERS)})["kl"] for n in ("K4V2", "K2V4")}
+    assert res.measured["kl"] <= min(u.values()) + 1e-12
+    if res.source.startswith("uniform"):
+        assert len(set(res.assignment.values())) == 1
+
+
+def test_cli_around(model_dir, tmp_path, capsys):
+    table = tmp_path / "table.json"
+    assert _cli(model_dir, tmp_path / "d.yaml", "--table", str(table), "--verify", "2") == 0
+    capsys.readouterr()
+    assert _cli(model_dir, tmp_path / "a.yaml", "--table", str(table), "--around", "K4V2", "--verify", "2") == 0
+    err = capsys.readouterr().err
+    assert "was made with other settings" in err and "around K4V2" in err
+    assert json.loads(table.read_text())["identity"]["around"] == "K4V2"
+    layers, meta = load_preset(str(tmp_path / "a.yaml"))
+    assert meta["search"]["around"] == "K4V2" and meta["average_bits"] <= 3.0
+    assert any(p["source"].startswith("uniform") for p in meta["search"]["pool"])
+    assert meta["measured_loss"] <= min(meta["uniform_same_average"].values(), default=math.inf) + 1e-12
+    assert "around" not in load_preset(str(tmp_path / "d.yaml"))[1]["search"]
+    assert _cli(model_dir, tmp_path / "x.yaml", "--around", "K3V2") == 2
+    assert "--around must name a candidate" in capsys.readouterr().err

@@ -28,7 +28,20 @@ and writes a preset the server loads with ``--kvtuner-config`` (KVTuner's format
    k-best version of the same programme) are evaluated jointly (all layers quantized at
    once) on the calibration tokens and the one of least measured loss is kept: layers
    interact, which the additive model does not see.  The header records the measured loss
-   next to the predicted one.
+   next to the predicted one.  With ``compare_uniform`` (the CLI always) the uniform
+   configurations of the same average width (``K4V2`` and ``K2V4`` at a 3.0 budget) join
+   that pool as ``uniform K4V2`` ...: the written preset is never worse on the calibration
+   tokens than a same-average uniform one; when a uniform one wins it is what is written, and
+   the header (``_meta.search.result``) and the final printed line say so.
+6. **Operating point** (``--around NAME``, e.g. ``--around K4V2``).  Step 2 measures each
+   layer alone around the unquantized model, which misses how layers interact at low bits.
+   With ``--around`` the sensitivity of layer ``l`` for candidate ``c`` is instead the joint
+   loss of every layer at the uniform ``NAME`` except layer ``l`` at ``c`` (leave one out
+   around the operating point; the entry of ``NAME`` itself is the loss of uniform ``NAME``
+   in every layer).  Steps 3-5 run unchanged on that table; the predicted loss of an
+   assignment is ``loss(NAME) + sum_l (table[l][c_l] - loss(NAME))``.  The table cache
+   records ``around`` and is not reused across settings; the header records it in
+   ``_meta.search.around``.
 
 The sensitivity table (the expensive part: ``layers x 9`` forward passes) can be cached
 with ``--table PATH`` (it keeps every metric of every run) and reused for other budgets and
@@ -323,20 +336,33 @@ def measure_sensitivity(
     metric: str = "kl",
     progress: bool = True,
     record: Optional[dict] = None,
+    around: Optional[Candidate] = None,
 ) -> Table:
     """Loss of quantizing one layer at a time, for every layer and candidate.
 
+    ``around``: the other layers are not unquantized but all at the uniform candidate
+    ``around`` (leave one out around that operating point); the entry of ``around`` itself
+    is the joint loss of uniform ``around`` (measured once).
     ``record``: if given, ``record[layer][candidate]`` gets every metric of that run
     (:meth:`Evaluator.evaluate`), so the table can be reused for another metric.
     """
     from tqdm.auto import tqdm
 
     table: Table = {}
+    base: dict = {}
+    base_r = None
+    if around is not None:
+        around = tuple(around)
+        base = {l: around for l in range(num_layers)}
+        base_r = ev.evaluate(base)
     with tqdm(total=num_layers * len(candidates), desc="sensitivity", unit="run", disable=not progress) as bar:
         for layer in range(num_layers):
             table[layer] = {}
             for c in candidates:
-                r = ev.evaluate({layer: tuple(c)})
+                if base_r is not None and tuple(c) == around:
+                    r = dict(base_r)
+                else:
+                    r = ev.evaluate({**base, layer: tuple(c)})
                 table[layer][tuple(c)] = _loss(r, metric)
                 if record is not None:
                     record.setdefault(layer, {})[tuple(c)] = r
@@ -530,6 +556,8 @@ class CalibResult:
     tokens: int
     uniform: dict = field(default_factory=dict)  # name -> evaluate() of same-average uniform configs
     verified: list = field(default_factory=list)  # the jointly checked pool: {source, predicted, measured, ...}
+    source: str = "dp"  # what won: "dp" (the additive optimum), "dp#i" (verify pool) or "uniform K4V2"
+    around: Optional[str] = None  # the --around operating point of the table, or None (unquantized)
 
     @property
     def average_bits(self) -> float:
@@ -551,6 +579,7 @@ def calibrate(
     evaluator: Optional[Evaluator] = None,
     compare_uniform: bool = True,
     verify: int = 1,
+    around: Optional[Candidate] = None,
 ) -> CalibResult:
     """Sensitivity (unless ``table`` is given), search, and joint check of the result.
 
@@ -558,6 +587,16 @@ def calibrate(
     jointly on the calibration tokens, and the one of least measured loss is returned (the
     additive model ignores interactions between layers; this catches the cases where they
     change the order).  Every one of them is made of non-dominated per-layer choices.
+
+    ``compare_uniform``: the uniform configurations of the same average as the result are
+    evaluated too (``uniform``), and with ``verify`` > 1 those at the largest uniform
+    average within the budget join the pool (source ``"uniform K4V2"``...); whenever a
+    same-average uniform one measures less than the chosen assignment, it is returned
+    instead, so the result is never worse than a same-average uniform configuration.
+
+    ``around``: the table is (or is measured as, when ``table`` is None) the leave-one-out
+    table around uniform ``around`` (:func:`measure_sensitivity`); predicted losses are then
+    ``loss(around) + sum_l (table[l][c_l] - loss(around))``.
     """
     if metric not in METRICS:
         raise CalibrationError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -565,11 +604,21 @@ def calibrate(
     for c in candidates:
         for b in c:
             mode.fmt(b, head_dim)  # group / packing checks
+    if around is not None:
+        around = tuple(around)
+        if around not in [tuple(c) for c in candidates]:
+            raise CalibrationError(f"--around {cand_name(around)} is not one of the candidates")
     ev = evaluator or Evaluator(model, windows, mode)
     if table is None:
-        table = measure_sensitivity(ev, n_layers, candidates, metric, progress)
+        table = measure_sensitivity(ev, n_layers, candidates, metric, progress, around=around)
     if sorted(table) != list(range(n_layers)):
         raise CalibrationError(f"sensitivity table has {len(table)} layers, the model has {n_layers}")
+    # constant per-layer offset of the leave-one-out table: sum_l table - offset = predicted
+    offset = (n_layers - 1) * table[0][around] if around is not None else 0.0
+
+    def predict(a: Mapping[int, Candidate]) -> float:
+        return sum(table[l][c] for l, c in a.items()) - offset
+
     uniform: dict = {}
 
     def uniform_eval(c: Candidate) -> dict:
@@ -581,20 +630,37 @@ def calibrate(
     if verify > 1:
         from tqdm.auto import tqdm
 
-        pool = [(f"dp#{i + 1}", a, p) for i, (a, p) in enumerate(search_k(table, budget, verify))]
+        pool = [(f"dp#{i + 1}", a, p - offset) for i, (a, p) in enumerate(search_k(table, budget, verify))]
         for name, a, p in tqdm(pool, desc="joint check", unit="run", disable=not progress):
             verified.append({"source": name, "assignment": a, "predicted": p, "measured": ev.evaluate(a)})
+        if compare_uniform:
+            fit = [bits_of(c) for c in candidates if bits_of(c) / 2 <= budget + 1e-9]
+            for c in candidates:
+                if fit and bits_of(c) == max(fit):
+                    a = {l: tuple(c) for l in range(n_layers)}
+                    verified.append({"source": f"uniform {cand_name(c)}", "assignment": a,
+                                     "predicted": predict(a), "measured": uniform_eval(c)})
         best = min(verified, key=lambda v: _loss(v["measured"], metric))  # first among equals
         assignment, predicted, measured = best["assignment"], best["predicted"], best["measured"]
+        source = best["source"]
     else:
         assignment, predicted = search(table, budget)
+        predicted -= offset
         measured = ev.evaluate(assignment)
+        source = "dp"
     same = {}
     if compare_uniform:
         for c in candidates:
             if bits_of(c) / 2 == average_bits(assignment):
                 same[cand_name(c)] = uniform_eval(c)
-    return CalibResult(assignment, predicted, measured, table, ev.reference_nll, ev.tokens, same, verified)
+        # never worse than a same-average uniform configuration (first among equals stays)
+        for name, r in same.items():
+            if _loss(r, metric) < _loss(measured, metric):
+                c = parse_cand(name)
+                assignment = {l: c for l in range(n_layers)}
+                predicted, measured, source = predict(assignment), r, f"uniform {name}"
+    return CalibResult(assignment, predicted, measured, table, ev.reference_nll, ev.tokens, same, verified,
+                       source, cand_name(around) if around is not None else None)
 
 
 def predicted_bytes(assignment: Mapping[int, Candidate], mode: QuantMode, head_dim: int, kv_heads: int,
@@ -673,7 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16), bfloat16, float16, float32")
     ap.add_argument("--verify", type=int, default=8,
                     help="evaluate the VERIFY best assignments of the additive model jointly and keep the best "
-                         "measured (default 8; 1: the model's optimum)")
+                         "measured (default 8; 1: the model's optimum); the same-average uniform configurations "
+                         "join the check, and one that measures less is written instead")
+    ap.add_argument("--around", metavar="NAME",
+                    help="measure each layer's sensitivity around the uniform candidate NAME (e.g. K4V2): every "
+                         "other layer at NAME instead of unquantized (leave one out around the operating point; "
+                         "default: around the unquantized model)")
     ap.add_argument("--table", help="sensitivity table cache (JSON): reused when it matches, written otherwise")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--no-progress", action="store_true")
@@ -704,6 +775,15 @@ def _run(args, argv) -> int:
         raise CalibrationError(f"--budget must be between 2 and 8 average bits, got {args.budget}")
     if args.max_tokens < 2 or args.seq_len < 2:
         raise CalibrationError("--max-tokens and --seq-len must be at least 2")
+    around = None
+    if args.around is not None:
+        try:
+            around = parse_cand(args.around.strip().upper())
+        except ValueError:
+            around = None
+        if around not in CANDIDATES:
+            raise CalibrationError(f"--around must name a candidate such as K4V2 "
+                                   f"({', '.join(cand_name(c) for c in CANDIDATES)}), got {args.around!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -731,6 +811,8 @@ def _run(args, argv) -> int:
         "windows": list(windows.shape), "seed": args.seed, "dtype": str(dtype).replace("torch.", ""),
         "candidates": [cand_name(c) for c in CANDIDATES],
     }
+    if around is not None:  # absent otherwise: tables cached without --around stay valid
+        ident["around"] = cand_name(around)
     table = None
     if args.table and os.path.exists(args.table):
         with open(args.table, encoding="utf-8") as f:
@@ -743,20 +825,24 @@ def _run(args, argv) -> int:
     ev = Evaluator(model, windows, mode)
     if table is None:
         results: dict = {}
-        table = measure_sensitivity(ev, n_layers, CANDIDATES, args.metric, not args.no_progress, record=results)
+        table = measure_sensitivity(ev, n_layers, CANDIDATES, args.metric, not args.no_progress, record=results,
+                                    around=around)
         if args.table:
             tmp = f"{args.table}.tmp{os.getpid()}"
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump({"identity": ident, "reference_nll": ev.reference_nll, "tokens": ev.tokens,
-                           "what": "per layer and candidate: that layer alone quantized, joint metrics vs the "
-                                   "unquantized model (kl, dnll: loss metrics kl / nll)",
+                           "what": ("per layer and candidate: that layer alone quantized, joint metrics vs the "
+                                    "unquantized model (kl, dnll: loss metrics kl / nll)") if around is None else
+                                   (f"per layer and candidate: every other layer at {cand_name(around)}, that layer "
+                                    "at the candidate; joint metrics vs the unquantized model (kl, dnll: loss "
+                                    "metrics kl / nll)"),
                            "results": results_to_json(results)}, f, indent=1)
                 f.write("\n")
             os.replace(tmp, args.table)
     if args.verify < 1:
         raise CalibrationError(f"--verify must be at least 1, got {args.verify}")
     res = calibrate(model, windows, args.budget, mode, args.metric, table=table, evaluator=ev,
-                    progress=not args.no_progress, verify=args.verify)
+                    progress=not args.no_progress, verify=args.verify, around=around)
 
     bpt = predicted_bytes(res.assignment, mode, head_dim, kv_heads)
     bf16 = n_layers * kv_heads * head_dim * 2 * 2
@@ -780,9 +866,15 @@ def _run(args, argv) -> int:
         "seed": args.seed,
         "dtype": ident["dtype"], "device": device.type,
         "search": {
-            "additive_model": "sum over layers of the single-layer losses", "exact_dp": True,
-            "joint_check": (f"the {len(res.verified)} best assignments of the additive model evaluated jointly "
-                            "on the calibration tokens; least measured loss kept")
+            "additive_model": "sum over layers of the single-layer losses" if around is None else
+                              (f"loss(uniform {cand_name(around)}) plus the sum over layers of the leave-one-out "
+                               f"increases around uniform {cand_name(around)}"),
+            "exact_dp": True,
+            "joint_check": (f"the {sum(v['source'].startswith('dp') for v in res.verified)} best assignments of "
+                            "the additive model evaluated jointly on the calibration tokens"
+                            + (" with the same-average uniform configurations"
+                               if any(v["source"].startswith("uniform") for v in res.verified) else "")
+                            + "; least measured loss kept")
             if res.verified else "the additive model's optimum only",
             "pool": [{"source": v["source"], "average_bits": round(average_bits(v["assignment"]), 6),
                       "predicted": float(v["predicted"]), "measured": float(_loss(v["measured"], args.metric))}
@@ -799,13 +891,20 @@ def _run(args, argv) -> int:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": "python -m kvtuner.calibrate " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    if around is not None:
+        meta["search"]["around"] = cand_name(around)
+    if res.source.startswith("uniform"):
+        meta["search"]["result"] = (f"{res.source}: the same-average uniform configuration measured less than "
+                                    "every searched assignment and was written instead")
     write_preset(args.out, res.layers(), meta)
     load_preset(args.out)  # what the server will do
     uni = ", ".join(f"uniform {n}: {v:.5f}" for n, v in meta["uniform_same_average"].items())
     print(
         f"calibrate: wrote {args.out}: {n_layers} layers, average {res.average_bits:.3f} bits "
         f"(budget {args.budget:g}), {args.metric} predicted {res.predicted:.5f} measured {meta['measured_loss']:.5f}"
-        + (f" ({uni})" if uni else "") + f", {time.time() - t0:.0f} s",
+        + (f" ({uni})" if uni else "")
+        + (f"; {res.source} won the joint check and was written" if res.source.startswith("uniform") else "")
+        + (f", around {cand_name(around)}" if around is not None else "") + f", {time.time() - t0:.0f} s",
         file=sys.stderr,
     )
     return 0
