@@ -9,6 +9,10 @@
 #                                              # (GPU_POOL=0,1 EMB_JOBS=.. on a 2-GPU host; pads /tmp/model if needed)
 #   bench/run_distributed_gpu.sh qwen          # Qwen2.5-7B shape, dummy weights: tp2pp2, two nodes
 #   EMB_JOBS=.. QWEN_JOBS=.. bench/run_distributed_gpu.sh both   # some of each in one call
+# TP=2 greedy agreement without bf16 reduction-order noise (issue 10): the same jobs with the
+# model in float32, into a file of its own (not merged with the bf16 tables):
+#   EXTRA_ADD="--dtype float32" EMB_OUT=dist_fp32 GPU_POOL=0,1 EMB_JOBS=single:bf16+int8,tp2:bf16+int8 \
+#       bench/run_distributed_gpu.sh embedded
 # Results land in $OUT (dist_embedded.json, four_qwen.json) with the server logs; GIT_SHA must be
 # set (the host's git metadata is stale).  bench/split_distributed.py makes the committed files.
 set -u
@@ -17,7 +21,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/stage /tmp/site
 export PYTHONPATH=$PWD/kernels:/tmp/site
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-EXTRA="--cuda-graph-max-bs 8 --mem-fraction-static 0.8"
+EXTRA="--cuda-graph-max-bs 8 --mem-fraction-static 0.8 ${EXTRA_ADD:-}"   # EXTRA_ADD="--dtype float32": see below
 FIVE=bf16+int8+int4+K8V4+mixed
 cleanup() { pkill -f bench/distributed.py; pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
 budget() { local left=$(( ${1} - SECONDS )); echo $(( left > 1 ? left : 1 )); }
@@ -33,7 +37,7 @@ model)  cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
 embedded)
     [ -f /tmp/model-tp/config.json ] || python3 bench/pad_heads.py --model /tmp/model --out /tmp/model-tp --untie || exit 1
     timeout 560 python3 bench/distributed.py --model /tmp/model-tp --startup-timeout 240 --gpu-pool "${GPU_POOL:-0,1,2,3}" \
-        --deadline "$(budget 430)" --extra "$EXTRA" --logs "$OUT/logs-embedded" --out "$OUT/dist_embedded.json" \
+        --deadline "$(budget 430)" --extra "$EXTRA" --logs "$OUT/logs-embedded" --out "$OUT/${EMB_OUT:-dist_embedded}.json" \
         --jobs "${EMB_JOBS:-tp2:bf16,pp2:bf16,single:bf16+int8,tp2:int8,pp2:int8,single:int4+K8V4,tp2:int4,pp2:int4,single:mixed,tp2:K8V4,pp2:K8V4,tp2:mixed,pp2:mixed,tp2_2node:int8,pp2_2node:int8,tp2_2node:int4,pp2_2node:mixed,tp2pp2:int8+int4}"
     ;;
 qwen)
