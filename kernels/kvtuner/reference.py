@@ -288,6 +288,54 @@ def extend_attention_ref(
     return out
 
 
+def attend_lse(q, k, v, sm_scale, logit_cap, allowed):
+    """Like the attention above, plus the natural-log log-sum-exp of the scaled (capped)
+    scores: q [M, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (fp32), allowed [M, N] ->
+    (o [M, Hq, Dv], lse [M, Hq]); rows with nothing allowed give o = 0, lse = -inf."""
+    m, hq, _ = q.shape
+    ratio = hq // max(k.shape[1], 1)
+    kr = k.repeat_interleave(ratio, dim=1)
+    s = torch.einsum("mhd,nhd->mhn", q, kr) * sm_scale
+    if logit_cap > 0:
+        s = logit_cap * torch.tanh(s / logit_cap)
+    s = s.masked_fill(~allowed[:, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else torch.full((m, hq), float("-inf"), device=q.device)
+    return _attend(q, k, v, sm_scale, logit_cap, allowed), lse
+
+
+def prefix_attention_ref(q, k_data, k_meta, kfmt, v_data, v_meta, vfmt, qo_indptr, kv_indptr, kv_indices,
+                         sm_scale, logit_cap=0.0, sliding_window=-1):
+    """Reference of :func:`kvtuner.ops.prefix_attention`: each query over its request's
+    (dequantized) prefix only -> (o [Ne, Hq, Dv] float32, lse [Ne, Hq] natural log)."""
+    ne, hq, _ = q.shape
+    o = torch.zeros(ne, hq, vfmt.head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((ne, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
+    for b in range(len(qo) - 1):
+        q0, q1 = qo[b], qo[b + 1]
+        idx = kv_indices[kvp[b]:kvp[b + 1]].long()
+        lp, m = idx.numel(), q1 - q0
+        if m == 0 or lp == 0:
+            continue
+        kp, vp = _gather(k_data, k_meta, kfmt, idx), _gather(v_data, v_meta, vfmt, idx)
+        allowed = torch.ones(m, lp, dtype=torch.bool, device=q.device)
+        if sliding_window > 0:
+            qpos = lp + torch.arange(m, device=q.device)
+            allowed &= (qpos[:, None] - torch.arange(lp, device=q.device)[None, :]) <= sliding_window
+        o[q0:q1], lse[q0:q1] = attend_lse(q[q0:q1].float(), kp, vp, sm_scale, logit_cap, allowed)
+    return o, lse
+
+
+def merge_by_lse(o_a, lse_a, o_b, lse_b):
+    """Attention over the union of two key sets from each set's normalized output and
+    natural-log log-sum-exp ([N, H, D], [N, H]); a side with lse = -inf contributes nothing."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    tot = (wa + wb).clamp(min=1e-30)
+    return (o_a.float() * wa[..., None] + o_b.float() * wb[..., None]) / tot[..., None]
+
+
 # ----------------------------------------------------------- per-channel keys (KIVI)
 #
 # Keys of axis-1 formats are quantized one page (``fmt.group`` tokens G) at a time, per

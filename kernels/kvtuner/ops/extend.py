@@ -3,6 +3,8 @@ new tokens from the full-precision inputs, causal over the new tokens."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -59,10 +61,12 @@ def _extend_kernel(
     Km,
     Vd,
     Vm,
+    Lse,
     qo_indptr,
     kv_indptr,
     kv_indices,
     sm_scale,
+    lse_scale,
     stride_qn,
     stride_qh,
     stride_ken,
@@ -79,6 +83,8 @@ def _extend_kernel(
     stride_vd_h,
     stride_vm_s,
     stride_vm_h,
+    stride_ln,
+    stride_lh,
     KV_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -96,6 +102,7 @@ def _extend_kernel(
     DOT_F32: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_QMIN: tl.constexpr,
+    PREFIX_ONLY: tl.constexpr = False,
 ):
     seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre = _extend_program(qo_indptr, kv_indptr, KV_GROUP)
 
@@ -159,10 +166,12 @@ def _extend_kernel(
                 e_max = m_new
                 acc = pv_packed(acc * re_scale[:, None], p, v_raw, v_mt, offs_dv, V_BITS, V_G, V_ASYM, V_QMIN, VNM)
 
-        # ---- new tokens, full precision
+        # ---- new tokens, full precision (PREFIX_ONLY: left to the caller's own kernel)
         e_end = len_ext
         if IS_CAUSAL:
             e_end = tl.minimum(len_ext, (mb + 1) * BLOCK_M)
+        if PREFIX_ONLY:
+            e_end = 0
         e_begin = 0
         if SLIDING_WINDOW > 0:
             e_begin = tl.maximum(mb * BLOCK_M - SLIDING_WINDOW, 0)
@@ -203,6 +212,9 @@ def _extend_kernel(
             out.to(O.dtype.element_ty),
             mask=mask_m[:, None],
         )
+        if PREFIX_ONLY:
+            lse = tl.where(has, (e_max + tl.log(tl.where(has, e_sum, 1.0))) * lse_scale, float("-inf"))
+            tl.store(Lse + (q_start + offs_m) * stride_ln + head * stride_lh, lse, mask=mask_m)
 
 
 def extend_attention(
@@ -236,15 +248,70 @@ def extend_attention(
     ne, hq, dk = q_extend.shape
     hkv = k_extend.shape[1]
     dv = v_extend.shape[-1]
+    for t in (q_extend, k_extend, v_extend, o_extend):
+        if t.stride(-1) != 1:
+            raise ValueError("extend tensors must be contiguous in the last dim")
+    return _launch(q_extend, k_extend, v_extend, o_extend, None, k_cache, v_cache, hkv, dv, qo_indptr, kv_indptr,
+                   kv_indices, max_len_extend, sm_scale, logit_cap, sliding_window, is_causal, block_m, block_n,
+                   num_warps, 1.0)
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    k_cache: QuantKV,
+    v_cache: QuantKV,
+    qo_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    max_len_extend: int,
+    sm_scale: float,
+    logit_cap: float = 0.0,
+    sliding_window: int = -1,
+    lse_base2: bool = False,
+    block_m: int = 0,
+    block_n: int = 0,
+    num_warps: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached-prefix half of an extend, for backends that attend over the new tokens with
+    their own kernel and merge the two halves by log-sum-exp (FlashInfer, FA3).
+
+    Same inputs as :func:`extend_attention` without the new keys/values: query ``m`` of
+    request ``b`` (position ``prefix_len + m``) attends to every prefix slot (up to the
+    sliding window), read packed.  Writes ``o [Ne, Hq, Dv]`` (normalized over the prefix) and
+    ``lse [Ne, Hq]`` float32, the log-sum-exp of the scaled (and capped) scores, natural log or
+    base 2 (``lse_base2``); a query with no visible prefix gets ``o = 0`` and ``lse = -inf``.
+    """
+    ne, hq, dk = q.shape
+    hkv = k_cache.num_heads
+    dv = v_cache.fmt.head_dim
+    if tuple(o.shape) != (ne, hq, dv):
+        raise ValueError(f"o must be {(ne, hq, dv)}, got {tuple(o.shape)}")
+    if tuple(lse.shape) != (ne, hq) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 {(ne, hq)}, got {lse.dtype} {tuple(lse.shape)}")
+    for t in (q, o):
+        if t.stride(-1) != 1:
+            raise ValueError("q and o must be contiguous in the last dim")
+    return _launch(q, q, q, o, lse, k_cache, v_cache, hkv, dv, qo_indptr, kv_indptr, kv_indices, max_len_extend,
+                   sm_scale, logit_cap, sliding_window, False, block_m, block_n, num_warps,
+                   1.0 / math.log(2.0) if lse_base2 else 1.0), lse
+
+
+def _launch(q_extend, k_extend, v_extend, o_extend, lse, k_cache, v_cache, hkv, dv, qo_indptr, kv_indptr, kv_indices,
+            max_len_extend, sm_scale, logit_cap, sliding_window, is_causal, block_m, block_n, num_warps, lse_scale):
+    """Checks and launch shared by :func:`extend_attention` and :func:`prefix_attention`
+    (``lse`` given: prefix only, log-sum-exp stored times ``lse_scale``)."""
+    ne, hq, dk = q_extend.shape
     if dk != k_cache.fmt.head_dim or dv != v_cache.fmt.head_dim:
         raise ValueError("head_dim mismatch between inputs and cache formats")
     if k_cache.num_heads != hkv or v_cache.num_heads != hkv or hq % hkv:
         raise ValueError("Hq must be a multiple of the KV head count")
-    for t in (q_extend, k_extend, v_extend, o_extend):
-        if t.stride(-1) != 1:
-            raise ValueError("extend tensors must be contiguous in the last dim")
     bsz = qo_indptr.shape[0] - 1
     if ne == 0 or bsz == 0 or max_len_extend <= 0:
+        if lse is not None:
+            lse.fill_(float("-inf"))
+            o_extend.zero_()
         return o_extend
     dmax = max(dk, dv)
     if block_m <= 0:
@@ -258,47 +325,17 @@ def extend_attention(
     kc = {"K_" + k: v for k, v in fmt_constexprs(k_cache.fmt).items()}
     vc = {"V_" + k: v for k, v in fmt_constexprs(v_cache.fmt).items()}
     grid = (bsz, hq, triton.cdiv(max_len_extend, block_m))
+    lse_arg = lse if lse is not None else o_extend
     _extend_kernel[grid](
-        q_extend,
-        k_extend,
-        v_extend,
-        o_extend,
-        k_cache.data,
-        meta_arg(k_cache),
-        v_cache.data,
-        meta_arg(v_cache),
-        qo_indptr,
-        kv_indptr,
-        kv_indices,
-        float(sm_scale),
-        q_extend.stride(0),
-        q_extend.stride(1),
-        k_extend.stride(0),
-        k_extend.stride(1),
-        v_extend.stride(0),
-        v_extend.stride(1),
-        o_extend.stride(0),
-        o_extend.stride(1),
-        kds,
-        kdh,
-        kms,
-        kmh,
-        vds,
-        vdh,
-        vms,
-        vmh,
-        KV_GROUP=hq // hkv,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        LOGIT_CAP=float(logit_cap),
-        SLIDING_WINDOW=int(sliding_window),
-        IS_CAUSAL=bool(is_causal),
-        **kc,
-        **vc,
-        DOT_F32=dot_in_f32(q_extend.dtype),
-        K_QMIN=qmin_of(k_cache.fmt),
-        V_QMIN=qmin_of(v_cache.fmt),
-        num_warps=num_warps,
-        num_stages=1,
+        q_extend, k_extend, v_extend, o_extend, k_cache.data, meta_arg(k_cache), v_cache.data, meta_arg(v_cache),
+        lse_arg, qo_indptr, kv_indptr, kv_indices, float(sm_scale), float(lse_scale),
+        q_extend.stride(0), q_extend.stride(1), k_extend.stride(0), k_extend.stride(1),
+        v_extend.stride(0), v_extend.stride(1), o_extend.stride(0), o_extend.stride(1),
+        kds, kdh, kms, kmh, vds, vdh, vms, vmh,
+        lse_arg.stride(0) if lse is not None else 0, lse_arg.stride(1) if lse is not None else 0,
+        KV_GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap),
+        SLIDING_WINDOW=int(sliding_window), IS_CAUSAL=bool(is_causal), **kc, **vc,
+        DOT_F32=dot_in_f32(q_extend.dtype), K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
+        PREFIX_ONLY=lse is not None, num_warps=num_warps, num_stages=1,
     )
     return o_extend
