@@ -66,6 +66,11 @@ for _suite in (EMBEDDED, QWEN):
     _suite["int2_kivi128"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", "--kvtuner-axis-key", "1",
                               "--kvtuner-q-group-size", "128", "--page-size", "128",
                               "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
+# Issue 5: the same configurations with --attention-backend flashinfer (upstream dtypes: both
+# phases in FlashInfer; int KV: FlashInfer prefill + kvtuner prefix, triton decode).
+for _suite in (EMBEDDED, QWEN):
+    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "K8V4", "mixed")]:
+        _suite[f"{_name}@flashinfer"] = [*_suite[_name], "--attention-backend", "flashinfer"]
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
@@ -308,7 +313,7 @@ def main() -> int:
     args = ap.parse_args()
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
-    names = args.configs or [n for n in suite if n != "int2_asym" and "_kivi" not in n]
+    names = args.configs or [n for n in suite if n != "int2_asym" and "_kivi" not in n and "@" not in n]
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     out = {"suite": args.suite, "model": args.model, "argv": sys.argv, "results": {}}
     try:

@@ -143,11 +143,28 @@ def test_preset(model_dir, preset):
          "--attention-backend torch_native cannot read --kv-cache-dtype int4; supported: triton"),
         (["--kv-cache-dtype", "int4", "--attention-backend", "triton", "--decode-attention-backend", "torch_native"],
          "--decode-attention-backend torch_native cannot read"),
+        (["--kv-cache-dtype", "int4", "--attention-backend", "fa3"],
+         "--attention-backend fa3 cannot read --kv-cache-dtype int4; supported: triton; flashinfer (prefill"),
+        (["--kv-cache-dtype", "int4", "--attention-backend", "triton", "--decode-attention-backend", "flashinfer"],
+         "--decode-attention-backend flashinfer cannot read --kv-cache-dtype int4 in decode"),
+        (["--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
+          "--kvtuner-residual-length", "32", "--max-running-requests", "8", "--attention-backend", "flashinfer"],
+         "--attention-backend flashinfer cannot read --kv-cache-dtype int4 with --kvtuner-axis-key 1; supported: triton"),
     ],
 )
 def test_bad_input_one_line(capsys, model_dir, extra, expect):
     line = refused(capsys, model_dir, *extra)
     assert line.startswith("sglang serve: error: ") and expect in line, line
+
+
+@pytest.mark.parametrize("extra", [["--attention-backend", "flashinfer"],
+                                   ["--attention-backend", "triton", "--prefill-attention-backend", "flashinfer"]])
+def test_flashinfer_prefills_triton_decodes(model_dir, extra):
+    """Int KV with FlashInfer: FlashInfer prefills (patch 0007), the triton backend decodes
+    with kvtuner's kernel, prefill CUDA graphs off."""
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--kvtuner-asym", *extra)
+    assert a.get_attention_backends() == ("flashinfer", "triton")
+    assert a.disable_prefill_cuda_graph
 
 
 def test_bad_preset_layer_count(capsys, model_dir, preset):

@@ -13,8 +13,13 @@ from kvtuner.config import KVTUNER_DTYPES, KVQuantConfig, KVTunerConfigError
 
 logger = logging.getLogger(__name__)
 
-# Attention backends whose kvtuner path exists (prefill and decode).  Others are refused.
-SUPPORTED_BACKENDS = ("triton",)
+# Attention backends whose kvtuner path exists, per phase.  Others are refused.  FlashInfer
+# prefill runs its own ragged kernel over the new (bf16) tokens and kvtuner's prefix_attention
+# over the packed prefix, merged by log-sum-exp (patch 0007); decode always reads the packed
+# pool with kvtuner's split-KV kernel through the triton backend.
+SUPPORTED_PREFILL = ("triton", "flashinfer")
+SUPPORTED_DECODE = ("triton",)
+SUPPORTED_BACKENDS = SUPPORTED_DECODE  # both phases
 DEFAULT_BACKEND = "triton"
 
 
@@ -56,8 +61,32 @@ def resolve_server_args(server_args: Any) -> Optional[KVQuantConfig]:
     if not any(named) and getattr(server_args, "device", None) in (None, "cuda"):
         server_args.attention_backend = DEFAULT_BACKEND
         logger.info("kvtuner: --kv-cache-dtype %s: attention backend %s", cfg.dtype, DEFAULT_BACKEND)
+    _split_flashinfer(server_args, cfg)
     logger.info("kvtuner: quantized KV cache %s", cfg.describe())
     return cfg
+
+
+def _split_flashinfer(server_args: Any, cfg: KVQuantConfig) -> None:
+    """``--attention-backend flashinfer`` with int KV: FlashInfer prefills, the triton backend
+    decodes (kvtuner's kernels read the packed pool); said in the log.  FlashInfer prefill
+    runs without prefill CUDA graphs (its kvtuner path plans per batch)."""
+    if cfg.axis_key == 1:
+        return  # per-channel keys: refused by check_server_args, naming the flag given
+    if getattr(server_args, "attention_backend", None) == "flashinfer":
+        if getattr(server_args, "prefill_attention_backend", None) is None:
+            server_args.prefill_attention_backend = "flashinfer"
+        if getattr(server_args, "decode_attention_backend", None) is None:
+            server_args.decode_attention_backend = "triton"
+    prefill = getattr(server_args, "prefill_attention_backend", None) or getattr(server_args, "attention_backend", None)
+    if prefill != "flashinfer":
+        return
+    if hasattr(server_args, "disable_prefill_cuda_graph"):
+        server_args.disable_prefill_cuda_graph = True
+    logger.info(
+        "kvtuner: FlashInfer with --kv-cache-dtype %s: prefill %s (new tokens in FlashInfer, "
+        "the packed prefix in kvtuner's kernel), decode %s (kvtuner's split-KV kernel), prefill CUDA graphs off",
+        cfg.dtype, prefill, getattr(server_args, "decode_attention_backend", None) or server_args.attention_backend,
+    )
 
 
 def check_server_args(server_args: Any, model_config: Any, attention_backends: tuple) -> None:
@@ -85,13 +114,23 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
             raise KVTunerConfigError(
                 f"{flag} {value} is not supported with --kv-cache-dtype {cfg.dtype} yet"
             )
-    for which, backend in zip(("prefill", "decode"), attention_backends):
-        if backend not in SUPPORTED_BACKENDS:
+    for which, backend, ok in zip(("prefill", "decode"), attention_backends, (SUPPORTED_PREFILL, SUPPORTED_DECODE)):
+        if cfg.axis_key == 1:
+            ok = SUPPORTED_BACKENDS  # per-channel keys are stored by request and position: triton only
+        if backend not in ok:
             flag = "--attention-backend" if len(set(attention_backends)) == 1 else f"--{which}-attention-backend"
+            kivi = " with --kvtuner-axis-key 1" if cfg.axis_key == 1 else ""
+            phase = "" if flag == "--attention-backend" else f" in {which}"
             raise KVTunerConfigError(
-                f"{flag} {backend} cannot read --kv-cache-dtype {cfg.dtype}; "
-                f"supported: {', '.join(SUPPORTED_BACKENDS)}"
+                f"{flag} {backend} cannot read --kv-cache-dtype {cfg.dtype}{kivi}{phase}; "
+                f"supported: {_supported_text(cfg)}"
             )
+
+
+def _supported_text(cfg: KVQuantConfig) -> str:
+    if cfg.axis_key == 1:
+        return "triton"
+    return "triton; flashinfer (prefill; decode then runs on triton: --attention-backend flashinfer does both)"
 
 
 # The quantized memory pool and the triton attention path are wired by patches 0003-0006.

@@ -373,6 +373,69 @@ def triton_hook(model_runner: Any) -> Optional[TritonHook]:
     return TritonHook(pool, method, getattr(model_runner, "req_to_token_pool", None))
 
 
+class FlashInferHook:
+    """What SGLang's FlashInfer backend calls (patch 0007) to prefill over a kvtuner pool.
+
+    FlashInfer attends over the new tokens itself (its ragged kernel, bf16 inputs, causal)
+    and returns a base-2 log-sum-exp; :meth:`prefix` gives the other half, the packed prefix,
+    in the same convention so the backend merges both with its own ``merge_state``.  New K/V
+    reach the pool through ``set_kv_buffer`` (quantized by the pool's method).  Decode over
+    int KV runs on the triton backend (see ``kvtuner.sglang_glue``)."""
+
+    LSE_BASE2 = True  # FlashInfer's prefill kernels write log2(sum) + max of log2-scaled scores
+
+    def __init__(self, pool: Any, method: KVTunerKVCacheMethod, req_to_token: torch.Tensor):
+        if method.has_per_channel():
+            raise RuntimeError("kvtuner: per-channel keys prefill on the triton backend only")
+        self.views = TritonHook(pool, method).views
+        self.req_to_token = req_to_token
+        self.plan: Optional[tuple] = None
+
+    def plan_extend(self, forward_batch: Any) -> None:
+        """Token-level prefix slots of an extend batch (once per batch, before the layers)."""
+        prefix_cpu = [int(x) for x in forward_batch.extend_prefix_lens_cpu]
+        ext_cpu = [int(x) for x in forward_batch.extend_seq_lens_cpu]
+        device = self.req_to_token.device
+        bs = len(prefix_cpu)
+        prefix = forward_batch.extend_prefix_lens.to(device=device, dtype=torch.int32)
+        kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        kv_indptr[1:] = torch.cumsum(prefix, 0)
+        qo_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens.to(device=device, dtype=torch.int32), 0)
+        kv_indices = torch.empty(sum(prefix_cpu), dtype=torch.int64, device=device)
+        if kv_indices.numel():
+            reqs = forward_batch.req_pool_indices.tolist()
+            kv_indices.copy_(torch.cat([self.req_to_token[r, :p] for r, p in zip(reqs, prefix_cpu)]))
+        self.plan = (qo_indptr, kv_indptr, kv_indices, max(ext_cpu, default=0), any(prefix_cpu))
+
+    def has_prefix(self) -> bool:
+        return bool(self.plan and self.plan[4])
+
+    def prefix(self, q: torch.Tensor, layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o [Ne, Hq, Dv] in q's dtype, lse [Ne, Hq] float32 base 2)`` of each new token's
+        attention over its request's packed prefix (``-inf`` where there is none)."""
+        _refuse(layer, None, None, getattr(layer, "xai_temperature_len", -1))
+        from kvtuner.ops import prefix_attention
+
+        qo_indptr, kv_indptr, kv_indices, max_ext, _ = self.plan
+        k, v = self.views(layer.layer_id)
+        q3 = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = torch.empty(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(q3.shape[0], layer.tp_q_head_num, dtype=torch.float32, device=q.device)
+        prefix_attention(q3, o, lse, k, v, qo_indptr, kv_indptr, kv_indices, max_ext, layer.scaling,
+                         logit_cap=layer.logit_cap or 0.0, sliding_window=_window(layer), lse_base2=self.LSE_BASE2)
+        return o, lse
+
+
+def flashinfer_hook(model_runner: Any) -> Optional[FlashInferHook]:
+    """A hook when the model runner's pool is a kvtuner pool, else None."""
+    pool = getattr(model_runner, "token_to_kv_pool", None)
+    method = getattr(pool, "quant_method", None)
+    if not isinstance(method, KVTunerKVCacheMethod):
+        return None
+    return FlashInferHook(pool, method, model_runner.req_to_token_pool.req_to_token)
+
+
 def check_pool(server_args: Any, pool: Any) -> None:
     """Refuse a pool that does not hold kvtuner's format when an int dtype was asked for."""
     if not is_quantized_dtype(getattr(server_args, "kv_cache_dtype", None)):
