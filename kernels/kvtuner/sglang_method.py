@@ -404,8 +404,13 @@ class FlashInferHook:
         qo_indptr[1:] = torch.cumsum(forward_batch.extend_seq_lens.to(device=device, dtype=torch.int32), 0)
         kv_indices = torch.empty(sum(prefix_cpu), dtype=torch.int64, device=device)
         if kv_indices.numel():
-            reqs = forward_batch.req_pool_indices.tolist()
-            kv_indices.copy_(torch.cat([self.req_to_token[r, :p] for r, p in zip(reqs, prefix_cpu)]))
+            # SGLang's own gather of request slots (one program per request)
+            from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
+
+            create_flashinfer_kv_indices_triton[(bs,)](
+                self.req_to_token, forward_batch.req_pool_indices, prefix, kv_indptr, None, kv_indices,
+                self.req_to_token.stride(0),
+            )
         self.plan = (qo_indptr, kv_indptr, kv_indices, max(ext_cpu, default=0), any(prefix_cpu))
 
     def has_prefix(self) -> bool:
