@@ -11,6 +11,10 @@ sensitivity table.
         --presets bench/presets/smollm2-kvtuner-4.0.yaml bench/presets/smollm2-kvtuner-3.0.yaml \\
         --table bench/results/calibration/smollm2_sensitivity_cpu.json \\
         --out bench/results/calibration_smollm2_cpu.json --plot bench/results/calibration_pareto.png
+
+Per-channel keys (KIVI, the server's ``--kvtuner-axis-key 1``): ``--axis-key 1
+--residual-length R`` evaluate every configuration (uniform and searched) in that mode, as
+``kvtuner.calibrate`` does with the same flags; presets must have been made in that mode.
 """
 
 from __future__ import annotations
@@ -50,7 +54,23 @@ def capacity(assign, mode, head_dim, kv_heads, n_layers) -> dict:
     return {"kv_bytes_per_token": bpt, "capacity_vs_bf16": round(bf16 / bpt, 4)}
 
 
-def main() -> int:
+def quant_mode(args) -> "C.QuantMode":
+    """The quantization mode of the flags, built as ``kvtuner.calibrate``'s CLI builds it."""
+    return C.QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length)
+
+
+def check_preset_mode(path: str, meta: dict, mode) -> None:
+    """A preset is evaluated only in the mode it was searched in (older presets: per-token)."""
+    made = dict(meta.get("mode") or {})
+    made.setdefault("axis_key", 0)
+    want = mode.as_meta()
+    keys = ("group_size", "asym", "axis_key") + (("residual_length",) if mode.axis_key == 1 else ())
+    if any(made.get(k) != want[k] for k in keys):
+        raise SystemExit(f"{path}: made with mode {meta.get('mode')}, evaluating "
+                         + ", ".join(f"{k} {want[k]}" for k in keys))
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/SmolLM2-135M-Instruct")
     ap.add_argument("--presets", nargs="*", default=[])
@@ -64,17 +84,31 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--axis-key", type=int, default=0,
+                    help="0: per-token keys; 1: per-channel keys (KIVI) over pages of --group-size tokens")
+    ap.add_argument("--residual-length", type=int, default=0,
+                    help="--axis-key 1: newest tokens kept in full precision (a multiple of --group-size; 0: one group)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")
-    args = ap.parse_args()
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        mode = quant_mode(args)
+    except C.CalibrationError as e:
+        raise SystemExit(f"calibration_compare: error: {e}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import transformers
     from tqdm.auto import tqdm
 
     t0 = time.time()
     torch.manual_seed(args.seed)
-    mode = C.QuantMode(args.group_size, args.asym)
     device = C._pick_device(args.device)
     tok, model = C._load_model(args.model, device, torch.bfloat16)
     n_layers, head_dim, kv_heads = C._model_shape(model)
@@ -87,17 +121,19 @@ def main() -> int:
     for c in UNIFORM:
         configs.append({"name": C.cand_name(c), "kind": "uniform", "assignment": {l: c for l in range(n_layers)}})
     for p in args.presets:
-        qc = KVQuantConfig.from_flags("kvtuner", config_path=p, q_group_size=args.group_size, asym=args.asym)
+        kivi = {"axis_key": 1, "residual_length": mode.residual_length} if mode.axis_key == 1 else {}
+        qc = KVQuantConfig.from_flags("kvtuner", config_path=p, q_group_size=args.group_size, asym=args.asym, **kivi)
         qc.check_model(n_layers, head_dim)  # what the server checks
         meta = qc.preset_meta
-        if meta.get("mode", {}).get("group_size") != args.group_size or meta.get("mode", {}).get("asym") != args.asym:
-            raise SystemExit(f"{p}: made with mode {meta.get('mode')}, evaluating group {args.group_size} asym {args.asym}")
+        check_preset_mode(p, meta, mode)
         configs.append({"name": f"searched {meta['budget']:g}", "kind": "searched", "preset": p,
                         "budget": meta["budget"], "calibration_loss": {
                             "metric": meta["metric"], "predicted": meta["predicted_loss"],
                             "measured": meta["measured_loss"], "uniform_same_average": meta["uniform_same_average"]},
                         "assignment": {l: (b.key, b.value) for l, b in qc.per_layer.items()}})
     if args.table:
+        ident = json.loads(Path(args.table).read_text()).get("identity", {})
+        check_preset_mode(args.table, ident, mode)  # the table's points are evaluated in its own mode
         table = C.load_table(args.table, args.metric)
         have = {c.get("budget") for c in configs}
         for b in args.budgets:
@@ -148,7 +184,7 @@ def main() -> int:
         "configs": configs,
         "device": f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "git_sha": git_sha(), "command": " ".join(["python", *sys.argv]),
+        "git_sha": git_sha(), "command": " ".join(["python", *(sys.argv if argv is None else [sys.argv[0], *argv])]),
         "elapsed_s": round(time.time() - t0, 1),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -199,7 +235,8 @@ def plot(configs, result, path) -> None:
         ax.legend(fontsize=8)
     m = result["mode"]
     fig.suptitle(f"{Path(result['model']).name}: held-out quality vs KV bits "
-                 f"(group {m['group_size']}, {'asym' if m['asym'] else 'sym'}, per-token keys; {result['device'].split(' ')[0]})",
+                 f"(group {m['group_size']}, {'asym' if m['asym'] else 'sym'}, "
+                 f"{'per-channel keys, residual ' + str(m['residual_length']) if m.get('axis_key') == 1 else 'per-token keys'}; {result['device'].split(' ')[0]})",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
