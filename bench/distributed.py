@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_server  # noqa: E402
-from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, output_ids  # noqa: E402
+from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, output_ids, prompt_ids  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -286,9 +286,9 @@ def tf_windows_for(n_vocab: int, tok, n: int = 4, length: int = 256) -> list[lis
     return [[rng.randrange(100, n_vocab - 100) for _ in range(length)] for _ in range(n)]
 
 
-def prompts_for(model: str, n_vocab: int, tok) -> list[list[int]]:
+def prompts_for(model: str, n_vocab: int, tok, chat: bool = False) -> list[list[int]]:
     if tok is not None:
-        return [tok(p)["input_ids"] for p in PROMPTS]
+        return prompt_ids(tok, chat)
     rng = random.Random(1)
     return [[rng.randrange(100, n_vocab - 100) for _ in range(24 + 4 * i)] for i in range(len(PROMPTS))]
 
@@ -436,6 +436,8 @@ def run_parallel(a, jobs: list[tuple[str, str]]) -> int:
         if a.rounds:
             argv += ["--rounds", str(a.rounds)]
         argv += ["--ttft-lens", ",".join(map(str, a.ttft_lens))]
+        if a.chat:
+            argv.append("--chat")
         print(f"[parallel] start {job[0]}/{job[1]} on GPUs {block}", flush=True)
         return subprocess.Popen(argv), part
 
@@ -498,6 +500,8 @@ def main(argv=None) -> int:
     ap.add_argument("--deadline", type=float, help="start no job after this many seconds")
     ap.add_argument("--rounds", type=int, help="requests per client in the concurrency table (default 4)")
     ap.add_argument("--ttft-lens", help="prompt lengths of the TTFT table (default 10,50,100,500,1000,4096)")
+    ap.add_argument("--chat", action="store_true",
+                    help="greedy prompts through the model's chat template (an instruction-tuned model as served)")
     a = ap.parse_args(argv)
     a.gen_len = 32
     rounds = a.rounds
@@ -526,7 +530,7 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(a.model)
-    prompts = prompts_for(a.model, vocab, tok)
+    prompts = prompts_for(a.model, vocab, tok, a.chat)
     a.tf_windows, a.tf_prefix = tf_windows_for(vocab, tok), 128
 
     Path(a.logs).mkdir(parents=True, exist_ok=True)
@@ -534,7 +538,8 @@ def main(argv=None) -> int:
     inv = environment()
     inv.update(model=a.model, quick=a.quick, preset=preset, extra=a.extra,
                first_gpu=a.first_gpu,
-               workload={"greedy": f"{len(prompts)} prompts x {a.gen_len} tokens", "prompt_len": a.prompt_len,
+               workload={"greedy": f"{len(prompts)} prompts x {a.gen_len} tokens"
+                         + (" (chat template)" if a.chat else ""), "prompt_len": a.prompt_len,
                          "out_len": a.out_len, "requests_per_client": a.rounds, "ttft_lens": a.ttft_lens},
                commands={})
     try:

@@ -214,8 +214,18 @@ def output_ids(resp) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
-def run_embedded(server: Server, tok, result: dict, ref: dict | None):
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+def prompt_ids(tok, chat: bool = False) -> list[list[int]]:
+    """Token ids of PROMPTS: raw text, or (``chat``) each as one user turn of the model's chat
+    template with the generation prompt, as an instruction-tuned model is served."""
+    if chat:
+        return [list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)) for p in PROMPTS]
+    return [tok(p)["input_ids"] for p in PROMPTS]
+
+
+def run_embedded(server: Server, tok, result: dict, ref: dict | None, chat: bool = False):
+    prompts = prompt_ids(tok, chat)
+    result["prompting"] = "chat template" if chat else "raw text"
     outs = []
     for ids in prompts:
         o = output_ids(server.generate(ids, 32))
@@ -310,6 +320,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--out-len", type=int, default=64)
     ap.add_argument("--logs", default="/tmp/e2e-logs")
+    ap.add_argument("--chat", action="store_true", help="embedded suite: greedy prompts through the chat template")
     args = ap.parse_args()
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
@@ -349,7 +360,7 @@ def main() -> int:
             res["startup_s"] = server.startup_s
             res["max_total_num_tokens"] = server.max_total_num_tokens
             if args.suite == "embedded":
-                run_embedded(server, tok, res, out["results"].get("bf16") if name != "bf16" else None)
+                run_embedded(server, tok, res, out["results"].get("bf16") if name != "bf16" else None, args.chat)
             else:
                 run_qwen(server, res, vocab, args.ctx, args.batch, args.out_len)
             res["ok"] = True
