@@ -35,7 +35,7 @@ e2e)
 kernels)
     cp .stageB/gguf.part00 /tmp/stage/
     on 0 timeout 500 python3 bench/kivi_decode.py --out "$OUT/kivi_decode.json" > "$OUT/kivi_decode.txt" 2>&1 &
-    on 1 timeout 500 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_kivi.py tests/test_pool_backend_kivi.py \
+    on 1 timeout 500 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_kivi.py tests/test_pool_backend_kivi.py \
         tests/kernels/test_decode.py --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.txt" 2>&1 &
     wait; tail -20 "$OUT/kivi_decode.txt"; tail -15 "$OUT/pytest_gpu.txt" ;;
 quality)

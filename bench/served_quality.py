@@ -16,6 +16,9 @@ bf16 bytes per token / configuration bytes per token).
     # chunk quantized):
     PYTHONPATH=/tmp/site python3 bench/served_quality.py --model /tmp/model --chunk 64 \
         --configs bf16 K2V2 K2V2-kivi K4V4 K4V4-kivi K4V2 K4V2-kivi --out bench/results/served_quality_kivi.json
+    # issue 8, per-channel mode: the searched 3.0-bit preset vs the uniform 3.0-bit ones
+    PYTHONPATH=/tmp/site python3 bench/served_quality.py --model /tmp/model --chunk 64 \
+        --configs bf16 K4V2-kivi K2V4-kivi searched-3.0-kivi --out R.json
 """
 
 from __future__ import annotations
@@ -51,8 +54,11 @@ CONFIGS = {
 # 64 channels), residual = one page (R == G: radix-cache safe), rings for 16 request slots.
 KIVI = ["--kvtuner-axis-key", "1", "--page-size", "64", "--kvtuner-residual-length", "64",
         "--max-running-requests", "16"]
-for _name in ("K2V2", "K4V4", "K4V2"):
+for _name in ("K2V2", "K4V4", "K4V2", "K2V4"):
     CONFIGS[f"{_name}-kivi"] = CONFIGS[_name] + KIVI
+# issue 8 with per-channel keys: the preset searched in that mode (kvtuner.calibrate --axis-key 1)
+CONFIGS["searched-3.0-kivi"] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config",
+                                "bench/presets/smollm2-kvtuner-kivi-3.0.yaml", *ASYM, *KIVI]
 DEFAULT_CONFIGS = [n for n in CONFIGS if n not in ("K2V2", "K2V4") and not n.endswith("-kivi")]
 
 
