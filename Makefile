@@ -29,6 +29,7 @@ help:
 	@echo "make serve [MODEL=..] [KV=int4]   start the patched server (CUDA host)"
 	@echo "make calibrate [MODEL=..] [BUDGET=4.0] [OUT=..] [CALIB_ARGS=..]   KVTuner per-layer preset search (kvtuner.calibrate)"
 	@echo "make offline-bundle   .bundle/kvtuner-sglang-bundle-py312.tar.xz for air-gapped GPU hosts"
+	@echo "make fa3-parts        .bundle-fa3/pNN: FA3's flash_ops in parts of < 64 MiB (bench/fa3_host.sh installs them)"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
 	@echo "make bench-suite [SUITE=bench/suite/qwen.yaml] [SUITE_ARGS=..]   benchmark suite (GPU) -> SUITE_DIR JSON, bench/REPORT.md"
 	@echo "make reliability      soak/pressure/aborts/prefix/bad input on MODEL (GPU) -> bench/results/reliability.json"
@@ -114,6 +115,11 @@ calibrate: $(VENV)/.kvtuner
 	$(VPY) -m kvtuner.calibrate --model $(MODEL) --budget $(BUDGET) --out $(OUT) $(CALIB_ARGS)
 
 offline-bundle: $(BUNDLE)
+
+# FA3's flash_ops in parts of < 64 MiB, one per device call (ci/fa3_parts.sh, bench/fa3_host.sh)
+.PHONY: fa3-parts
+fa3-parts: $(BUNDLE)
+	ci/fa3_parts.sh
 
 bench: install
 	$(VPY) bench/kernels_bench.py --out bench/results/kernels.json
