@@ -66,11 +66,13 @@ for _suite in (EMBEDDED, QWEN):
     _suite["int2_kivi128"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", "--kvtuner-axis-key", "1",
                               "--kvtuner-q-group-size", "128", "--page-size", "128",
                               "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
-# Issue 5: the same configurations with --attention-backend flashinfer (upstream dtypes: both
-# phases in FlashInfer; int KV: FlashInfer prefill + kvtuner prefix, triton decode).
+# Issue 5: the same configurations with --attention-backend flashinfer / fa3 (upstream dtypes:
+# both phases in that backend; int KV: its prefill + kvtuner prefix, triton decode; fa3 needs
+# flash_ops on the host: make fa3-parts, bench/fa3_host.sh).
 for _suite in (EMBEDDED, QWEN):
     for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "K8V4", "mixed")]:
-        _suite[f"{_name}@flashinfer"] = [*_suite[_name], "--attention-backend", "flashinfer"]
+        for _backend in ("flashinfer", "fa3"):
+            _suite[f"{_name}@{_backend}"] = [*_suite[_name], "--attention-backend", _backend]
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",

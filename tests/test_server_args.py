@@ -143,8 +143,8 @@ def test_preset(model_dir, preset):
          "--attention-backend torch_native cannot read --kv-cache-dtype int4; supported: triton"),
         (["--kv-cache-dtype", "int4", "--attention-backend", "triton", "--decode-attention-backend", "torch_native"],
          "--decode-attention-backend torch_native cannot read"),
-        (["--kv-cache-dtype", "int4", "--attention-backend", "fa3"],
-         "--attention-backend fa3 cannot read --kv-cache-dtype int4; supported: triton; flashinfer (prefill"),
+        (["--kv-cache-dtype", "int4", "--attention-backend", "fa4"],
+         "--attention-backend fa4 cannot read --kv-cache-dtype int4; supported: triton; flashinfer or fa3 (prefill"),
         (["--kv-cache-dtype", "int4", "--attention-backend", "triton", "--decode-attention-backend", "flashinfer"],
          "--decode-attention-backend flashinfer cannot read --kv-cache-dtype int4 in decode"),
         (["--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
@@ -157,13 +157,15 @@ def test_bad_input_one_line(capsys, model_dir, extra, expect):
     assert line.startswith("sglang serve: error: ") and expect in line, line
 
 
-@pytest.mark.parametrize("extra", [["--attention-backend", "flashinfer"],
-                                   ["--attention-backend", "triton", "--prefill-attention-backend", "flashinfer"]])
-def test_flashinfer_prefills_triton_decodes(model_dir, extra):
-    """Int KV with FlashInfer: FlashInfer prefills (patch 0007), the triton backend decodes
-    with kvtuner's kernel, prefill CUDA graphs off."""
+@pytest.mark.parametrize("extra,prefill", [(["--attention-backend", "flashinfer"], "flashinfer"),
+                                           (["--attention-backend", "fa3"], "fa3"),
+                                           (["--attention-backend", "triton", "--prefill-attention-backend", "flashinfer"],
+                                            "flashinfer")])
+def test_flashinfer_or_fa3_prefills_triton_decodes(model_dir, extra, prefill):
+    """Int KV with FlashInfer or FA3: that backend prefills (patches 0007, 0008), the triton
+    backend decodes with kvtuner's kernel, prefill CUDA graphs off."""
     a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--kvtuner-asym", *extra)
-    assert a.get_attention_backends() == ("flashinfer", "triton")
+    assert a.get_attention_backends() == (prefill, "triton")
     assert a.disable_prefill_cuda_graph
 
 

@@ -14,10 +14,11 @@ from kvtuner.config import KVTUNER_DTYPES, KVQuantConfig, KVTunerConfigError
 logger = logging.getLogger(__name__)
 
 # Attention backends whose kvtuner path exists, per phase.  Others are refused.  FlashInfer
-# prefill runs its own ragged kernel over the new (bf16) tokens and kvtuner's prefix_attention
-# over the packed prefix, merged by log-sum-exp (patch 0007); decode always reads the packed
-# pool with kvtuner's split-KV kernel through the triton backend.
-SUPPORTED_PREFILL = ("triton", "flashinfer")
+# and FA3 prefill run their own kernel over the new (bf16) tokens and kvtuner's
+# prefix_attention over the packed prefix, merged by log-sum-exp (patches 0007, 0008); decode
+# always reads the packed pool with kvtuner's split-KV kernel through the triton backend.
+SPLIT_PREFILL = ("flashinfer", "fa3")
+SUPPORTED_PREFILL = ("triton", *SPLIT_PREFILL)
 SUPPORTED_DECODE = ("triton",)
 SUPPORTED_BACKENDS = SUPPORTED_DECODE  # both phases
 DEFAULT_BACKEND = "triton"
@@ -61,31 +62,32 @@ def resolve_server_args(server_args: Any) -> Optional[KVQuantConfig]:
     if not any(named) and getattr(server_args, "device", None) in (None, "cuda"):
         server_args.attention_backend = DEFAULT_BACKEND
         logger.info("kvtuner: --kv-cache-dtype %s: attention backend %s", cfg.dtype, DEFAULT_BACKEND)
-    _split_flashinfer(server_args, cfg)
+    _split_prefill_backend(server_args, cfg)
     logger.info("kvtuner: quantized KV cache %s", cfg.describe())
     return cfg
 
 
-def _split_flashinfer(server_args: Any, cfg: KVQuantConfig) -> None:
-    """``--attention-backend flashinfer`` with int KV: FlashInfer prefills, the triton backend
-    decodes (kvtuner's kernels read the packed pool); said in the log.  FlashInfer prefill
+def _split_prefill_backend(server_args: Any, cfg: KVQuantConfig) -> None:
+    """``--attention-backend flashinfer|fa3`` with int KV: that backend prefills, the triton
+    backend decodes (kvtuner's kernels read the packed pool); said in the log.  Such prefill
     runs without prefill CUDA graphs (its kvtuner path plans per batch)."""
     if cfg.axis_key == 1:
         return  # per-channel keys: refused by check_server_args, naming the flag given
-    if getattr(server_args, "attention_backend", None) == "flashinfer":
+    named = getattr(server_args, "attention_backend", None)
+    if named in SPLIT_PREFILL:
         if getattr(server_args, "prefill_attention_backend", None) is None:
-            server_args.prefill_attention_backend = "flashinfer"
+            server_args.prefill_attention_backend = named
         if getattr(server_args, "decode_attention_backend", None) is None:
             server_args.decode_attention_backend = "triton"
-    prefill = getattr(server_args, "prefill_attention_backend", None) or getattr(server_args, "attention_backend", None)
-    if prefill != "flashinfer":
+    prefill = getattr(server_args, "prefill_attention_backend", None) or named
+    if prefill not in SPLIT_PREFILL:
         return
     if hasattr(server_args, "disable_prefill_cuda_graph"):
         server_args.disable_prefill_cuda_graph = True
     logger.info(
-        "kvtuner: FlashInfer with --kv-cache-dtype %s: prefill %s (new tokens in FlashInfer, "
-        "the packed prefix in kvtuner's kernel), decode %s (kvtuner's split-KV kernel), prefill CUDA graphs off",
-        cfg.dtype, prefill, getattr(server_args, "decode_attention_backend", None) or server_args.attention_backend,
+        "kvtuner: --kv-cache-dtype %s: prefill %s (new tokens in %s, the packed prefix in kvtuner's kernel), "
+        "decode %s (kvtuner's split-KV kernel), prefill CUDA graphs off",
+        cfg.dtype, prefill, prefill, getattr(server_args, "decode_attention_backend", None) or named,
     )
 
 
@@ -130,7 +132,7 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
 def _supported_text(cfg: KVQuantConfig) -> str:
     if cfg.axis_key == 1:
         return "triton"
-    return "triton; flashinfer (prefill; decode then runs on triton: --attention-backend flashinfer does both)"
+    return "triton; flashinfer or fa3 (prefill; decode then runs on triton: --attention-backend flashinfer|fa3 does both)"
 
 
 # The quantized memory pool and the triton attention path are wired by patches 0003-0006.

@@ -373,8 +373,9 @@ def triton_hook(model_runner: Any) -> Optional[TritonHook]:
     return TritonHook(pool, method, getattr(model_runner, "req_to_token_pool", None))
 
 
-class FlashInferHook:
-    """What SGLang's FlashInfer backend calls (patch 0007) to prefill over a kvtuner pool.
+class PrefillHook:
+    """What SGLang's FlashInfer backend (patch 0007) and FA3 backend (patch 0008) call to
+    prefill over a kvtuner pool.
 
     FlashInfer attends over the new tokens itself (its ragged kernel, bf16 inputs, causal)
     and returns a base-2 log-sum-exp; :meth:`prefix` gives the other half, the packed prefix,
@@ -382,7 +383,8 @@ class FlashInferHook:
     reach the pool through ``set_kv_buffer`` (quantized by the pool's method).  Decode over
     int KV runs on the triton backend (see ``kvtuner.sglang_glue``)."""
 
-    LSE_BASE2 = True  # FlashInfer's prefill kernels write log2(sum) + max of log2-scaled scores
+    LSE_BASE2 = True  # FlashInfer's prefill kernels write log2(sum) + max of log2-scaled scores;
+    # FA3 (flash_attn_varlen_func) returns a natural-log LSE, [heads, tokens]
 
     def __init__(self, pool: Any, method: KVTunerKVCacheMethod, req_to_token: torch.Tensor):
         if method.has_per_channel():
@@ -416,9 +418,10 @@ class FlashInferHook:
     def has_prefix(self) -> bool:
         return bool(self.plan and self.plan[4])
 
-    def prefix(self, q: torch.Tensor, layer: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(o [Ne, Hq, Dv] in q's dtype, lse [Ne, Hq] float32 base 2)`` of each new token's
-        attention over its request's packed prefix (``-inf`` where there is none)."""
+    def prefix(self, q: torch.Tensor, layer: Any, base2: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(o [Ne, Hq, Dv] in q's dtype, lse [Ne, Hq] float32, base 2 unless ``base2`` is
+        False)`` of each new token's attention over its request's packed prefix (``-inf``
+        where there is none)."""
         _refuse(layer, None, None, getattr(layer, "xai_temperature_len", -1))
         from kvtuner.ops import prefix_attention
 
@@ -428,17 +431,37 @@ class FlashInferHook:
         o = torch.empty(q3.shape[0], layer.tp_q_head_num, layer.v_head_dim, dtype=q.dtype, device=q.device)
         lse = torch.empty(q3.shape[0], layer.tp_q_head_num, dtype=torch.float32, device=q.device)
         prefix_attention(q3, o, lse, k, v, qo_indptr, kv_indptr, kv_indices, max_ext, layer.scaling,
-                         logit_cap=layer.logit_cap or 0.0, sliding_window=_window(layer), lse_base2=self.LSE_BASE2)
+                         logit_cap=layer.logit_cap or 0.0, sliding_window=_window(layer),
+                         lse_base2=self.LSE_BASE2 if base2 is None else base2)
         return o, lse
 
+    def fa3_extend(self, varlen, merge_state, q, k, v, layer, metadata, causal: bool, window_size) -> torch.Tensor:
+        """FA3 prefill: ``varlen`` (FA3's flash_attn_varlen_func) over the new tokens with its
+        LSE, the packed prefix here, merged by ``merge_state`` (natural-log LSE, [tokens, heads])."""
+        hq, d, dv = layer.tp_q_head_num, layer.head_dim, layer.v_head_dim
+        q3 = q.contiguous().view(-1, hq, d)
+        out = varlen(q=q3, k=k.view(-1, layer.tp_k_head_num, d), v=v.view(-1, layer.tp_v_head_num, dv),
+                     cu_seqlens_q=metadata.cu_seqlens_q, cu_seqlens_k=metadata.cu_seqlens_q,
+                     max_seqlen_q=metadata.max_seq_len_q, max_seqlen_k=metadata.max_seq_len_q,
+                     softmax_scale=layer.scaling, causal=causal, window_size=window_size,
+                     softcap=layer.logit_cap or 0.0, return_softmax_lse=True)
+        o1, lse1 = out[0], out[1]
+        if not self.has_prefix():
+            return o1.reshape(-1, hq * dv)
+        o2, lse2 = self.prefix(q3, layer, base2=False)
+        o, _ = merge_state(o1, lse1.T.contiguous(), o2, lse2)
+        return o.reshape(-1, hq * dv)
 
-def flashinfer_hook(model_runner: Any) -> Optional[FlashInferHook]:
+
+
+def prefill_hook(model_runner: Any) -> Optional[PrefillHook]:
     """A hook when the model runner's pool is a kvtuner pool, else None."""
     pool = getattr(model_runner, "token_to_kv_pool", None)
     method = getattr(pool, "quant_method", None)
     if not isinstance(method, KVTunerKVCacheMethod):
         return None
-    return FlashInferHook(pool, method, model_runner.req_to_token_pool.req_to_token)
+    return PrefillHook(pool, method, model_runner.req_to_token_pool.req_to_token)
+
 
 
 def check_pool(server_args: Any, pool: Any) -> None:

@@ -1,12 +1,15 @@
-"""FlashInfer prefill over packed int KV (patch 0007), on CPU (Triton interpreter) or CUDA.
+"""FlashInfer and FA3 prefill over packed int KV (patches 0007, 0008), on CPU (Triton
+interpreter) or CUDA.
 
-FlashInfer itself is not importable on CPU, so its two pieces are stood in for by torch:
-the ragged wrapper (attention over the new tokens, base-2 log-sum-exp, as FlashInfer's
-kernels write it) and ``merge_state``.  Everything else is the real code: the patched
-``FlashInferAttnBackend.forward_extend``, kvtuner's hook and ``prefix_attention`` over a real
-``MHATokenToKVPool`` holding packed KV.  The result must equal the reference extend."""
+Neither FlashInfer nor sgl_kernel's FA3 is importable on CPU, so their pieces are stood in
+for by torch: the kernel over the new tokens (FlashInfer's ragged wrapper, base-2
+log-sum-exp; FA3's varlen kernel, natural-log LSE laid out [heads, tokens]) and the merge.
+Everything else is the real code: the patched backends' ``forward_extend``, kvtuner's hook
+and ``prefix_attention`` over a real ``MHATokenToKVPool`` holding packed KV.  The result must
+equal the reference extend."""
 
 import math
+import sys
 import types
 
 import pytest
@@ -17,7 +20,7 @@ pytest.importorskip("sglang")
 import sglang.srt.layers.attention.flashinfer_backend as fib  # noqa: E402
 from kvtuner import reference as ref  # noqa: E402
 from kvtuner.config import KVQuantConfig  # noqa: E402
-from kvtuner.sglang_method import FlashInferHook, KVTunerKVCacheMethod, flashinfer_hook  # noqa: E402
+from kvtuner.sglang_method import KVTunerKVCacheMethod, PrefillHook, prefill_hook  # noqa: E402
 from sglang.srt.layers.radix_attention import AttentionType  # noqa: E402
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool  # noqa: E402
 
@@ -27,6 +30,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if "kvtuner" not in fib.FlashInferAttnBackend.forward_extend.__code__.co_names:
     pytest.skip("the installed SGLang lacks patch 0007 (run with PYTHONPATH=build/dev:kernels)",
                 allow_module_level=True)
+
+
+def _fa3_module(monkeypatch):
+    """sglang's FA3 backend module, importable on CPU with a stand-in sgl_kernel."""
+    if "sgl_kernel" not in sys.modules:
+        stub = types.ModuleType("sgl_kernel")
+        stub.merge_state_v2 = lambda *a, **k: None
+        monkeypatch.setitem(sys.modules, "sgl_kernel", stub)
+    import sglang.srt.layers.attention.flashattention_backend as fab
+
+    if "kvtuner" not in fab.FlashAttentionBackend.forward_extend.__code__.co_names:
+        pytest.skip("the installed SGLang lacks patch 0008")
+    return fab
 
 
 def layer_ns(cap=0.0):
@@ -63,10 +79,9 @@ def merge_state_base2(v_a, s_a, v_b, s_b):
     return ref.merge_by_lse(v_a, s_a * ln2, v_b, s_b * ln2).to(v_a.dtype), None
 
 
-@pytest.mark.parametrize("dtype,kw,cap", [("int4", dict(asym=True, q_group_size=32), 0.0),
-                                          ("int8", {}, 30.0),
-                                          ("kvtuner", dict(nbits_key=8, nbits_value=2, asym=True), 0.0)])
-def test_patched_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
+def _batch(dtype, kw, cap):
+    """A real pool with cached prefixes (37, 0 and 5 tokens, written quantized) and an extend
+    batch of 9, 4 and 1 new tokens: (pool, method, hook, layer, forward batch, q, k, v)."""
     cfg = KVQuantConfig.from_flags(dtype, **kw) if dtype != "kvtuner" else KVQuantConfig.from_flags(
         enable_kvtuner_quant=True, **kw)
     method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16)
@@ -75,16 +90,16 @@ def test_patched_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
                             device=DEVICE, enable_memory_saver=False, start_layer=0, end_layer=0,
                             quant_method=method, enable_kv_cache_copy=False)
     req_to_token = torch.zeros(4, 128, dtype=torch.int32, device=DEVICE)
-    runner = types.SimpleNamespace(token_to_kv_pool=pool, req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token))
-    hook = flashinfer_hook(runner)
-    assert isinstance(hook, FlashInferHook)
+    runner = types.SimpleNamespace(token_to_kv_pool=pool,
+                                   req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token))
+    hook = prefill_hook(runner)
+    assert isinstance(hook, PrefillHook)
     gen = torch.Generator().manual_seed(len(dtype) + int(cap))
     layer = layer_ns(cap)
 
     def rnd(*shape):
         return (torch.randn(*shape, generator=gen) * 2).to(DEVICE, torch.bfloat16)
 
-    # cached prefixes: request 1 has 37 tokens, request 2 none, request 3 has 5 (written quantized)
     slots = torch.randperm(size - 1, generator=gen)[:64].to(DEVICE) + 1
     prefix = {1: 37, 2: 0, 3: 5}
     used = 0
@@ -93,23 +108,44 @@ def test_patched_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
         if p:
             pool.set_kv_buffer(layer, slots[used:used + p], rnd(p, H_KV, D), rnd(p, H_KV, D))
         used += p
-    # the extend batch: 9, 4 and 1 new tokens
     new = {1: 9, 2: 4, 3: 1}
     reqs = list(prefix)
     ne = sum(new.values())
-    out_loc = slots[used:used + ne]
     q, k, v = rnd(ne, H_Q * D), rnd(ne, H_KV, D), rnd(ne, H_KV, D)
     fb = types.SimpleNamespace(
-        out_cache_loc=out_loc, encoder_out_cache_loc=None,
+        out_cache_loc=slots[used:used + ne], encoder_out_cache_loc=None, attn_cp_metadata=None,
+        forward_mode=types.SimpleNamespace(is_context_parallel_extend=lambda: False, is_extend=lambda: True),
         req_pool_indices=torch.tensor(reqs, device=DEVICE),
         extend_prefix_lens=torch.tensor([prefix[r] for r in reqs], dtype=torch.int32, device=DEVICE),
         extend_seq_lens=torch.tensor([new[r] for r in reqs], dtype=torch.int32, device=DEVICE),
         extend_prefix_lens_cpu=[prefix[r] for r in reqs], extend_seq_lens_cpu=[new[r] for r in reqs],
     )
     hook.plan_extend(fb)
-    qo_indptr, kv_indptr, kv_indices = hook.plan[0], hook.plan[1], hook.plan[2]
-    assert kv_indices.tolist() == torch.cat([req_to_token[r, :prefix[r]] for r in reqs]).tolist()
-    ragged = Ragged(qo_indptr)
+    assert hook.plan[2].tolist() == torch.cat([req_to_token[r, :prefix[r]] for r in reqs]).tolist()
+    return pool, method, hook, layer, fb, q, k, v
+
+
+def _check(o, pool, method, hook, layer, fb, q, k, v):
+    ne = q.shape[0]
+    kf, vf = method.layer_formats(0)
+    kd, vd, km, vm = pool.get_raw_kv_buffer(0)
+    qo_indptr, kv_indptr, kv_indices = hook.plan[:3]
+    want = ref.extend_attention_ref(q.view(ne, H_Q, D), k, v, kd, km, kf, vd, vm, vf, qo_indptr, kv_indptr,
+                                    kv_indices, layer.scaling, logit_cap=layer.logit_cap)
+    torch.testing.assert_close(o.view(ne, H_Q, D).float(), want, atol=3e-2, rtol=2e-2)
+    # the new tokens reached the pool, quantized (read back through the reference)
+    loc = fb.out_cache_loc.long()
+    torch.testing.assert_close(ref.dequantize(kd[loc], km[loc], kf), ref.dequantize(*ref.quantize(k, kf), kf))
+
+
+CASES = [("int4", dict(asym=True, q_group_size=32), 0.0), ("int8", {}, 30.0),
+         ("kvtuner", dict(nbits_key=8, nbits_value=2, asym=True), 0.0)]
+
+
+@pytest.mark.parametrize("dtype,kw,cap", CASES)
+def test_patched_flashinfer_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
+    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap)
+    ragged = Ragged(hook.plan[0])
     fake = types.SimpleNamespace(
         forward_metadata=fib.PrefillMetadata([None], True, False), token_to_kv_pool=pool, kvtuner=hook,
         prefill_uses_dequant_workspace=False, is_dllm_model=False, prefill_wrapper_ragged=ragged,
@@ -120,14 +156,34 @@ def test_patched_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
     monkeypatch.setattr(fib, "KVWriteLoc", lambda loc, swa: loc, raising=False)
     o = fib.FlashInferAttnBackend.forward_extend(fake, q, k, v, layer, fb)
     assert ragged.calls == 1
-    kf, vf = method.layer_formats(0)
-    kd, vd, km, vm = pool.get_raw_kv_buffer(0)
-    want = ref.extend_attention_ref(q.view(ne, H_Q, D), k, v, kd, km, kf, vd, vm, vf, qo_indptr, kv_indptr,
-                                    kv_indices, layer.scaling, logit_cap=cap)
-    torch.testing.assert_close(o.view(ne, H_Q, D).float(), want, atol=3e-2, rtol=2e-2)
-    # the new tokens reached the pool, quantized (read back through the reference)
-    got = ref.dequantize(kd[out_loc.long()], km[out_loc.long()], kf)
-    torch.testing.assert_close(got, ref.dequantize(*ref.quantize(k, kf), kf))
+    _check(o, pool, method, hook, layer, fb, q, k, v)
+
+
+def fa3_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+               window_size, softcap, return_softmax_lse):
+    """Stands in for FA3's flash_attn_varlen_func: natural-log LSE laid out [heads, tokens]."""
+    assert return_softmax_lse and window_size == (-1, -1) and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    o, lse = Ragged(cu_seqlens_q).forward_return_lse(q, k, v, causal, softmax_scale, logits_soft_cap=softcap)
+    return o, (lse * math.log(2.0)).T.contiguous()
+
+
+def merge_state_natural(v_a, s_a, v_b, s_b):
+    return ref.merge_by_lse(v_a, s_a, v_b, s_b).to(v_a.dtype), None
+
+
+@pytest.mark.parametrize("dtype,kw,cap", CASES)
+def test_patched_fa3_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
+    fab = _fa3_module(monkeypatch)
+    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap)
+    md = types.SimpleNamespace(cu_seqlens_q=hook.plan[0], max_seq_len_q=9, swa_out_cache_loc=None)
+    fake = types.SimpleNamespace(
+        fa_impl_ver=3, attn_cp_size=1, fa_skip_kv_cache=False, use_mla=False, kv_cache_is_mxfp8=False,
+        use_sliding_window_kv_pool=False, token_to_kv_pool=pool, forward_metadata=md, kvtuner=hook,
+        flash_attn_varlen_func=fa3_varlen,
+    )
+    monkeypatch.setattr(fab, "merge_state_v2", merge_state_natural)
+    o = fab.FlashAttentionBackend.forward_extend(fake, q, k, v, layer, fb)
+    _check(o, pool, method, hook, layer, fb, q, k, v)
 
 
 def test_per_channel_keys_refused_by_the_hook():
@@ -139,19 +195,19 @@ def test_per_channel_keys_refused_by_the_hook():
     runner = types.SimpleNamespace(token_to_kv_pool=pool,
                                    req_to_token_pool=types.SimpleNamespace(req_to_token=torch.zeros(2, 8)))
     with pytest.raises(RuntimeError, match="triton backend only"):
-        flashinfer_hook(runner)
+        prefill_hook(runner)
 
 
 def test_no_hook_for_plain_pools():
     runner = types.SimpleNamespace(token_to_kv_pool=types.SimpleNamespace(quant_method=None))
-    assert flashinfer_hook(runner) is None
+    assert prefill_hook(runner) is None
 
 
 @pytest.mark.gpu
 def test_real_flashinfer_ragged_lse_merges_with_prefix_attention():
     """On CUDA with FlashInfer: its ragged prefill (return LSE) over the new tokens, merged
     with kvtuner's prefix half by FlashInfer's merge_state, equals the reference extend; this
-    pins down the base of FlashInfer's log-sum-exp (FlashInferHook.LSE_BASE2)."""
+    pins down the base of FlashInfer's log-sum-exp (PrefillHook.LSE_BASE2)."""
     flashinfer = pytest.importorskip("flashinfer")
     from kvtuner.ops import QuantKV, prefix_attention
     from kvtuner.format import TensorFormat
@@ -180,7 +236,7 @@ def test_real_flashinfer_ragged_lse_merges_with_prefix_attention():
     o1, s1 = w.run_return_lse(q, k, v)
     o2 = torch.empty(ne, hq, d, dtype=torch.bfloat16, device="cuda")
     s2 = torch.empty(ne, hq, dtype=torch.float32, device="cuda")
-    prefix_attention(q, o2, s2, kc, vc, qo_indptr, kv_indptr, idx, max(elens), sm, lse_base2=FlashInferHook.LSE_BASE2)
+    prefix_attention(q, o2, s2, kc, vc, qo_indptr, kv_indptr, idx, max(elens), sm, lse_base2=PrefillHook.LSE_BASE2)
     o, _ = flashinfer.merge_state(o1, s1, o2, s2)
     want = ref.extend_attention_ref(q, k, v, kc.data, kc.meta, kf, vc.data, vc.meta, vf, qo_indptr, kv_indptr, idx, sm)
     torch.testing.assert_close(o.float(), want, atol=3e-2, rtol=2e-2)
