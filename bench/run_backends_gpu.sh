@@ -4,6 +4,9 @@
 # FlashInfer JIT-compiles its kernels on first use (nvcc is on the host; nothing is cached
 # between sessions): the first FlashInfer server takes minutes to start.
 #   bench/run_backends_gpu.sh e2e     # carry .bundle: GPU0 FlashInfer configs, GPU1 triton configs + CUDA tests
+# FA3 (patch 0008) needs sgl_kernel's flash_ops first (make fa3-parts on the build machine):
+#   bench/fa3_host.sh stage 0 ... N   # one call per part, carry .bundle-fa3/pNN, back to back
+#   bench/fa3_host.sh install && bench/run_backends_gpu.sh fa3   # GPU0 int4@fa3 bf16@fa3, GPU1 int8@fa3 fp8_e4m3@fa3
 # Results land in $OUT (backends_a.json, backends_b.json, pytest_flashinfer.txt); GIT_SHA must be set.
 set -u
 step=${1:?step}
@@ -25,6 +28,13 @@ e2e)
      CUDA_VISIBLE_DEVICES=1 timeout 360 python3 bench/e2e_server.py $QWEN --configs bf16 int4 fp8_e4m3 \
         --extra "$QX" --port 31500 --logs "$OUT/logs-b" --out "$OUT/backends_b.json") > "$OUT/b.txt" 2>&1 &
     wait; tail -6 "$OUT/a.txt" "$OUT/b.txt"; tail -5 "$OUT/pytest_flashinfer.txt" ;;
+fa3)
+    [ -f /tmp/site/sgl_kernel/flash_ops.abi3.so ] || { echo "run_backends_gpu: flash_ops not installed (bench/fa3_host.sh)" >&2; exit 1; }
+    CUDA_VISIBLE_DEVICES=0 timeout 500 python3 bench/e2e_server.py $QWEN --configs bf16@fa3 int4@fa3 --extra "$QX" \
+        --port 31000 --logs "$OUT/logs-fa3a" --out "$OUT/backends_fa3_a.json" > "$OUT/fa3a.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=1 timeout 500 python3 bench/e2e_server.py $QWEN --configs fp8_e4m3@fa3 int8@fa3 --extra "$QX" \
+        --port 31500 --logs "$OUT/logs-fa3b" --out "$OUT/backends_fa3_b.json" > "$OUT/fa3b.txt" 2>&1 &
+    wait; tail -4 "$OUT/fa3a.txt" "$OUT/fa3b.txt" ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 pkill -f sglang.launch_server 2>/dev/null
