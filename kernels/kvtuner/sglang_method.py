@@ -377,9 +377,10 @@ class PrefillHook:
     """What SGLang's FlashInfer backend (patch 0007) and FA3 backend (patch 0008) call to
     prefill over a kvtuner pool.
 
-    FlashInfer attends over the new tokens itself (its ragged kernel, bf16 inputs, causal)
-    and returns a base-2 log-sum-exp; :meth:`prefix` gives the other half, the packed prefix,
-    in the same convention so the backend merges both with its own ``merge_state``.  New K/V
+    The backend attends over the new tokens itself (FlashInfer's ragged kernel, base-2
+    log-sum-exp; FA3's varlen kernel, natural log), bf16 inputs, causal; :meth:`prefix` gives
+    the other half, the packed prefix, in the same convention, and the two are merged with
+    the backend's own merge kernel.  New K/V
     reach the pool through ``set_kv_buffer`` (quantized by the pool's method).  Decode over
     int KV runs on the triton backend (see ``kvtuner.sglang_glue``)."""
 
@@ -435,9 +436,11 @@ class PrefillHook:
                          lse_base2=self.LSE_BASE2 if base2 is None else base2)
         return o, lse
 
-    def fa3_extend(self, varlen, merge_state, q, k, v, layer, metadata, causal: bool, window_size) -> torch.Tensor:
+    def fa3_extend(self, varlen, merge_state, q, k, v, layer, metadata, causal: bool, window_size,
+                   sinks=None) -> torch.Tensor:
         """FA3 prefill: ``varlen`` (FA3's flash_attn_varlen_func) over the new tokens with its
         LSE, the packed prefix here, merged by ``merge_state`` (natural-log LSE, [tokens, heads])."""
+        _refuse(layer, sinks, None, getattr(layer, "xai_temperature_len", -1))
         hq, d, dv = layer.tp_q_head_num, layer.head_dim, layer.v_head_dim
         q3 = q.contiguous().view(-1, hq, d)
         out = varlen(q=q3, k=k.view(-1, layer.tp_k_head_num, d), v=v.view(-1, layer.tp_v_head_num, dv),
@@ -453,7 +456,6 @@ class PrefillHook:
         return o.reshape(-1, hq * dv)
 
 
-
 def prefill_hook(model_runner: Any) -> Optional[PrefillHook]:
     """A hook when the model runner's pool is a kvtuner pool, else None."""
     pool = getattr(model_runner, "token_to_kv_pool", None)
@@ -461,7 +463,6 @@ def prefill_hook(model_runner: Any) -> Optional[PrefillHook]:
     if not isinstance(method, KVTunerKVCacheMethod):
         return None
     return PrefillHook(pool, method, model_runner.req_to_token_pool.req_to_token)
-
 
 
 def check_pool(server_args: Any, pool: Any) -> None:
