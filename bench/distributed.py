@@ -42,7 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_server  # noqa: E402
-from e2e_server import BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, output_ids, prompt_ids  # noqa: E402
+from e2e_server import (BASE_FLAGS, EMBEDDED, PROMPTS, Server, free_port, measure_ttft, output_ids,  # noqa: E402
+                        prompt_ids)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -309,13 +310,7 @@ def run_one(server: Server, res: dict, prompts, vocab: int, a) -> None:
 
     by_len = []
     for n in a.ttft_lens:
-        ttft = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            last, stamps = server.generate(prompt(n), 4, stream=True)
-            if not stamps or len(output_ids(last)) != 4:
-                raise RuntimeError("TTFT request returned the wrong number of tokens")
-            ttft.append(stamps[0][0] - t0)
+        ttft = measure_ttft(server, prompt, n)
         by_len.append({"context": n, "runs_s": ttft, "median_s": sorted(ttft)[1]})
     res["ttft_by_len"] = by_len
     res["ttft"] = by_len[-1]  # the longest prompt

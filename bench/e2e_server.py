@@ -255,19 +255,26 @@ def run_embedded(server: Server, tok, result: dict, ref: dict | None, chat: bool
     }
 
 
+def measure_ttft(server: Server, prompt, n: int, runs: int = 3) -> list[float]:
+    """Seconds to the first streamed token of ``runs`` fresh ``n``-token prompts (4 tokens asked,
+    4 checked)."""
+    ttft = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        last, stamps = server.generate(prompt(n), 4, stream=True)
+        if not stamps or len(output_ids(last)) != 4:
+            raise RuntimeError("TTFT request returned the wrong number of tokens")
+        ttft.append(stamps[0][0] - t0)
+    return ttft
+
+
 def run_qwen(server: Server, result: dict, vocab: int, ctx: int, batch: int, out_len: int, seed: int = 0):
     rng = random.Random(seed)
 
     def prompt(n):
         return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
-    ttft = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        last, stamps = server.generate(prompt(ctx), 4, stream=True)
-        if not stamps or len(output_ids(last)) != 4:
-            raise RuntimeError("TTFT request returned the wrong number of tokens")
-        ttft.append(stamps[0][0] - t0)
+    ttft = measure_ttft(server, prompt, ctx)
     result["ttft_s"] = ttft
     result["ttft_median_s"] = sorted(ttft)[1]
 

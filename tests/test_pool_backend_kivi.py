@@ -95,13 +95,9 @@ class Harness:
 
 
 def _md(kv_indptr, kv_indices, bs, qo_indptr=None, max_extend_len=0, splits=4):
-    return ForwardMetadata(
-        attn_logits=torch.empty(bs, H_Q, splits, D, dtype=torch.float32, device=DEVICE),
-        attn_lse=torch.empty(bs, H_Q, splits, dtype=torch.float32, device=DEVICE),
-        max_extend_len=max_extend_len, num_kv_splits=torch.full((bs,), splits, dtype=torch.int32, device=DEVICE),
-        kv_indptr=kv_indptr, kv_indices=kv_indices, qo_indptr=qo_indptr, custom_mask=None, mask_indptr=None,
-        window_kv_indptr=None, window_kv_indices=None, window_num_kv_splits=None, window_kv_offsets=None,
-    )
+    from test_pool_backend import _metadata  # same shapes (H_Q, D) and fields
+
+    return _metadata(kv_indptr, kv_indices, qo_indptr=qo_indptr, max_extend_len=max_extend_len, bs=bs, splits=splits)
 
 
 def _i32(xs):

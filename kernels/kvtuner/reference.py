@@ -163,11 +163,18 @@ def dequantize(
 
 def _attend(q, k, v, sm_scale, logit_cap, allowed):
     """q [M, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (fp32), allowed [M, N] bool -> [M, Hq, Dv]."""
+    return attend_lse(q, k, v, sm_scale, logit_cap, allowed)[0]
+
+
+def attend_lse(q, k, v, sm_scale, logit_cap, allowed):
+    """Attention as above, plus the natural-log log-sum-exp of the scaled (capped) scores:
+    -> (o [M, Hq, Dv], lse [M, Hq]); rows with nothing allowed give o = 0, lse = -inf."""
     m, hq, _ = q.shape
     hkv = k.shape[1]
     dv = v.shape[-1]
     if k.shape[0] == 0 or m == 0:
-        return torch.zeros(m, hq, dv, dtype=torch.float32, device=q.device)
+        return (torch.zeros(m, hq, dv, dtype=torch.float32, device=q.device),
+                torch.full((m, hq), float("-inf"), dtype=torch.float32, device=q.device))
     ratio = hq // hkv
     kr = k.repeat_interleave(ratio, dim=1)  # [N, Hq, D]
     vr = v.repeat_interleave(ratio, dim=1)
@@ -175,13 +182,14 @@ def _attend(q, k, v, sm_scale, logit_cap, allowed):
     if logit_cap > 0:
         s = logit_cap * torch.tanh(s / logit_cap)
     s = s.masked_fill(~allowed[None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1).T  # [M, Hq]
     mx = s.amax(dim=-1, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     p = torch.exp(s - mx)
     denom = p.sum(dim=-1, keepdim=True)
     o = torch.einsum("hmn,nhd->mhd", p, vr)
     denom = denom.permute(1, 0, 2)  # [M, Hq, 1]
-    return torch.where(denom > 0, o / denom.clamp(min=1e-30), torch.zeros_like(o))
+    return torch.where(denom > 0, o / denom.clamp(min=1e-30), torch.zeros_like(o)), lse
 
 
 def _gather(data, meta, fmt, idx):
@@ -286,21 +294,6 @@ def extend_attention_ref(
         out[q0:q1] = _extend_one(q_extend[q0:q1], kp, vp, k_extend[q0:q1], v_extend[q0:q1], sm_scale, logit_cap,
                                  is_causal, sliding_window)
     return out
-
-
-def attend_lse(q, k, v, sm_scale, logit_cap, allowed):
-    """Like the attention above, plus the natural-log log-sum-exp of the scaled (capped)
-    scores: q [M, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (fp32), allowed [M, N] ->
-    (o [M, Hq, Dv], lse [M, Hq]); rows with nothing allowed give o = 0, lse = -inf."""
-    m, hq, _ = q.shape
-    ratio = hq // max(k.shape[1], 1)
-    kr = k.repeat_interleave(ratio, dim=1)
-    s = torch.einsum("mhd,nhd->mhn", q, kr) * sm_scale
-    if logit_cap > 0:
-        s = logit_cap * torch.tanh(s / logit_cap)
-    s = s.masked_fill(~allowed[:, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1) if s.shape[-1] else torch.full((m, hq), float("-inf"), device=q.device)
-    return _attend(q, k, v, sm_scale, logit_cap, allowed), lse
 
 
 def prefix_attention_ref(q, k_data, k_meta, kfmt, v_data, v_meta, vfmt, qo_indptr, kv_indptr, kv_indices,
