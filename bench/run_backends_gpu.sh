@@ -23,7 +23,7 @@ e2e)
     CUDA_VISIBLE_DEVICES=0 timeout 570 python3 bench/e2e_server.py $QWEN --configs bf16@flashinfer int4@flashinfer \
         fp8_e4m3@flashinfer int8@flashinfer --extra "$QX" --port 31000 --logs "$OUT/logs-a" \
         --out "$OUT/backends_a.json" > "$OUT/a.txt" 2>&1 &
-    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_kvtuner.py \
+    (CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_prefill_backends_kvtuner.py \
         tests/kernels/test_extend.py > "$OUT/pytest_flashinfer.txt" 2>&1
      CUDA_VISIBLE_DEVICES=1 timeout 360 python3 bench/e2e_server.py $QWEN --configs bf16 int4 fp8_e4m3 \
         --extra "$QX" --port 31500 --logs "$OUT/logs-b" --out "$OUT/backends_b.json") > "$OUT/b.txt" 2>&1 &
