@@ -1,6 +1,6 @@
 """Which setting breaks per-channel decode on CUDA?  Runs the pool of tests/kernels/test_kivi.py
 (every parametrization) through ``kivi_decode_attention`` under a grid of feature and compile
-settings (sliding window, logit cap, split_q, fast/general path, num_stages) and
+settings (sliding window, logit cap, split_q, fast/general path, num_stages, tile of 16 tokens) and
 records the max error against the torch reference for each, as JSON.  A diagnostic for the GPU
 host (the interpreter passes every case); the test itself stays the pass/fail authority.
 
@@ -40,10 +40,11 @@ def main() -> int:
         indptr, idx, ridx = pool.requests(rings)
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(dev)
         if p.id == CFGS[0].id and not args.quick:  # the configuration that failed on an H200: every setting
-            grid = list(itertools.product((-1, g + 5), (0.0, 20.0), (False, True), (None, False), (1, 2), (None,)))
-        else:  # the others: window + cap + split_q on the fast path, pipelined or not
-            grid = [(g + 5, 20.0, True, None, st, None) for st in (1, 2)]
-        for window, cap, split_q, path, stages, maxnreg in grid[: 2 if args.quick else None]:
+            grid = list(itertools.product((-1, g + 5), (0.0, 20.0), (False, True), (None, False), (1, 2), (None,), (0,)))
+        else:  # the others: window + cap + split_q on the fast path, pipelined or not; tiles of 16 tokens
+            grid = [(g + 5, 20.0, True, None, st, None, 0) for st in (1, 2)]
+            grid += [(-1, 0.0, False, path, 2, None, 16) for path in (None, False)] if g > 16 else []
+        for window, cap, split_q, path, stages, maxnreg, block_n in grid[: 2 if args.quick else None]:
             ms = 4
             o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=dev)
             logits = torch.full((len(rings), hq, ms, d), float("nan"), dtype=torch.float32, device=dev)
@@ -51,11 +52,11 @@ def main() -> int:
             ns = torch.tensor([2, 2, 1, 3], dtype=torch.int32, device=dev)
             sm = d**-0.5
             row = dict(cfg=p.id, window=window, cap=cap, split_q=split_q, packed_path=path, num_stages=stages,
-                       maxnreg=maxnreg)
+                       maxnreg=maxnreg, block_n=block_n)
             try:
                 kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns,
                                       ms, sm, logit_cap=cap, sliding_window=window, packed_path=path,
-                                      split_q=split_q, num_stages=stages, maxnreg=maxnreg)
+                                      split_q=split_q, num_stages=stages, maxnreg=maxnreg, block_n=block_n)
                 ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                                   pool.v.data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                                   logit_cap=cap, sliding_window=window).to(dev)
