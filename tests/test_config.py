@@ -119,7 +119,7 @@ def test_published_presets_load(presets):
         (dict(kv_cache_dtype="int4", residual_length=-1), "--kvtuner-residual-length"),
         (dict(kv_cache_dtype="int4", axis_key=2), "--kvtuner-axis-key"),
         (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=48, residual_length=96), "--kvtuner-q-group-size 48 with --kvtuner-axis-key 1"),
-        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=8, residual_length=64), "power of two >= 16"),
+        (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=8, residual_length=64), "power of two >= 32"),
         (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=32, residual_length=0), "--kvtuner-residual-length 0 with --kvtuner-axis-key 1"),
         (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=-1), "--kvtuner-q-group-size -1"),
         (dict(kv_cache_dtype="int4", axis_key=1, q_group_size=64, residual_length=96), "--kvtuner-residual-length 96 is not a multiple"),

@@ -104,8 +104,8 @@ def _i32(xs):
     return torch.tensor(xs, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("kw", [dict(kv_cache_dtype="int2", asym=True, q_group_size=16, residual_length=16),
-                                dict(kv_cache_dtype="int4", q_group_size=16, residual_length=32),
+@pytest.mark.parametrize("kw", [dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32),
+                                dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64),
                                 dict(enable_kvtuner_quant=True, nbits_key=2, nbits_value=4, q_group_size=32,
                                      residual_length=32)])
 def test_backend_kivi_extend_decode(kw):
@@ -174,18 +174,18 @@ def test_backend_kivi_extend_decode(kw):
 
 
 def test_pool_direct_write_refused():
-    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=16, residual_length=16)
-    hx = Harness(cfg, 16)
+    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=32, residual_length=32)
+    hx = Harness(cfg, 32)
     k = torch.zeros(2, H_KV, D, dtype=torch.bfloat16, device=DEVICE)
     with pytest.raises(RuntimeError, match="stored by the triton backend"):
-        hx.pool.set_kv_buffer(layer_ns(), torch.tensor([16, 17], device=DEVICE), k, k)
+        hx.pool.set_kv_buffer(layer_ns(), torch.tensor([32, 33], device=DEVICE), k, k)
 
 
 def test_logit_cap_refused_with_a_clear_message():
     """Per-channel keys with a logit cap are refused (not yet validated on CUDA); the message
     names the flag that works instead."""
-    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=16, residual_length=16)
-    hx = Harness(cfg, 16)
+    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=32, residual_length=32)
+    hx = Harness(cfg, 32)
     for call in (lambda: hx.hook.decode(None, None, layer_ns(cap=30.0), None, None, None, None, None, 8, 30.0),
                  lambda: hx.hook.extend(None, None, None, None, layer_ns(cap=30.0), None, None, None, 8, 30.0, True)):
         with pytest.raises(NotImplementedError, match="logit cap.*--kvtuner-axis-key 0"):

@@ -187,9 +187,9 @@ def test_patched_fa3_forward_extend_equals_reference(monkeypatch, dtype, kw, cap
 
 
 def test_per_channel_keys_refused_by_the_hook():
-    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=16, residual_length=16)
+    cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=32, residual_length=32)
     method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16)
-    pool = MHATokenToKVPool(64, page_size=16, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=1,
+    pool = MHATokenToKVPool(64, page_size=32, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=1,
                             device=DEVICE, enable_memory_saver=False, start_layer=0, end_layer=0,
                             quant_method=method, enable_kv_cache_copy=False)
     runner = types.SimpleNamespace(token_to_kv_pool=pool,

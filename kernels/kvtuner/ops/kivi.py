@@ -578,7 +578,7 @@ def kivi_decode_attention(
     block_n: int = 0,
     num_warps: int = 4,
     num_stages: int = 2,
-    split_q: bool = False,
+    split_q: bool | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
 ) -> torch.Tensor:
@@ -588,7 +588,9 @@ def kivi_decode_attention(
     ``query * scale`` of the quantized tiles is rounded once to float16 (~1e-3 relative in
     the logits, far below a key quantization step); ``split_q=True`` adds the low-order
     part as a second dot (as accurate as the per-token kernels, but it costs ~60 registers
-    per thread in the fast path on sm_90, ``ci/kivi_aot.py``).  With packed values the
+    per thread in the fast path on sm_90, ``ci/kivi_aot.py``); ``None`` splits for 8-bit
+    keys only, whose quantization step is as fine as that rounding (on an H200 the single
+    dot missed the reference by up to 0.15 at K8V16, head_dim 128).  With packed values the
     chunked fast path runs (``packed_path=False``: the general kernel).  ``maxnreg``: the
     register cap per thread on CUDA; ``None`` caps the fast path at 128 for keys of 2 or 4
     bits with ``split_q`` off (it spills a little, and gains occupancy: on an H200 at batch
@@ -612,12 +614,20 @@ def kivi_decode_attention(
     block_n = block_n if block_n > 0 else min(g, 64)
     if g % block_n or block_n < 16:
         raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
+    if split_q is None:
+        split_q = kf.bits == 8
     group = hq // hkv
     block_h = 16
     valid_h = min(block_h, group)
     vms, vmh = _meta_strides(v_cache)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
     packed = v_cache.fmt.quantized if packed_path is None else (packed_path and v_cache.fmt.quantized)
+    if not packed and block_n < 32:
+        # tiles of 16 tokens give wrong outputs from the general kernel on CUDA (every case of
+        # bench/results/raw/kivi_cuda_diag_h200.json with block_n 16 off by ~1e3; the fast path
+        # and tiles of 32+ are exact); page groups are >= 32 in the server (kvtuner.config)
+        raise ValueError(f"the general per-channel decode kernel needs tiles of >= 32 tokens, got {block_n} "
+                         f"(page group {g})")
     kernel = _kivi_decode_stage1_packed if packed else _kivi_decode_stage1
     if maxnreg is None:
         maxnreg = 128 if packed and not split_q and kf.bits <= 4 else 0  # measured: K2V2, K4V4, K4V2
