@@ -56,7 +56,7 @@ def capacity(assign, mode, head_dim, kv_heads, n_layers) -> dict:
 
 def quant_mode(args) -> "C.QuantMode":
     """The quantization mode of the flags, built as ``kvtuner.calibrate``'s CLI builds it."""
-    return C.QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length)
+    return C.QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length, args.chunk)
 
 
 def check_preset_mode(path: str, meta: dict, mode) -> None:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="0: per-token keys; 1: per-channel keys (KIVI) over pages of --group-size tokens")
     ap.add_argument("--residual-length", type=int, default=0,
                     help="--axis-key 1: newest tokens kept in full precision (a multiple of --group-size; 0: one group)")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="evaluate in the server's chunked-prefill regime (kvtuner.calibrate --chunk)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot")

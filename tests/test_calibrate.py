@@ -352,3 +352,31 @@ def test_cli_around(model_dir, tmp_path, capsys):
     assert "around" not in load_preset(str(tmp_path / "d.yaml"))[1]["search"]
     assert _cli(model_dir, tmp_path / "x.yaml", "--around", "K3V2") == 2
     assert "--around must name a candidate" in capsys.readouterr().err
+
+
+def test_chunk_mode_is_the_served_regime(model, windows):
+    """--chunk N: each chunk's queries read their own N tokens as computed and the earlier
+    ones quantized.  One chunk covering the window reads nothing quantized (the reference);
+    with two chunks the first chunk's positions are exact and the second's are not, and the
+    strict mode (every query reads quantized K/V) loses more."""
+    t = windows.shape[1]
+    all2 = {l: (2, 2) for l in range(LAYERS)}
+    whole = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True, chunk=t)).evaluate(all2)
+    assert whole["kl"] == pytest.approx(0.0, abs=1e-6) and whole["top1"] == 1.0
+    half = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True, chunk=t // 2))
+    ids = windows[:1]
+    lp_ref = half._logprobs(ids, {})
+    lp = half._logprobs(ids, all2)
+    first = t // 2 - 1  # positions 0 .. t/2 - 2 predict tokens inside the first chunk
+    assert torch.allclose(lp[:, :first], lp_ref[:, :first], atol=1e-5)
+    assert not torch.allclose(lp[:, first + 1:], lp_ref[:, first + 1:], atol=1e-3)
+    strict = C.Evaluator(model, windows, C.QuantMode(GROUP, asym=True)).evaluate(all2)
+    assert 0 < half.evaluate(all2)["kl"] < strict["kl"]
+    assert half.mode.as_meta()["chunk"] == t // 2 and "chunk" not in C.QuantMode(GROUP).as_meta()
+
+
+def test_chunk_mode_errors():
+    with pytest.raises(C.CalibrationError, match="--chunk 24 must be a multiple of --group-size 16"):
+        C.QuantMode(16, axis_key=1, chunk=24)
+    with pytest.raises(C.CalibrationError, match="--chunk must be >= 0"):
+        C.QuantMode(16, chunk=-1)

@@ -13,7 +13,7 @@ import torch
 from kvtuner import calibrate as C
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS, HEAD_DIM, GROUP = 4, 16, 16
+LAYERS, HEAD_DIM, GROUP = 4, 32, 16  # head_dim 32: per-channel pages of 32 tokens need value groups of 32
 
 
 def _load():
@@ -75,7 +75,7 @@ def test_preset_mode_check():
 def test_kivi_presets_and_uniform_in_kivi_mode(model_dir, tmp_path):
     text = ("The quick brown fox jumps over the lazy dog. " * 8).strip()
     (tmp_path / "eval.txt").write_text(text)
-    kivi = ["--group-size", str(GROUP), "--asym", "--axis-key", "1", "--residual-length", "32"]
+    kivi = ["--group-size", "32", "--asym", "--axis-key", "1", "--residual-length", "32"]  # pages of >= 32
     preset = tmp_path / "kivi-3.0.yaml"
     assert C.main(["--model", str(model_dir), "--budget", "3.0", "--out", str(preset), "--max-tokens", "96",
                    "--seq-len", "48", "--device", "cpu", "--no-progress", "--verify", "2", "--metric", "nll",
@@ -85,7 +85,7 @@ def test_kivi_presets_and_uniform_in_kivi_mode(model_dir, tmp_path):
     out = tmp_path / "kivi.json"
     assert CC.main(common + kivi + ["--presets", str(preset), "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["mode"] == C.QuantMode(GROUP, True, 1, 32).as_meta()
+    assert res["mode"] == C.QuantMode(32, True, 1, 32).as_meta()
     by = {c["name"]: c for c in res["configs"]}
     assert by["searched 3"]["kind"] == "searched" and by["searched 3"]["average_bits"] <= 3.0
     assert {c["uniform"] for c in res["comparisons"] if c["budget"] == 3.0} == {"K4V2", "K2V4"}

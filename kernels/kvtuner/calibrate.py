@@ -110,8 +110,14 @@ class QuantMode:
     asym: bool = False
     axis_key: int = 0  # 0: per-token groups along head_dim; 1: per-channel keys over pages of group_size tokens
     residual_length: int = 0  # per-channel keys: full-precision window (0: one group)
+    # 0: every query reads quantized K/V (the strict regime).  N > 0: the server's regime under
+    # --chunked-prefill-size N: queries read their own chunk of N tokens in full precision (the
+    # new tokens of an extend) and earlier chunks as the pool holds them
+    chunk: int = 0
 
     def __post_init__(self) -> None:
+        if self.chunk < 0:
+            raise CalibrationError(f"--chunk must be >= 0 tokens, got {self.chunk}")
         if self.axis_key not in (0, 1):
             raise CalibrationError(f"--axis-key must be 0 (per-token) or 1 (per-channel), got {self.axis_key!r}")
         if self.group_size <= 0 and self.group_size != -1:
@@ -124,6 +130,9 @@ class QuantMode:
                 raise CalibrationError(
                     f"--residual-length {r} must be a multiple of --group-size {self.group_size} (at least one group)")
             object.__setattr__(self, "residual_length", r)
+            if self.chunk and self.chunk % self.group_size:
+                raise CalibrationError(f"--chunk {self.chunk} must be a multiple of --group-size {self.group_size} "
+                                       "with --axis-key 1 (chunks end on page boundaries, as in the server)")
         elif self.residual_length:
             raise CalibrationError("--residual-length applies to --axis-key 1 only")
 
@@ -142,6 +151,8 @@ class QuantMode:
              "group_size": self.group_size, "asym": self.asym}
         if self.axis_key == 1:
             m["residual_length"] = self.residual_length
+        if self.chunk:
+            m["chunk"] = self.chunk
         return m
 
 
@@ -216,6 +227,20 @@ def _quant_cache(model, assignment: Mapping[int, Candidate], mode: QuantMode):
             value_states = fake_quant(value_states, c[1], mode)
         return orig(key_states, value_states, layer_idx, *args, **kwargs)
 
+    if mode.chunk:
+        # the served regime: the cache keeps full-precision K/V; each chunk's queries read the
+        # earlier positions as the pool holds them (fake_quant of the whole prefix, so per-channel
+        # pages and the residual window follow the prefix length) and their own chunk as is
+        def update(key_states, value_states, layer_idx, *args, **kwargs):  # noqa: F811
+            k_all, v_all = orig(key_states, value_states, layer_idx, *args, **kwargs)
+            c = assignment.get(layer_idx)
+            n_past = k_all.shape[-2] - key_states.shape[-2]
+            if c is None or n_past == 0:
+                return k_all, v_all
+            kp = fake_quant(k_all[..., :n_past, :], c[0], mode, key=True)
+            vp = fake_quant(v_all[..., :n_past, :], c[1], mode)
+            return torch.cat([kp, key_states], dim=-2), torch.cat([vp, value_states], dim=-2)
+
     cache.update = update
     return cache
 
@@ -251,7 +276,8 @@ class Evaluator:
     def __post_init__(self) -> None:
         self.device = next(self.model.parameters()).device
         self.windows = self.windows.to(self.device)
-        self._layers = _decoder_layers(self.model) if self.reuse_prefix else None
+        # chunked runs cannot replay one whole-window layer output, so they run every layer
+        self._layers = _decoder_layers(self.model) if self.reuse_prefix and not self.mode.chunk else None
         for ids in self._batches():
             outs: dict = {}
             handles = []
@@ -291,11 +317,13 @@ class Evaluator:
                 layer.forward = lambda *a, _o=out_prev, **k: _o
                 stubbed.append(layer)
         try:
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            step = self.mode.chunk or ids.shape[1]
+            logits = torch.cat([self.model(input_ids=ids[:, s : s + step], past_key_values=cache, use_cache=True).logits
+                                for s in range(0, ids.shape[1], step)], dim=1)
         finally:
             for layer in stubbed:
                 del layer.forward
-        return torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
+        return torch.log_softmax(logits[:, :-1].float(), dim=-1)
 
     def _nll_of(self, logps: Sequence[torch.Tensor]) -> float:
         tot = 0.0
@@ -735,6 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--axis-key 1: newest tokens kept in full precision (a multiple of --group-size; 0: one group)")
     ap.add_argument("--metric", choices=METRICS, default="kl",
                     help="kl: KL divergence vs the unquantized model; nll: log perplexity increase")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="evaluate as the server with --chunked-prefill-size CHUNK does: each chunk's queries read "
+                         "their own tokens in full precision and earlier ones quantized (0: every query reads "
+                         "quantized K/V)")
     ap.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     ap.add_argument("--dtype", default="auto", help="model dtype: auto (bfloat16), bfloat16, float16, float32")
     ap.add_argument("--verify", type=int, default=8,
@@ -770,7 +802,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args, argv) -> int:
     t0 = time.time()
-    mode = QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length)
+    mode = QuantMode(args.group_size, args.asym, args.axis_key, args.residual_length, args.chunk)
     if not (2 <= args.budget <= 8):
         raise CalibrationError(f"--budget must be between 2 and 8 average bits, got {args.budget}")
     if args.max_tokens < 2 or args.seq_len < 2:
