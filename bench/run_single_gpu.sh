@@ -6,11 +6,15 @@
 # call.  Run the calls back to back (the machine keeps /tmp only while warm):
 #   E2E="int4_kivi int4" bench/run_single_gpu.sh tests       # carry .bundle: unpack; CUDA tests
 #                                                            #   (per-channel, extend/prefix, decode, prefill backends)
+#   E2E="bf16 int4" bench/run_single_gpu.sh bundle           # carry .bundle: unpack only, then the queue
 #   E2E="..." bench/run_single_gpu.sh gguf0                  # carry .stageB: first GGUF half
 #   E2E="..." bench/run_single_gpu.sh quality                # carry .stageC: convert; served quality (QUALITY configs)
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
 #                                                            #   the last part (LAST=1) also installs flash_ops
+# Issue 5 in one machine (make fa3-parts gives 3 parts at xz -9): bundle with E2E="bf16 int4
+# fp8_e4m3 int8", fa3 0 / fa3 1 with the @flashinfer configurations, LAST=1 fa3 2 with the @fa3
+# ones; then bench/combine_backends.py --dir <the e2e files> --out bench/results/backends.json.
 # Each configuration writes $OUT/e2e_<name>.json (bench/combine_backends.py and combine_kivi.py
 # read them); GIT_SHA must be set (the host's git metadata is stale).
 set -u
@@ -41,16 +45,20 @@ queue() {  # run the E2E configurations while time is left
 case $step in
 tests)
     tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L || exit 1
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/kernels/test_kivi.py tests/test_pool_backend_kivi.py \
-        tests/kernels/test_extend.py tests/kernels/test_decode.py tests/test_prefill_backends_kvtuner.py \
-        --junitxml "$OUT/pytest_gpu.xml" > "$OUT/pytest_gpu.txt" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" | tail -25
+    # our kernels first; FlashInfer's JIT build (minutes on a bare host) in a run of its own
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -rf tests/kernels/test_kivi.py tests/test_pool_backend_kivi.py \
+        tests/kernels/test_extend.py tests/kernels/test_decode.py > "$OUT/pytest_gpu.txt" 2>&1
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf tests/test_prefill_backends_kvtuner.py \
+        > "$OUT/pytest_gpu_flashinfer.txt" 2>&1
+    grep -hE "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.txt" "$OUT/pytest_gpu_flashinfer.txt" | tail -25
     # a per-channel decode failure: which feature / compile setting (bench/kivi_cuda_diag.py)
     if grep -q "^FAILED tests/kernels/test_kivi.py" "$OUT/pytest_gpu.txt"; then
         timeout 150 python3 bench/kivi_cuda_diag.py --out "$OUT/kivi_cuda_diag.json" > "$OUT/kivi_cuda_diag.txt" 2>&1
         grep -v '"max_err": [0-9.e-]*, "max_ref"' "$OUT/kivi_cuda_diag.txt" | tail -5
         python3 -c 'import json,sys; [print(r) for r in json.load(open(sys.argv[1]))["rows"] if r.get("error") or r["max_err"] > .05]' "$OUT/kivi_cuda_diag.json" | head -40
     fi ;;
+bundle)
+    tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L || exit 1 ;;
 gguf0)
     cp .stageB/gguf.part00 /tmp/stage/ || exit 1 ;;
 quality)
