@@ -172,7 +172,10 @@ def main(argv=None) -> int:
         c["assignment"] = {str(l): C.cand_name(v) for l, v in sorted(c["assignment"].items())}
     result = {
         "what": "searched KVTuner presets vs uniform widths; joint evaluation on held-out text against the "
-                "unquantized model (kvtuner.reference quantizer, keys after RoPE, every token reads quantized KV)",
+                "unquantized model (kvtuner.reference quantizer, keys after RoPE, "
+                + (f"chunks of {mode.chunk} tokens as the server's chunked prefill: each chunk reads its own "
+                   "tokens unquantized and earlier ones quantized)" if mode.chunk
+                   else "every token reads quantized KV)"),
         "model": args.model, "num_layers": n_layers, "head_dim": head_dim, "num_kv_heads": kv_heads,
         "mode": mode.as_meta(), "dtype": "bfloat16",
         "eval_data": {"file": str(Path(args.eval_file).resolve().relative_to(ROOT)) if Path(args.eval_file).resolve().is_relative_to(ROOT) else args.eval_file,

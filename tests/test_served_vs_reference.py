@@ -1,0 +1,39 @@
+"""bench/served_vs_reference.py: served names map onto the reference's, bf16 onto its unquantized
+run, other modes' names are skipped, and a chunk-size mismatch is refused."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import served_vs_reference as SV  # noqa: E402
+
+
+def _files(tmp_path, chunk=64):
+    served = tmp_path / "s.json"
+    served.write_text(json.dumps({"device": "H200", "git_sha": "x", "chunked_prefill_size": chunk, "results": {
+        "bf16": {"ok": True, "ppl": 25.0}, "K4V2-kivi": {"ok": True, "ppl": 26.0}, "K4V2": {"ok": True, "ppl": 27.0},
+        "searched-3.0-kivi": {"ok": True, "ppl": 25.5}, "K2V2-kivi": {"ok": False}}}))
+    ref = tmp_path / "r.json"
+    ref.write_text(json.dumps({"mode": {"chunk": 64}, "command": "c", "reference": {"ppl": 25.0}, "configs": [
+        {"name": "K4V2", "heldout": {"ppl": 26.26}}, {"name": "searched 3", "heldout": {"ppl": 25.5}},
+        {"name": "K2V2", "heldout": {"ppl": 30.0}}]}))
+    return served, ref
+
+
+def test_rows(tmp_path):
+    served, ref = _files(tmp_path)
+    out = tmp_path / "o.json"
+    assert SV.main(["--served", str(served), "--reference", str(ref), "--suffix=-kivi", "--out", str(out)]) == 0
+    rows = {r["served"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"bf16", "K4V2-kivi", "searched-3.0-kivi"}  # per-token K4V2 and failed runs skipped
+    assert rows["K4V2-kivi"]["reference"] == "K4V2" and rows["K4V2-kivi"]["rel_diff"] == -0.0099
+    assert rows["searched-3.0-kivi"]["reference"] == "searched 3" and rows["bf16"]["rel_diff"] == 0
+
+
+def test_chunk_mismatch_refused(tmp_path, capsys):
+    served, ref = _files(tmp_path, chunk=32)
+    assert SV.main(["--served", str(served), "--reference", str(ref), "--suffix=-kivi", "--out",
+                    str(tmp_path / "o.json")]) == 2
+    assert "--chunk 64" in capsys.readouterr().err
