@@ -128,7 +128,10 @@ def main(argv=None) -> int:
         qc.check_model(n_layers, head_dim)  # what the server checks
         meta = qc.preset_meta
         check_preset_mode(p, meta, mode)
-        configs.append({"name": f"searched {meta['budget']:g}", "kind": "searched", "preset": p,
+        name = f"searched {meta['budget']:g}"
+        if any(c["name"] == name for c in configs):  # a second preset of the same budget: named by its file
+            name = f"{name} ({Path(p).stem})"
+        configs.append({"name": name, "kind": "searched", "preset": p,
                         "budget": meta["budget"], "calibration_loss": {
                             "metric": meta["metric"], "predicted": meta["predicted_loss"],
                             "measured": meta["measured_loss"], "uniform_same_average": meta["uniform_same_average"]},
@@ -155,10 +158,8 @@ def main(argv=None) -> int:
     by = {c["name"]: c for c in configs}
     comparisons = []
     for budget, uniforms in ((4.0, ("K4V4",)), (3.0, ("K4V2", "K2V4"))):
-        s = by.get(f"searched {budget:g}")
-        if s is None:
-            continue
-        for u in uniforms:
+        for s, u in ((s, u) for s in configs if s.get("budget") == budget and s["kind"] != "uniform"
+                     for u in uniforms):
             a, b = s["heldout"], by[u]["heldout"]
             comparisons.append({
                 "budget": budget, "searched": s["name"], "uniform": u,

@@ -59,6 +59,9 @@ for _name in ("K2V2", "K4V4", "K4V2", "K2V4"):
 # issue 8 with per-channel keys: the preset searched in that mode (kvtuner.calibrate --axis-key 1)
 CONFIGS["searched-3.0-kivi"] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config",
                                 "bench/presets/smollm2-kvtuner-kivi-3.0.yaml", *ASYM, *KIVI]
+# ... and the one searched in the server's regime (kvtuner.calibrate --chunk 64 --metric kl --around K4V2)
+CONFIGS["searched-3.0-kivi-chunk"] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config",
+                                      "bench/presets/smollm2-kvtuner-kivi-chunk64-3.0.yaml", *ASYM, *KIVI]
 DEFAULT_CONFIGS = [n for n in CONFIGS if n not in ("K2V2", "K2V4") and not n.endswith("-kivi")]
 
 
