@@ -18,13 +18,19 @@ import sys
 from pathlib import Path
 
 
+# served-name tags of presets that calibration_compare names by file (a second preset of a budget)
+PRESET_OF = {"chunk": "smollm2-kvtuner-kivi-chunk64-3.0"}
+
+
 def _ref_name(served: str, suffix: str) -> str | None:
-    if suffix and served.endswith(suffix):
-        served = served[: -len(suffix)]
-    elif suffix and served != "bf16":
-        return None
+    if suffix and served != "bf16":
+        if not (served.endswith(suffix) or suffix + "-" in served):
+            return None
+        served = served.replace(suffix, "", 1)  # K4V2-kivi -> K4V2, searched-3.0-kivi-chunk -> searched-3.0-chunk
     if served.startswith("searched-"):
-        return "searched " + f"{float(served.split('-')[1]):g}"
+        name = "searched " + f"{float(served.split('-')[1]):g}"
+        tag = served.split("-", 2)[2] if served.count("-") > 1 else ""
+        return f"{name} ({PRESET_OF[tag]})" if tag in PRESET_OF else name
     return served
 
 
