@@ -211,7 +211,9 @@ def _model_shape(model) -> tuple[int, int, int]:
 
 def _quant_cache(model, assignment: Mapping[int, Candidate], mode: QuantMode):
     """A transformers DynamicCache whose update quantizes K (after RoPE) and V of the layers
-    in ``assignment`` before they are stored, so every query reads the quantized values."""
+    in ``assignment`` before they are stored, so every query reads the quantized values; with
+    ``mode.chunk`` (the model is then run chunk by chunk) each chunk reads its own K/V as
+    computed and the earlier positions quantized."""
     from transformers import DynamicCache
 
     try:
