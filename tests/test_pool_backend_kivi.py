@@ -104,17 +104,17 @@ def _i32(xs):
     return torch.tensor(xs, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("kw", [dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32),
-                                dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64),
-                                dict(enable_kvtuner_quant=True, nbits_key=2, nbits_value=4, q_group_size=32,
-                                     residual_length=32)])
-def test_backend_kivi_extend_decode(kw):
+@pytest.mark.parametrize("kw,cap", [(dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32), 0.0),
+                                    (dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64), 0.0),
+                                    (dict(enable_kvtuner_quant=True, nbits_key=2, nbits_value=4, q_group_size=32,
+                                          residual_length=32), 30.0)])
+def test_backend_kivi_extend_decode(kw, cap):
     cfg = KVQuantConfig.from_flags(axis_key=1, **kw)
     g = cfg.group_size
     hx = Harness(cfg, g)
     kd, vd, km, vm = hx.pool.get_raw_kv_buffer(0)
     assert km.shape[0] == kd.shape[0] // g and hx.method.rings[0].shape == (5 * cfg.residual_length, H_KV, D)
-    layer = layer_ns()
+    layer = layer_ns(cap=cap)  # a logit cap (Gemma-2 style) on the last case
     gen = torch.Generator().manual_seed(g + cfg.residual_length)
 
     def rnd(*shape):
@@ -145,7 +145,7 @@ def test_backend_kivi_extend_decode(kw):
         kf, vf = hx.method.layer_formats(0)
         want = ref.extend_attention_kivi_ref(q.view(ne, H_Q, D), k, v, kd, km, kf, hx.method.rings[0],
                                              cfg.residual_length, vd, vm, vf, qo, kv_indptr, kv_idx,
-                                             fb.req_pool_indices, layer.scaling)
+                                             fb.req_pool_indices, layer.scaling, logit_cap=cap)
         torch.testing.assert_close(o.view(ne, H_Q, D).float(), want, atol=2e-2, rtol=2e-2)
 
     # decode steps (one token each) across page completions; request 0 is CUDA-graph padding
@@ -168,7 +168,7 @@ def test_backend_kivi_extend_decode(kw):
             kf, vf = hx.method.layer_formats(0)
             want = ref.decode_attention_kivi_ref(qd.view(4, H_Q, D), kd, km, kf, hx.method.rings[0],
                                                  cfg.residual_length, vd, vm, vf, kv_indptr, kv_idx,
-                                                 fb.req_pool_indices, layer.scaling)
+                                                 fb.req_pool_indices, layer.scaling, logit_cap=cap)
             torch.testing.assert_close(o.view(4, H_Q, D)[1:].float(), want[1:], atol=2e-2, rtol=2e-2)
     hx.check_state()
 
@@ -181,14 +181,15 @@ def test_pool_direct_write_refused():
         hx.pool.set_kv_buffer(layer_ns(), torch.tensor([32, 33], device=DEVICE), k, k)
 
 
-def test_logit_cap_refused_with_a_clear_message():
-    """Per-channel keys with a logit cap are refused (not yet validated on CUDA); the message
-    names the flag that works instead."""
+def test_sliding_window_refused_with_a_clear_message():
+    """Per-channel keys with a sliding window are refused, in decode and in extend."""
     cfg = KVQuantConfig.from_flags("int4", axis_key=1, q_group_size=32, residual_length=32)
     hx = Harness(cfg, 32)
-    for call in (lambda: hx.hook.decode(None, None, layer_ns(cap=30.0), None, None, None, None, None, 8, 30.0),
-                 lambda: hx.hook.extend(None, None, None, None, layer_ns(cap=30.0), None, None, None, 8, 30.0, True)):
-        with pytest.raises(NotImplementedError, match="logit cap.*--kvtuner-axis-key 0"):
+    layer = layer_ns()
+    layer.sliding_window_size = 64
+    for call in (lambda: hx.hook.decode(None, None, layer, None, None, None, None, None, 8, 0.0),
+                 lambda: hx.hook.extend(None, None, None, None, layer, None, None, None, 8, 0.0, True)):
+        with pytest.raises(NotImplementedError, match="sliding window"):
             call()
 
 
