@@ -29,6 +29,7 @@ QWEN="--suite qwen --model bench/configs/qwen2.5-7b --startup-timeout 420 --ctx 
 QX="--load-format dummy --mem-fraction-static 0.7 --cuda-graph-max-bs 64 --disable-prefill-cuda-graph"
 QUALITY=${QUALITY:-bf16 K4V2-kivi K2V4-kivi searched-3.0-kivi}
 cleanup() { pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
+unpack() { tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L; }
 
 queue() {  # run the E2E configurations while time is left
     local left=() port=31000 c
@@ -44,7 +45,7 @@ queue() {  # run the E2E configurations while time is left
 
 case $step in
 tests)
-    tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L || exit 1
+    unpack || exit 1
     # our kernels first; FlashInfer's JIT build (minutes on a bare host) in a run of its own
     timeout 240 python3 -m pytest -q -p no:cacheprovider -rf tests/kernels/test_kivi.py tests/test_pool_backend_kivi.py \
         tests/kernels/test_extend.py tests/kernels/test_decode.py > "$OUT/pytest_gpu.txt" 2>&1
@@ -58,7 +59,7 @@ tests)
         python3 -c 'import json,sys; [print(r) for r in json.load(open(sys.argv[1]))["rows"] if r.get("error") or r["max_err"] > .05]' "$OUT/kivi_cuda_diag.json" | head -40
     fi ;;
 bundle)
-    tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L || exit 1 ;;
+    unpack || exit 1 ;;
 gguf0)
     cp .stageB/gguf.part00 /tmp/stage/ || exit 1 ;;
 quality)

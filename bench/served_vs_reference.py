@@ -4,8 +4,9 @@ bench/calibration_compare.py run with the same chunked-prefill size, group and k
 
     python bench/served_vs_reference.py --served S.json [S2.json ..] --reference R.json [--suffix -kivi] --out O.json
 
-Served names ``K4V2`` / ``K4V2-kivi`` / ``searched-3.0`` / ``searched-3.0-kivi`` match the
-reference's ``K4V2`` / ``searched 3``; bf16 is matched with the reference's unquantized run.
+Served ``K4V2`` / ``K4V2-kivi`` match the reference's ``K4V2``; a served preset matches the
+reference configuration of the same preset file; bf16 is matched with the reference's
+unquantized run.
 The reference quantizes with ``kvtuner.reference`` in transformers (no kernel, no SGLang), so
 agreement says the served figures come from the KV format and not from the serving path.
 """
@@ -18,33 +19,30 @@ import sys
 from pathlib import Path
 
 
-# served-name tags of presets that calibration_compare names by file (a second preset of a budget)
-PRESET_OF = {"chunk": "smollm2-kvtuner-kivi-chunk64-3.0"}
-
-
-def _ref_name(served: str, suffix: str) -> str | None:
-    if suffix and served != "bf16":
-        if not (served.endswith(suffix) or suffix + "-" in served):
-            return None
-        served = served.replace(suffix, "", 1)  # K4V2-kivi -> K4V2, searched-3.0-kivi-chunk -> searched-3.0-chunk
-    if served.startswith("searched-"):
-        name = "searched " + f"{float(served.split('-')[1]):g}"
-        tag = served.split("-", 2)[2] if served.count("-") > 1 else ""
-        return f"{name} ({PRESET_OF[tag]})" if tag in PRESET_OF else name
-    return served
+def _ref_name(served: str, result: dict, suffix: str, by_preset: dict) -> str | None:
+    """The reference configuration a served one is compared with: a searched preset by the
+    file its flags load (``--kvtuner-config``), a uniform one by name without ``suffix``;
+    None for a served configuration of another mode (no ``suffix``)."""
+    if suffix and served != "bf16" and not (served.endswith(suffix) or suffix + "-" in served):
+        return None
+    flags = result.get("flags") or []
+    if "--kvtuner-config" in flags:
+        return by_preset.get(flags[flags.index("--kvtuner-config") + 1])
+    return served.replace(suffix, "", 1) if suffix else served  # K4V2-kivi -> K4V2
 
 
 def build(served_files: list[Path], ref_file: Path, suffix: str) -> dict:
     ref = json.loads(ref_file.read_text())
     by_ref = {c["name"]: c["heldout"] for c in ref["configs"]}
     by_ref["bf16"] = {"ppl": ref["reference"]["ppl"]}
+    by_preset = {c["preset"]: c["name"] for c in ref["configs"] if c.get("preset")}
     rows, sources = [], []
     for f in served_files:
         d = json.loads(f.read_text())
         sources.append({"file": str(f), "device": d.get("device"), "git_sha": d.get("git_sha"),
                         "chunked_prefill_size": d.get("chunked_prefill_size")})
         for name, r in d["results"].items():
-            rn = _ref_name(name, suffix)
+            rn = _ref_name(name, r, suffix, by_preset)
             if rn is None or rn not in by_ref or not r.get("ok") or any(x["served"] == name for x in rows):
                 continue
             s, c = r["ppl"], by_ref[rn]["ppl"]

@@ -16,13 +16,15 @@ def _files(tmp_path, chunk=64):
     served = tmp_path / "s.json"
     served.write_text(json.dumps({"device": "H200", "git_sha": "x", "chunked_prefill_size": chunk, "results": {
         "bf16": {"ok": True, "ppl": 25.0}, "K4V2-kivi": {"ok": True, "ppl": 26.0}, "K4V2": {"ok": True, "ppl": 27.0},
-        "searched-3.0-kivi": {"ok": True, "ppl": 25.5}, "K2V2-kivi": {"ok": False},
-        "searched-3.0-kivi-chunk": {"ok": True, "ppl": 25.4}}}))
+        "searched-3.0-kivi": {"ok": True, "ppl": 25.5, "flags": ["--kvtuner-config", "p/kivi-3.0.yaml"]},
+        "K2V2-kivi": {"ok": False},
+        "searched-3.0-kivi-chunk": {"ok": True, "ppl": 25.4, "flags": ["--kvtuner-config", "p/kivi-chunk64-3.0.yaml"]}}}))
     ref = tmp_path / "r.json"
     ref.write_text(json.dumps({"mode": {"chunk": 64}, "command": "c", "reference": {"ppl": 25.0}, "configs": [
-        {"name": "K4V2", "heldout": {"ppl": 26.26}}, {"name": "searched 3", "heldout": {"ppl": 25.5}},
+        {"name": "K4V2", "heldout": {"ppl": 26.26}}, {"name": "searched 3", "heldout": {"ppl": 25.5}, "preset": "p/kivi-3.0.yaml"},
         {"name": "K2V2", "heldout": {"ppl": 30.0}},
-        {"name": "searched 3 (smollm2-kvtuner-kivi-chunk64-3.0)", "heldout": {"ppl": 25.4}}]}))
+        {"name": "searched 3 (smollm2-kvtuner-kivi-chunk64-3.0)", "heldout": {"ppl": 25.4},
+         "preset": "p/kivi-chunk64-3.0.yaml"}]}))
     return served, ref
 
 
@@ -31,7 +33,7 @@ def test_rows(tmp_path):
     out = tmp_path / "o.json"
     assert SV.main(["--served", str(served), "--reference", str(ref), "--suffix=-kivi", "--out", str(out)]) == 0
     rows = {r["served"]: r for r in json.loads(out.read_text())["rows"]}
-    # per-token K4V2 and failed runs skipped; a second preset of a budget matched by its file
+    # per-token K4V2 and failed runs skipped; presets matched by the file the flags load
     assert set(rows) == {"bf16", "K4V2-kivi", "searched-3.0-kivi", "searched-3.0-kivi-chunk"}
     assert rows["searched-3.0-kivi-chunk"]["reference"] == "searched 3 (smollm2-kvtuner-kivi-chunk64-3.0)"
     assert rows["K4V2-kivi"]["reference"] == "K4V2" and rows["K4V2-kivi"]["rel_diff"] == -0.0099

@@ -222,28 +222,27 @@ def _quant_cache(model, assignment: Mapping[int, Candidate], mode: QuantMode):
         cache = DynamicCache()
     orig = cache.update
 
-    def update(key_states, value_states, layer_idx, *args, **kwargs):
+    def strict(key_states, value_states, layer_idx, *args, **kwargs):
         c = assignment.get(layer_idx)
         if c is not None:
             key_states = fake_quant(key_states, c[0], mode, key=True)  # [batch, heads, T, D]
             value_states = fake_quant(value_states, c[1], mode)
         return orig(key_states, value_states, layer_idx, *args, **kwargs)
 
-    if mode.chunk:
+    def chunked(key_states, value_states, layer_idx, *args, **kwargs):
         # the served regime: the cache keeps full-precision K/V; each chunk's queries read the
         # earlier positions as the pool holds them (fake_quant of the whole prefix, so per-channel
         # pages and the residual window follow the prefix length) and their own chunk as is
-        def update(key_states, value_states, layer_idx, *args, **kwargs):  # noqa: F811
-            k_all, v_all = orig(key_states, value_states, layer_idx, *args, **kwargs)
-            c = assignment.get(layer_idx)
-            n_past = k_all.shape[-2] - key_states.shape[-2]
-            if c is None or n_past == 0:
-                return k_all, v_all
-            kp = fake_quant(k_all[..., :n_past, :], c[0], mode, key=True)
-            vp = fake_quant(v_all[..., :n_past, :], c[1], mode)
-            return torch.cat([kp, key_states], dim=-2), torch.cat([vp, value_states], dim=-2)
+        k_all, v_all = orig(key_states, value_states, layer_idx, *args, **kwargs)
+        c = assignment.get(layer_idx)
+        n_past = k_all.shape[-2] - key_states.shape[-2]
+        if c is None or n_past == 0:
+            return k_all, v_all
+        kp = fake_quant(k_all[..., :n_past, :], c[0], mode, key=True)
+        vp = fake_quant(v_all[..., :n_past, :], c[1], mode)
+        return torch.cat([kp, key_states], dim=-2), torch.cat([vp, value_states], dim=-2)
 
-    cache.update = update
+    cache.update = chunked if mode.chunk else strict
     return cache
 
 
