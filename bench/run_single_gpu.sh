@@ -10,6 +10,7 @@
 #   E2E="..." bench/run_single_gpu.sh gguf0                  # carry .stageB: first GGUF half
 #   E2E="..." bench/run_single_gpu.sh quality                # carry .stageC: convert; served quality (QUALITY configs)
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
+#   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
 #                                                            #   the last part (LAST=1) also installs flash_ops
 # Issue 5 in one machine (make fa3-parts gives 3 parts at xz -9): bundle with E2E="bf16 int4
@@ -29,7 +30,19 @@ QWEN="--suite qwen --model bench/configs/qwen2.5-7b --startup-timeout 420 --ctx 
 QX="--load-format dummy --mem-fraction-static 0.7 --cuda-graph-max-bs 64 --disable-prefill-cuda-graph"
 QUALITY=${QUALITY:-bf16 K4V2-kivi K2V4-kivi searched-3.0-kivi}
 cleanup() { pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
-unpack() { tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site && nvidia-smi -L; }
+# FlashInfer's JIT runs `ninja`: the bundle's ninja wheel is unpacked without its exec bit
+export PATH=/tmp/site/bin:$PATH FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp}  # JIT cache kept with /tmp while warm
+unpack() {
+    tar xJf .bundle/kvtuner-sglang-bundle-py312.tar.xz -C /tmp/site || return 1
+    local n; n=$(ls /tmp/site/ninja-*.data/scripts/ninja 2>/dev/null | head -n1)
+    if [ -n "$n" ]; then chmod +x "$n"; mkdir -p /tmp/site/bin; ln -sf "$n" /tmp/site/bin/ninja; fi
+    echo "ninja: $(command -v ninja || echo 'none (FlashInfer cannot JIT-compile)')"; nvidia-smi -L
+}
+backends() {  # the per-backend end-to-end GPU test (tests/test_backends_gpu.py) for $1
+    timeout "${2:-300}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_backends_gpu.py -k "$1" \
+        > "$OUT/pytest_backends_$1.txt" 2>&1
+    grep -hE "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/pytest_backends_$1.txt" | tail -5
+}
 
 queue() {  # run the E2E configurations while time is left
     local left=() port=31000 c
@@ -44,6 +57,8 @@ queue() {  # run the E2E configurations while time is left
 }
 
 case $step in
+backends)  # carry nothing (bundle unpacked by an earlier call): BACKENDS="flashinfer fa3"
+    for b in ${BACKENDS:-flashinfer}; do backends "$b"; done ;;
 tests)
     unpack || exit 1
     # our kernels first; FlashInfer's JIT build (minutes on a bare host) in a run of its own
@@ -71,7 +86,8 @@ quality)
 e2e) ;;
 fa3)
     bench/fa3_host.sh stage "${2:?part number}" || exit 1
-    if [ "${LAST:-0}" = 1 ]; then bench/fa3_host.sh install || exit 1; fi ;;
+    if [ "${LAST:-0}" = 1 ]; then bench/fa3_host.sh install || exit 1; fi
+    for b in ${BACKENDS:-}; do backends "$b"; done ;;
 *) echo "unknown step $step" >&2; exit 2 ;;
 esac
 queue
