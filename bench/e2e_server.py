@@ -70,7 +70,7 @@ for _suite in (EMBEDDED, QWEN):
 # both phases in that backend; int KV: its prefill + kvtuner prefix, triton decode; fa3 needs
 # flash_ops on the host: make fa3-parts, bench/fa3_host.sh).
 for _suite in (EMBEDDED, QWEN):
-    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "K8V4", "mixed")]:
+    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "int2_asym", "K8V4", "mixed")]:
         for _backend in ("flashinfer", "fa3"):
             _suite[f"{_name}@{_backend}"] = [*_suite[_name], "--attention-backend", _backend]
 PROMPTS = [
