@@ -75,10 +75,25 @@ def build(run_dir: Path) -> dict:
             "rows": rows, "targets": targets, "not_run": not_run}
 
 
+def markdown(b: dict) -> str:
+    """The README's table: every backend x dtype that ran, next to bf16 on the same backend."""
+    lines = ["| backend | kv cache | KV tokens | vs bf16 | TTFT 8k (ms) | vs bf16 | decode tok/s (bs 64, 8k) | vs bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in b["rows"]:
+        if not r["ok"]:
+            lines.append(f"| {r['backend']} | {r['dtype']} | failed: {r.get('error', '')[:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['backend']} | {r['dtype']} | {r['kv_tokens']:,} | {r.get('capacity_vs_bf16', '')}x | "
+                     f"{r['ttft_8k_ms']} | {r.get('ttft_vs_bf16', '')} | {r['decode_tok_s']} | {r.get('decode_vs_bf16', '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", required=True, help="folder of e2e_*.json from one GPU run")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--command", action="append", default=[], help="how the files were made (repeatable)")
+    ap.add_argument("--md", help="also write the markdown table here")
     a = ap.parse_args(argv)
     run_dir = Path(a.dir)
     if not any(run_dir.glob("e2e_*.json")):
@@ -88,7 +103,10 @@ def main(argv=None) -> int:
     if len(out["devices"]) > 1:
         print(f"combine_backends: error: one run per table, found devices {out['devices']}", file=sys.stderr)
         return 2
+    out["commands"] = a.command
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    if a.md:
+        Path(a.md).write_text(markdown(out))
     for r in out["rows"]:
         print(r)
     print(out["targets"], "not run:", " ".join(out["not_run"]))

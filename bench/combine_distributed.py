@@ -37,6 +37,8 @@ COMMANDS = [
     "QWEN_JOBS=tp2pp2:int4,tp2pp2:int8,tp2pp2:mixed,tp2pp2:K8V4 bench/run_distributed_gpu.sh both   (run3)",
     "GIT_SHA=44f1b1d GPU_POOL=0,1 EMB_JOBS=pp2:bf16+int4+K8V4,tp2:mixed bench/run_distributed_gpu.sh embedded   "
     "(run4, on 2x H200 after bench/run_kivi_gpu.sh had made /tmp/model)",
+    "GIT_SHA=dcd107a EXTRA_ADD='--dtype float16' EMB_OUT=dist_fp16 GPU_POOL=0,1 EMB_JOBS=single:bf16+int8,tp2:bf16+int8 "
+    "bench/run_distributed_gpu.sh embedded   (run5, 2x H200: the model in float16, dist_fp16_h200x2.json)",
 ]
 NOTES = [
     "Server flags of every process: --attention-backend triton --sampling-backend pytorch --grammar-backend none "
@@ -55,6 +57,12 @@ NOTES = [
     "the single-GPU tokens exactly, tp2 does not.  On this 135M model greedy chains diverge after the first "
     "near-tie: bf16 tp2 vs bf16 single is 89.8% (run1), and int8 amplifies bf16-level differences into whole "
     "quantization steps (int8 vs bf16 on one GPU was 64% in bench/results/raw/integration_embedded_h100_packed.json).",
+    "run5 (float16_tp2 below) serves the model in float16 (10 mantissa bits instead of bf16's 7) to see how much "
+    "of tp2's greedy gap is reduction-order noise: with unquantized KV (the 'bf16' rows, float16 in this run) tp2 vs single rises from 89.8% to 99.2%, int8 tp2 vs "
+    "single from 61.3% to 91.8% (teacher-forced top-1 99.4% for both).  float32 was tried first and does not "
+    "start in upstream SGLang 0.5.17 (sgl_kernel's rmsnorm has no float32 kernel: 'failed to dispatch data "
+    "type Float').  The remaining int8 gap is the quantizer's: a K value that differs in its last fp16 bit "
+    "between layouts can round to the neighbouring int8 level, a step ~100x larger than the difference.",
     "Throughput in the concurrency table: output tokens actually returned / wall time (prompt 512, output 128, "
     "ignore_eos); the 135M model is too small for TP/PP to pay off (communication dominates), so the tables "
     "show that layouts serve correctly, not that they are faster.",
@@ -108,6 +116,15 @@ def main(argv=None) -> int:
     sb = emb["results"].get("single/bf16", {}).get("max_total_num_tokens")
     dist = {"issue": 10, "model": EMBEDDED_MODEL, "raw_files": [p.name for p in emb_files],
             "commands": COMMANDS, "notes": NOTES, "summary": summary(emb["results"], sb), **emb}
+    fp16_files = sorted(raw.glob("dist_fp16_*.json"))
+    if fp16_files:
+        fp16 = load_merged(fp16_files, ONE_OR_TWO)
+        dist["float16_tp2"] = {
+            "what": "the same model served with --dtype float16: tp2 vs single without most of bf16's "
+                    "reduction-order noise (see notes)",
+            "raw_files": [p.name for p in fp16_files],
+            "summary": summary(fp16["results"], fp16["results"].get("single/bf16", {}).get("max_total_num_tokens")),
+            **fp16}
     (out / "distributed.json").write_text(json.dumps(dist, indent=1))
 
     four_emb = load_merged(emb_files, ("single",) + FOUR)
@@ -123,7 +140,7 @@ def main(argv=None) -> int:
         "smollm2_padded": {"model": EMBEDDED_MODEL, "summary": summary(four_emb["results"], sb), **four_emb},
     }
     (out / "four_gpu.json").write_text(json.dumps(four, indent=1))
-    for name, rows in (("distributed", dist["summary"]), ("four_gpu qwen", four["qwen2.5-7b_dummy"]["summary"]),
+    for name, rows in (("distributed", dist["summary"]), ("float16", dist.get("float16_tp2", {}).get("summary", [])), ("four_gpu qwen", four["qwen2.5-7b_dummy"]["summary"]),
                        ("four_gpu smollm2", four["smollm2_padded"]["summary"])):
         print(f"== {name}")
         for r in rows:

@@ -9,9 +9,10 @@
 #                                              # (GPU_POOL=0,1 EMB_JOBS=.. on a 2-GPU host; pads /tmp/model if needed)
 #   bench/run_distributed_gpu.sh qwen          # Qwen2.5-7B shape, dummy weights: tp2pp2, two nodes
 #   EMB_JOBS=.. QWEN_JOBS=.. bench/run_distributed_gpu.sh both   # some of each in one call
-# TP=2 greedy agreement without bf16 reduction-order noise (issue 10): the same jobs with the
-# model in float32, into a file of its own (not merged with the bf16 tables):
-#   EXTRA_ADD="--dtype float32" EMB_OUT=dist_fp32 GPU_POOL=0,1 EMB_JOBS=single:bf16+int8,tp2:bf16+int8 \
+# TP=2 greedy agreement with less reduction-order noise (issue 10): the same jobs with the model
+# in float16 (float32 does not start: sgl_kernel's rmsnorm has no float32 kernel), into a file of
+# its own (bench/combine_distributed.py reads raw/dist_fp16_*.json into distributed.json's float16_tp2):
+#   EXTRA_ADD="--dtype float16" EMB_OUT=dist_fp16 GPU_POOL=0,1 EMB_JOBS=single:bf16+int8,tp2:bf16+int8 \
 #       bench/run_distributed_gpu.sh embedded
 # Results land in $OUT (dist_embedded.json, four_qwen.json) with the server logs; GIT_SHA must be
 # set (the host's git metadata is stale).  bench/split_distributed.py makes the committed files.
@@ -21,7 +22,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/stage /tmp/site
 export PYTHONPATH=$PWD/kernels:/tmp/site
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-EXTRA="--cuda-graph-max-bs 8 --mem-fraction-static 0.8 ${EXTRA_ADD:-}"   # EXTRA_ADD="--dtype float32": see below
+EXTRA="--cuda-graph-max-bs 8 --mem-fraction-static 0.8 ${EXTRA_ADD:-}"   # EXTRA_ADD="--dtype float16": see below
 FIVE=bf16+int8+int4+K8V4+mixed
 cleanup() { pkill -f bench/distributed.py; pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
 budget() { local left=$(( ${1} - SECONDS )); echo $(( left > 1 ? left : 1 )); }

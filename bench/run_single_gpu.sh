@@ -39,7 +39,7 @@ unpack() {
     echo "ninja: $(command -v ninja || echo 'none (FlashInfer cannot JIT-compile)')"; nvidia-smi -L
 }
 backends() {  # the per-backend end-to-end GPU test (tests/test_backends_gpu.py) for $1
-    timeout "${2:-300}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_backends_gpu.py -k "$1" \
+    timeout "${2:-420}" python3 -m pytest -q -p no:cacheprovider -rf tests/test_backends_gpu.py -k "$1" \
         > "$OUT/pytest_backends_$1.txt" 2>&1
     grep -hE "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/pytest_backends_$1.txt" | tail -5
 }

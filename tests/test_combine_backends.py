@@ -42,3 +42,12 @@ def test_refuses_mixed_devices_and_empty_dirs(tmp_path, capsys):
     _write(tmp_path, "int4", 355, 0.2, 1200.0, device="NVIDIA H100 80GB HBM3")
     assert CB.main(["--dir", str(tmp_path), "--out", str(tmp_path / "b.json")]) == 2
     assert "one run per table" in capsys.readouterr().err
+
+
+def test_committed_table_is_regenerated_and_quoted():
+    """bench/results/backends.json comes from the raw files it names; the README quotes its table."""
+    committed = json.loads((ROOT / "bench" / "results" / "backends.json").read_text())
+    fresh = CB.build(ROOT / committed["dir"])
+    assert {k: fresh[k] for k in ("rows", "targets", "not_run", "devices")} == \
+        {k: committed[k] for k in ("rows", "targets", "not_run", "devices")}
+    assert CB.markdown(committed) in (ROOT / "README.md").read_text()

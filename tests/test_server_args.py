@@ -204,3 +204,39 @@ def test_model_runner_refuses_int_kv_until_the_pool_exists():
         with pytest.raises(KVTunerConfigError, match="no quantized KV pool"):
             configure_kv_cache_dtype(server_args_kv_cache_dtype="int4", **kw)
     assert configure_kv_cache_dtype(server_args_kv_cache_dtype="auto", **kw)[1] == torch.bfloat16
+
+
+def test_default_backend_for_int_kv(monkeypatch):
+    """No backend named: FA3 prefill on Hopper with flash_ops, FlashInfer when installed, else
+    triton; per-channel keys always triton (decode is triton in every case)."""
+    import importlib.util
+
+    import kvtuner.sglang_glue as G
+    from kvtuner.config import KVQuantConfig
+
+    int4 = KVQuantConfig.from_flags(kv_cache_dtype="int4", asym=True)
+    kivi = KVQuantConfig.from_flags(kv_cache_dtype="int4", asym=True, axis_key=1, q_group_size=64, residual_length=64)
+    real_find_spec = importlib.util.find_spec
+    for flash_ops, flashinfer, sm, want in [(True, True, 9, "fa3"), (False, True, 9, "flashinfer"),
+                                            (True, True, 8, "flashinfer"), (False, False, 9, "triton"),
+                                            (True, True, 7, "triton")]:
+        monkeypatch.setattr(G, "_has_flash_ops", lambda v=flash_ops: v)
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda n, *a, fi=flashinfer: (object() if fi else None) if n == "flashinfer" else real_find_spec(n, *a))
+        assert G.default_prefill_backend(int4, sm_major=sm) == want, (flash_ops, flashinfer, sm)
+        assert G.default_prefill_backend(kivi, sm_major=sm) == "triton"
+
+
+def test_no_backend_named_picks_and_splits(monkeypatch):
+    """The pick becomes --attention-backend; FA3/FlashInfer then prefill and triton decodes."""
+    import types
+
+    import kvtuner.sglang_glue as G
+
+    monkeypatch.setattr(G, "default_prefill_backend", lambda cfg: "fa3")
+    a = types.SimpleNamespace(kv_cache_dtype="int4", kvtuner_asym=True, attention_backend=None,
+                              prefill_attention_backend=None, decode_attention_backend=None, device=None,
+                              disable_prefill_cuda_graph=False)
+    G.resolve_server_args(a)
+    assert (a.attention_backend, a.prefill_attention_backend, a.decode_attention_backend) == ("fa3", "fa3", "triton")
+    assert a.disable_prefill_cuda_graph
