@@ -339,8 +339,12 @@ def gpu_mem(server: Optional[Server]) -> dict:
     """GPU memory used (MiB): the whole GPU and this server's processes (None where the
     driver's pids are not this namespace's)."""
     out: dict = {"gpu_used_mib": None, "server_used_mib": None}
+    # nvidia-smi ignores CUDA_VISIBLE_DEVICES: ask for the GPU this process was given (jobs side by
+    # side on one host, bench/gpu_queue.py)
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    which = ["-i", first] if first.isdigit() else []
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        r = subprocess.run(["nvidia-smi", *which, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                            capture_output=True, text=True, timeout=30)
         out["gpu_used_mib"] = int(r.stdout.split()[0])
     except Exception:

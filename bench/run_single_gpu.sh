@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU-host calls of issues 5, 6 and 8 on ONE GPU, as a queue: each call carries one thing
-# (the bundle, a GGUF half, an FA3 part), does its own work, then runs Qwen2.5-7B-shape (dummy
-# weights, batch 64 x 8k) server configurations from E2E until about DEADLINE s into the call; a
-# configuration is started only if ~NEED s remain, and the ones left are printed for the next
-# call.  Run the calls back to back (the machine keeps /tmp only while warm):
+# The GPU-host calls of issues 5-8, as a queue: each call carries one thing (the bundle, a GGUF
+# half, an FA3 part), does its own work, then runs server jobs until about DEADLINE s into the
+# call, side by side on the GPUs in GPUS (one GPU per job, bench/gpu_queue.py; default GPU 0): E2E
+# = Qwen2.5-7B-shape configurations (dummy weights, TTFT 8k, decode at batch 64 x 8k), SUITE =
+# bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy").
+# A job starts only if ~NEED s remain; the ones left are printed for the next call.  Run the calls
+# back to back (the machine keeps /tmp only while warm):
 #   E2E="int4_kivi int4" bench/run_single_gpu.sh tests       # carry .bundle: unpack; CUDA tests
 #                                                            #   (per-channel, extend/prefix, decode, prefill backends)
 #   E2E="bf16 int4" bench/run_single_gpu.sh bundle           # carry .bundle: unpack only, then the queue
@@ -13,11 +15,15 @@
 #   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
 #                                                            #   the last part (LAST=1) also installs flash_ops
-# Issue 5 in one machine (make fa3-parts gives 3 parts at xz -9): bundle with E2E="bf16 int4
-# fp8_e4m3 int8", fa3 0 / fa3 1 with the @flashinfer configurations, LAST=1 fa3 2 with the @fa3
-# ones; then bench/combine_backends.py --dir <the e2e files> --out bench/results/backends.json.
-# Each configuration writes $OUT/e2e_<name>.json (bench/combine_backends.py and combine_kivi.py
-# read them); GIT_SHA must be set (the host's git metadata is stale).
+# FlashInfer JIT-compiles its kernels on a bare host (~4 min for the Qwen shape's bf16 modules):
+# FI_EXPORT=1 packs the compiled cache into $OUT/ficache.partNN (if it fits what comes back);
+# committed under .ficache/ and carried, the `bundle` step unpacks it first.
+# Issue 5 on one H200 (done, bench/results/backends.json): bundle with the @flashinfer queue,
+# fa3 0 / fa3 1, LAST=1 fa3 2 with the @fa3 queue; then bench/combine_backends.py --dir <the e2e
+# files> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
+# bench/combine_backends.py and combine_kivi.py read them); SUITE jobs write $OUT/suite/<config>/.
+# Everything a call writes is packed into $OUT/run.tgz (at most 8 files come back).  GIT_SHA
+# must be set (the host's git metadata is stale).
 set -u
 step=${1:?step}
 OUT=${OUT:-/tmp/out}
@@ -44,16 +50,26 @@ backends() {  # the per-backend end-to-end GPU test (tests/test_backends_gpu.py)
     grep -hE "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/pytest_backends_$1.txt" | tail -5
 }
 
-queue() {  # run the E2E configurations while time is left
-    local left=() port=31000 c
+queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
+    local jobs=() c cfg tables wl lv
     for c in ${E2E:-}; do
-        if [ $(( DEADLINE - SECONDS )) -lt "$NEED" ] || [ ${#left[@]} -gt 0 ]; then left+=("$c"); continue; fi
-        echo "== $c ($(( DEADLINE - SECONDS )) s left)"
-        timeout $(( DEADLINE - SECONDS + 30 )) python3 bench/e2e_server.py $QWEN --configs "$c" --extra "$QX" \
-            --port $port --logs "$OUT/logs-e2e" --out "$OUT/e2e_${c//@/_at_}.json" 2>&1 | grep "^\[" 
-        port=$(( port + 20 )); cleanup
+        jobs+=("$c=python3 bench/e2e_server.py $QWEN --configs $c --extra '$QX' --port {port} --logs $OUT/logs-e2e --out $OUT/e2e_{file}.json")
     done
-    echo "E2E not run: ${left[*]:-none}"
+    for c in ${SUITE:-}; do
+        IFS=: read -r cfg tables wl lv <<< "$c"
+        jobs+=("suite-$cfg-${tables//,/+}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s $(( DEADLINE - SECONDS - 40 ))")
+    done
+    [ ${#jobs[@]} -gt 0 ] || return 0
+    python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
+        --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" "${jobs[@]}"
+    grep -h "^\[" "$OUT"/queue-logs/*.txt 2>/dev/null | grep -v "^\[queue\]" | tail -40
+}
+ficache_import() { [ -d .ficache ] && cat .ficache/ficache.part* | tar xJf - -C /tmp && echo "FlashInfer JIT cache unpacked"; }
+ficache_export() {
+    [ -d /tmp/.cache/flashinfer ] || return 0
+    tar cf - -C /tmp .cache/flashinfer | xz -T0 -6 | split -b 15M -d - "$OUT/ficache.part"
+    local n; n=$(ls "$OUT"/ficache.part* | wc -l)
+    if [ "$n" -gt 4 ]; then echo "FlashInfer cache: $n parts of 15 MiB, too many to come back; dropped"; rm -f "$OUT"/ficache.part*; fi
 }
 
 case $step in
@@ -74,7 +90,7 @@ tests)
         python3 -c 'import json,sys; [print(r) for r in json.load(open(sys.argv[1]))["rows"] if r.get("error") or r["max_err"] > .05]' "$OUT/kivi_cuda_diag.json" | head -40
     fi ;;
 bundle)
-    unpack || exit 1 ;;
+    unpack || exit 1; ficache_import ;;
 gguf0)
     cp .stageB/gguf.part00 /tmp/stage/ || exit 1 ;;
 quality)
@@ -92,5 +108,9 @@ fa3)
 esac
 queue
 cleanup
+[ "${FI_EXPORT:-0}" = 1 ] && ficache_export
 for f in "$OUT"/logs-*/*.log; do [ -f "$f" ] && tail -n 200 "$f" > "$f.tail" && rm "$f"; done 2>/dev/null
+# at most 8 files come back: everything but the FlashInfer cache parts in one archive
+(cd "$OUT" && ls -A | grep -v -e '^ficache.part' -e '^run.tgz$' > /tmp/pack.list &&
+    [ -s /tmp/pack.list ] && tar czf run.tgz -T /tmp/pack.list && xargs -a /tmp/pack.list rm -rf && tar tzf run.tgz | head -40)
 exit 0
