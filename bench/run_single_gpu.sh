@@ -3,7 +3,8 @@
 # half, an FA3 part), does its own work, then runs server jobs until about DEADLINE s into the
 # call, side by side on the GPUs in GPUS (one GPU per job, bench/gpu_queue.py; default GPU 0): E2E
 # = Qwen2.5-7B-shape configurations (dummy weights, TTFT 8k, decode at batch 64 x 8k), SUITE =
-# bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy").
+# bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy"),
+# PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").
 # A job starts only if ~NEED s remain; the ones left are printed for the next call.  Run the calls
 # back to back (the machine keeps /tmp only while warm):
 #   E2E="int4_kivi int4" bench/run_single_gpu.sh tests       # carry .bundle: unpack; CUDA tests
@@ -58,6 +59,9 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     for c in ${SUITE:-}; do
         IFS=: read -r cfg tables wl lv <<< "$c"
         jobs+=("suite-$cfg-${tables//,/+}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s $(( DEADLINE - SECONDS - 40 ))")
+    done
+    for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each
+        jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")
     done
     [ ${#jobs[@]} -gt 0 ] || return 0
     python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
