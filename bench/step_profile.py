@@ -98,6 +98,9 @@ def run_config(name: str, flags: list[str], a, out_dir: Path) -> dict:
     traces = sorted(prof_dir.glob("*decode*.trace.json*"))
     if traces:
         rec["profile"] = summarize(traces[-1], a.steps)
+        if not a.keep_traces:  # tens of MB each; only the summary comes back from the GPU host
+            for t in traces:
+                t.unlink()
     else:
         rec["error"] = (p.stdout + p.stderr)[-1500:]
     return rec
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--extra", default="--cuda-graph-max-bs 64 --disable-prefill-cuda-graph")
     ap.add_argument("--timeout", type=float, default=400)
+    ap.add_argument("--keep-traces", action="store_true")
     ap.add_argument("--out", default="/tmp/step_profile.json")
     ap.add_argument("--summarize", nargs="*", help="only read these traces (no GPU)")
     a = ap.parse_args(argv)
