@@ -18,7 +18,6 @@ import os
 import re
 import subprocess
 import sys
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -30,20 +29,14 @@ LAYERS = json.loads((MODEL / "config.json").read_text())["num_hidden_layers"]
 MIN_RATIO = {"int8": 1.9, "int4": 3.5, "int2": 6.0, "K8V4": 2.5, "mixed": 1.5}
 
 
-def _has_flash_ops() -> bool:
-    try:
-        return find_spec("sgl_kernel") is not None and any(
-            Path(find_spec("sgl_kernel").origin).parent.glob("flash_ops*.so"))
-    except Exception:
-        return False
-
-
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["flashinfer", "fa3"])
 def test_int_kv_serves_on_backend(backend, tmp_path):
     pytest.importorskip("sglang")
-    if backend == "fa3" and not _has_flash_ops():
+    from kvtuner.sglang_glue import has_flash_ops
+
+    if backend == "fa3" and not has_flash_ops():
         pytest.skip("sgl_kernel's flash_ops is not installed (make fa3-parts; bench/fa3_host.sh)")
     names = os.environ.get("KVTUNER_BACKEND_CONFIGS", "bf16 int8 int4 int2 K8V4 mixed").split()
     if "bf16" not in names:

@@ -220,7 +220,7 @@ def test_default_backend_for_int_kv(monkeypatch):
     for flash_ops, flashinfer, sm, want in [(True, True, 9, "fa3"), (False, True, 9, "flashinfer"),
                                             (True, True, 8, "flashinfer"), (False, False, 9, "triton"),
                                             (True, True, 7, "triton")]:
-        monkeypatch.setattr(G, "_has_flash_ops", lambda v=flash_ops: v)
+        monkeypatch.setattr(G, "has_flash_ops", lambda v=flash_ops: v)
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda n, *a, fi=flashinfer: (object() if fi else None) if n == "flashinfer" else real_find_spec(n, *a))
         assert G.default_prefill_backend(int4, sm_major=sm) == want, (flash_ops, flashinfer, sm)

@@ -24,7 +24,7 @@ SUPPORTED_BACKENDS = SUPPORTED_DECODE  # both phases
 DEFAULT_BACKEND = "triton"
 
 
-def _has_flash_ops() -> bool:
+def has_flash_ops() -> bool:
     """sgl_kernel's FA3 library is installed (looked up on disk: importing it loads 1.1 GB)."""
     from importlib.util import find_spec
     from pathlib import Path
@@ -56,7 +56,7 @@ def default_prefill_backend(cfg: KVQuantConfig, sm_major: Optional[int] = None) 
             sm_major = torch.cuda.get_device_capability()[0]
         except Exception:
             return DEFAULT_BACKEND
-    if sm_major == 9 and _has_flash_ops():
+    if sm_major == 9 and has_flash_ops():
         return "fa3"
     if sm_major >= 8 and find_spec("flashinfer") is not None:
         return "flashinfer"
