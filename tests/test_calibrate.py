@@ -380,3 +380,31 @@ def test_chunk_mode_errors():
         C.QuantMode(16, axis_key=1, chunk=24)
     with pytest.raises(C.CalibrationError, match="--chunk must be >= 0"):
         C.QuantMode(16, chunk=-1)
+
+
+@pytest.mark.parametrize("budget", [3.0, 5.0])
+def test_refine_never_worse_keeps_budget_and_pruned_choices(model, windows, table, evaluator, budget):
+    """The measured local search only moves to assignments that measure less, within the
+    budget, made of non-dominated per-layer candidates; calibrate() reports its rounds."""
+    start, _ = C.search(table, budget)
+    m0 = evaluator.evaluate(start)
+    a, m, hist = C.refine(evaluator, table, start, budget, "kl", rounds=2, width=4, progress=False, start=m0)
+    assert C.average_bits(a) <= budget + 1e-9
+    assert m["kl"] <= m0["kl"] and hist and hist[0]["loss_before"] == m0["kl"]
+    assert all(c in C.prune(table[l]) for l, c in a.items())
+    assert evaluator.evaluate(a)["kl"] == pytest.approx(m["kl"])
+    res = C.calibrate(model, windows, budget, C.QuantMode(GROUP, asym=True), table=table, evaluator=evaluator,
+                      progress=False, refine_rounds=1, refine_width=3)
+    assert res.refined and res.refined[0]["tried"] <= 3 and res.average_bits <= budget + 1e-9
+
+
+def test_cli_refine_header_and_errors(model_dir, tmp_path, capsys):
+    out = tmp_path / "r.yaml"
+    assert _cli(model_dir, out, "--refine", "1", "--refine-width", "2") == 0
+    layers, meta = load_preset(str(out))
+    r = meta["search"]["refine"]
+    assert r["width"] == 2 and len(r["rounds"]) == 1 and r["rounds"][0]["tried"] <= 2
+    assert meta["average_bits"] <= 3.0 and meta["measured_loss"] <= r["rounds"][0]["loss_before"] + 1e-12
+    assert _cli(model_dir, tmp_path / "e.yaml", "--refine", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("calibrate: error: --refine must be >= 0")

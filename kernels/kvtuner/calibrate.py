@@ -532,6 +532,49 @@ def pareto_front(table: Table) -> list[tuple[float, float, dict[int, Candidate]]
     return out
 
 
+def refine(ev: "Evaluator", table: Table, assignment: Mapping[int, Candidate], budget: float,
+           metric: str = "kl", rounds: int = 2, width: int = 8, progress: bool = True,
+           start: Optional[dict] = None) -> tuple[dict[int, Candidate], dict, list]:
+    """Measured local search from ``assignment``: each round evaluates, jointly, the ``width``
+    moves the table predicts best (one layer changed, or one layer up and another down) that
+    keep the budget, and takes the one that measures least if it beats the current assignment;
+    stops after ``rounds`` or when no move helps.  The additive model ranks the moves, the
+    joint runs decide, so interactions between layers the table cannot see are caught.  Only
+    non-dominated per-layer candidates are used.  ``start``: the measured result of
+    ``assignment`` if known.  Returns (assignment, measured, history of rounds)."""
+    from tqdm.auto import tqdm
+
+    cap = _budget_units(budget, len(table))
+    pruned = {l: prune(table[l]) for l in table}
+    cur = dict(assignment)
+    cur_m = start if start is not None else ev.evaluate(cur)
+    history = []
+    for r in range(rounds):
+        used = sum(bits_of(c) for c in cur.values())
+        singles = [(table[l][c] - table[l][cur[l]], bits_of(c) - bits_of(cur[l]), l, c)
+                   for l in sorted(pruned) for c in pruned[l] if c != cur[l]]
+        moves = [(d, {l: c}) for d, db, l, c in singles if used + db <= cap]
+        ups = sorted((m for m in singles if m[1] > 0), key=lambda m: m[0])[: 2 * width]
+        downs = sorted((m for m in singles if m[1] < 0), key=lambda m: m[0])[: 2 * width]
+        moves += [(u[0] + d[0], {u[2]: u[3], d[2]: d[3]}) for u in ups for d in downs
+                  if u[2] != d[2] and used + u[1] + d[1] <= cap]
+        moves = sorted(moves, key=lambda m: (m[0], sorted(m[1].items())))[:width]
+        best = None
+        for pred, mv in tqdm(moves, desc=f"refine round {r + 1}", unit="run", disable=not progress):
+            a = {**cur, **mv}
+            m = ev.evaluate(a)
+            if _loss(m, metric) < _loss(cur_m, metric) and (best is None or _loss(m, metric) < _loss(best[1], metric)):
+                best = (a, m, mv, pred)
+        history.append({"round": r + 1, "tried": len(moves), "loss_before": _loss(cur_m, metric),
+                        "move": None if best is None else {cand_name(c) + f"@{l}": round(best[3], 6)
+                                                           for l, c in best[2].items()},
+                        "loss_after": _loss(cur_m if best is None else best[1], metric)})
+        if best is None:
+            break
+        cur, cur_m = best[0], best[1]
+    return cur, cur_m, history
+
+
 def average_bits(assignment: Mapping[int, Candidate]) -> float:
     return sum(bits_of(c) for c in assignment.values()) / 2 / len(assignment)
 
@@ -587,6 +630,7 @@ class CalibResult:
     verified: list = field(default_factory=list)  # the jointly checked pool: {source, predicted, measured, ...}
     source: str = "dp"  # what won: "dp" (the additive optimum), "dp#i" (verify pool) or "uniform K4V2"
     around: Optional[str] = None  # the --around operating point of the table, or None (unquantized)
+    refined: list = field(default_factory=list)  # refine()'s rounds, when asked for
 
     @property
     def average_bits(self) -> float:
@@ -609,6 +653,8 @@ def calibrate(
     compare_uniform: bool = True,
     verify: int = 1,
     around: Optional[Candidate] = None,
+    refine_rounds: int = 0,
+    refine_width: int = 8,
 ) -> CalibResult:
     """Sensitivity (unless ``table`` is given), search, and joint check of the result.
 
@@ -622,6 +668,9 @@ def calibrate(
     average within the budget join the pool (source ``"uniform K4V2"``...); whenever a
     same-average uniform one measures less than the chosen assignment, it is returned
     instead, so the result is never worse than a same-average uniform configuration.
+
+    ``refine_rounds`` > 0: then a measured local search from the result (:func:`refine`);
+    it only moves to assignments that measure less, so it never ends worse than the above.
 
     ``around``: the table is (or is measured as, when ``table`` is None) the leave-one-out
     table around uniform ``around`` (:func:`measure_sensitivity`); predicted losses are then
@@ -688,8 +737,14 @@ def calibrate(
                 c = parse_cand(name)
                 assignment = {l: c for l in range(n_layers)}
                 predicted, measured, source = predict(assignment), r, f"uniform {name}"
+    refined: list = []
+    if refine_rounds > 0:
+        assignment, measured, refined = refine(ev, table, assignment, budget, metric, refine_rounds, refine_width,
+                                               progress, start=measured)
+        if any(h["move"] for h in refined):
+            predicted, source = predict(assignment), f"{source}, refined"
     return CalibResult(assignment, predicted, measured, table, ev.reference_nll, ev.tokens, same, verified,
-                       source, cand_name(around) if around is not None else None)
+                       source, cand_name(around) if around is not None else None, refined)
 
 
 def predicted_bytes(assignment: Mapping[int, Candidate], mode: QuantMode, head_dim: int, kv_heads: int,
@@ -778,6 +833,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure each layer's sensitivity around the uniform candidate NAME (e.g. K4V2): every "
                          "other layer at NAME instead of unquantized (leave one out around the operating point; "
                          "default: around the unquantized model)")
+    ap.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                    help="after the search, a measured local search of up to ROUNDS rounds (joint runs decide; default 0)")
+    ap.add_argument("--refine-width", type=int, default=8, metavar="W", help="moves evaluated per refine round (default 8)")
     ap.add_argument("--table", help="sensitivity table cache (JSON): reused when it matches, written otherwise")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--no-progress", action="store_true")
@@ -874,8 +932,11 @@ def _run(args, argv) -> int:
             os.replace(tmp, args.table)
     if args.verify < 1:
         raise CalibrationError(f"--verify must be at least 1, got {args.verify}")
+    if args.refine < 0 or args.refine_width < 1:
+        raise CalibrationError(f"--refine must be >= 0 and --refine-width >= 1, got {args.refine} and {args.refine_width}")
     res = calibrate(model, windows, args.budget, mode, args.metric, table=table, evaluator=ev,
-                    progress=not args.no_progress, verify=args.verify, around=around)
+                    progress=not args.no_progress, verify=args.verify, around=around,
+                    refine_rounds=args.refine, refine_width=args.refine_width)
 
     bpt = predicted_bytes(res.assignment, mode, head_dim, kv_heads)
     bf16 = n_layers * kv_heads * head_dim * 2 * 2
@@ -926,7 +987,13 @@ def _run(args, argv) -> int:
     }
     if around is not None:
         meta["search"]["around"] = cand_name(around)
-    if res.source.startswith("uniform"):
+    if args.refine:
+        meta["search"]["refine"] = {"what": "measured local search from the result above (kvtuner.calibrate.refine): "
+                                            "per round the --refine-width moves the table ranks best, jointly "
+                                            "evaluated; the best taken if it measures less",
+                                    "width": args.refine_width, "rounds": res.refined}
+    uniform_won = res.source.startswith("uniform") and not res.source.endswith("refined")
+    if uniform_won:
         meta["search"]["result"] = (f"{res.source}: the same-average uniform configuration measured less than "
                                     "every searched assignment and was written instead")
     write_preset(args.out, res.layers(), meta)
@@ -936,7 +1003,8 @@ def _run(args, argv) -> int:
         f"calibrate: wrote {args.out}: {n_layers} layers, average {res.average_bits:.3f} bits "
         f"(budget {args.budget:g}), {args.metric} predicted {res.predicted:.5f} measured {meta['measured_loss']:.5f}"
         + (f" ({uni})" if uni else "")
-        + (f"; {res.source} won the joint check and was written" if res.source.startswith("uniform") else "")
+        + (f"; {res.source} won the joint check and was written" if uniform_won else "")
+        + (f"; refined in {sum(1 for h in res.refined if h['move'])} move(s)" if res.refined else "")
         + (f", around {cand_name(around)}" if around is not None else "") + f", {time.time() - t0:.0f} s",
         file=sys.stderr,
     )
