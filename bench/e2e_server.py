@@ -352,6 +352,8 @@ def main() -> int:
                     help="embedded suite: a model directory without tokenizer files (dummy weights); bytes as token ids")
     ap.add_argument("--chat", action="store_true", help="embedded suite: greedy prompts through the chat template")
     args = ap.parse_args()
+    if args.byte_tokens and args.chat:
+        ap.error("--chat needs the model's tokenizer (its chat template); drop --byte-tokens")
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
     names = args.configs or [n for n in suite if n != "int2_asym" and "_kivi" not in n and "@" not in n]
