@@ -18,7 +18,7 @@
 #                                                            #   the last part (LAST=1) also installs flash_ops
 # FlashInfer JIT-compiles its kernels on a bare host (~4 min for the Qwen shape's bf16 modules):
 # FI_EXPORT=1 packs the compiled cache into $OUT/ficache.partNN (if it fits what comes back);
-# committed under .ficache/ and carried, the `bundle` step unpacks it first.
+# copied (from files_at) into .ficache/ (git-ignored) and carried, the `bundle` step unpacks it first.
 # Issue 5 on one H200 (done, bench/results/backends.json): bundle with the @flashinfer queue,
 # fa3 0 / fa3 1, LAST=1 fa3 2 with the @fa3 queue; then bench/combine_backends.py --dir <the e2e
 # files> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
