@@ -18,7 +18,8 @@
 #                                                            #   the last part (LAST=1) also installs flash_ops
 # FlashInfer JIT-compiles its kernels on a bare host (~4 min for the Qwen shape's bf16 modules):
 # FI_EXPORT=1 packs the compiled cache into $OUT/ficache.partNN (if it fits what comes back);
-# copied (from files_at) into .ficache/ (git-ignored) and carried, the `bundle` step unpacks it first.
+# copied (from files_at) into .ficache/ (git-ignored) and carried in a call of its own (with the
+# bundle it is over 64 MiB), any step unpacks it before its work.
 # Issue 5 on one H200 (done, bench/results/backends.json): bundle with the @flashinfer queue,
 # fa3 0 / fa3 1, LAST=1 fa3 2 with the @fa3 queue; then bench/combine_backends.py --dir <the e2e
 # files> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
@@ -76,6 +77,7 @@ ficache_export() {
     if [ "$n" -gt 4 ]; then echo "FlashInfer cache: $n parts of 15 MiB, too many to come back; dropped"; rm -f "$OUT"/ficache.part*; fi
 }
 
+ficache_import  # any step: a call that carries .ficache (the bundle and the cache do not fit one call)
 case $step in
 backends)  # carry nothing (bundle unpacked by an earlier call): BACKENDS="flashinfer fa3"
     for b in ${BACKENDS:-flashinfer}; do backends "$b"; done ;;
@@ -94,7 +96,7 @@ tests)
         python3 -c 'import json,sys; [print(r) for r in json.load(open(sys.argv[1]))["rows"] if r.get("error") or r["max_err"] > .05]' "$OUT/kivi_cuda_diag.json" | head -40
     fi ;;
 bundle)
-    unpack || exit 1; ficache_import ;;
+    unpack || exit 1 ;;
 gguf0)
     cp .stageB/gguf.part00 /tmp/stage/ || exit 1 ;;
 quality)
