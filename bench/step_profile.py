@@ -34,10 +34,11 @@ sys.path.insert(0, str(HERE))
 
 # kernel-name families, first match wins (the rest is "other")
 FAMILIES = [
-    ("attention decode (kvtuner)", r"_decode_stage1|_decode_stage2|kivi.*decode|_fwd_kernel_stage|decode_attention"),
-    ("attention decode (sglang triton)", r"_fwd_grouped_kernel_stage|_fwd_kernel_stage"),
+    # kvtuner.ops' kernels (_kivi_decode_stage1* included) and SGLang 0.5.17's triton decode kernels
+    ("attention decode (kvtuner)", r"_decode_stage[12]"),
+    ("attention decode (sglang triton)", r"_fwd_(grouped_)?kernel_stage[12]"),
     ("attention (flashinfer/fa3)", r"flashinfer|BatchDecode|BatchPrefill|flash_fwd|FlashAttn"),
-    ("kv store", r"_store|set_kv|store_cache|copy_to_kv|reshape_and_cache|set_mla_kv|quantize"),
+    ("kv store", r"_store_kernel|_kivi_(token|page)_kernel|set_kv|store_cache|copy_to_kv|reshape_and_cache"),
     ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|Kernel2|matmul"),
     ("norm / activation / rope", r"rmsnorm|RMSNorm|silu|act_and_mul|rotary|rope|norm"),
     ("sampling / logits", r"argmax|softmax|sampl|topk|logits|cross_device_reduce|gather"),

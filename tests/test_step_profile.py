@@ -16,13 +16,15 @@ def test_summarize_groups_kernels_per_step(tmp_path):
           {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16", "dur": 2000.0},
           {"ph": "X", "cat": "kernel", "name": "_store_kernel", "dur": 500.0},
           {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "dur": 9999.0},
-          {"ph": "X", "cat": "kernel", "name": "mystery", "dur": 100.0}]
+          {"ph": "X", "cat": "kernel", "name": "mystery", "dur": 100.0},
+          {"ph": "X", "cat": "kernel", "name": "_fwd_kernel_stage2", "dur": 200.0}]
     p = tmp_path / "p_decode.trace.json.gz"
     with gzip.open(p, "wt") as f:
         json.dump({"traceEvents": ev}, f)
     s = SP.summarize(p, steps=2)
-    assert s["gpu_ms_per_step"] == 4.3
-    assert s["by_family_ms"] == {"attention decode (kvtuner)": 3.0, "gemm": 1.0, "kv store": 0.25, "other": 0.05}
+    assert s["gpu_ms_per_step"] == 4.4
+    assert s["by_family_ms"] == {"attention decode (kvtuner)": 3.0, "gemm": 1.0, "kv store": 0.25,
+                                 "attention decode (sglang triton)": 0.1, "other": 0.05}
     assert s["top_kernels_ms"][0] == {"name": "_decode_stage1_packed", "ms": 3.0, "launches_per_step": 1.0}
 
 
