@@ -6,7 +6,8 @@
 A device call lasts at most 10 minutes and a machine of several GPUs costs the same per second
 whatever runs on it, so independent server runs (one configuration each) go side by side, one
 per GPU.  Each job is ``NAME=COMMAND``; in COMMAND ``{gpu}``, ``{port}`` (``--port-base`` +
-100 x the GPU's slot) and ``{file}`` (NAME with ``@`` as ``_at_``) are filled in, and the job runs
+100 x the GPU's slot), ``{file}`` (NAME with ``@`` as ``_at_``) and ``{left}`` (whole seconds left
+before the deadline when the job starts, for a job's own time budget) are filled in, and the job runs
 with ``CUDA_VISIBLE_DEVICES`` set to its GPU.  A job starts only while at least ``--need`` seconds
 remain before ``--deadline`` (seconds from the start of this script); jobs still running at the
 deadline plus ``--grace`` are stopped (SIGTERM, then SIGKILL, to the job's process group).  The
@@ -32,9 +33,9 @@ def parse_job(spec: str) -> tuple[str, str]:
     return name.strip(), cmd.strip()
 
 
-def fill(cmd: str, name: str, gpu: str, slot: int, port_base: int) -> str:
+def fill(cmd: str, name: str, gpu: str, slot: int, port_base: int, left: float = 0.0) -> str:
     return (cmd.replace("{gpu}", gpu).replace("{port}", str(port_base + 100 * slot))
-            .replace("{file}", name.replace("@", "_at_")))
+            .replace("{file}", name.replace("@", "_at_")).replace("{left}", str(max(0, int(left)))))
 
 
 def _stop(proc: subprocess.Popen, wait: float = 20.0) -> None:
@@ -65,7 +66,7 @@ def run(jobs: list[tuple[str, str]], gpus: list[str], deadline: float, need: flo
             slot, gpu = free.pop(0)
             env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
             log = open(log_dir / f"{name.replace('@', '_at_')}.txt", "w")
-            proc = subprocess.Popen(fill(cmd, name, gpu, slot, port_base), shell=True, env=env, stdout=log,
+            proc = subprocess.Popen(fill(cmd, name, gpu, slot, port_base, deadline - now), shell=True, env=env, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             running[name] = (proc, slot, gpu, now)
             print(f"[queue] {now:6.0f}s start {name} on GPU {gpu}", flush=True)

@@ -57,9 +57,10 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     for c in ${E2E:-}; do
         jobs+=("$c=python3 bench/e2e_server.py $QWEN --configs $c --extra '$QX' --port {port} --logs $OUT/logs-e2e --out $OUT/e2e_{file}.json")
     done
-    for c in ${SUITE:-}; do
-        IFS=: read -r cfg tables wl lv <<< "$c"
-        jobs+=("suite-$cfg-${tables//,/+}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s $(( DEADLINE - SECONDS - 40 ))")
+    for c in ${SUITE:-}; do  # CONFIGS:TABLES[:WORKLOADS[:LEVELS[:EXTRA]]], EXTRA one server flag (e.g. --disable-cuda-graph)
+        IFS=: read -r cfg tables wl lv ex <<< "$c"
+        # no new step (load level) starts in the last SUITE_TAIL s before the deadline
+        jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
     done
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each
         jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")

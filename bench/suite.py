@@ -74,7 +74,8 @@ def prompt_ids(n: int, vocab: int, seed) -> list[int]:
     return [rng.randrange(100, max(101, vocab - 100)) for _ in range(n)]
 
 
-def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200, incremental: bool = False) -> dict:
+def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200, incremental: bool = False,
+               stream_interval: Optional[int] = None) -> dict:
     """One streamed /generate request.  ``incremental``: the server runs with
     ``--incremental-streaming-output`` (each chunk carries only its new ids, which are summed);
     otherwise each chunk carries every id so far (SGLang's default, O(n^2) bytes for long
@@ -82,9 +83,12 @@ def stream_one(url: str, ids: list[int], max_new: int, timeout: float = 1200, in
     ``meta_info.completion_tokens`` is present it must equal the count.
     Returns the request's record: ok, reason, tokens (counted),
     ttft_s, e2e_s, itl_s (one value per token after the first chunk: a chunk of k tokens
-    gives k values of its gap / k)."""
-    payload = {"input_ids": ids, "stream": True,
-               "sampling_params": {"max_new_tokens": max_new, "ignore_eos": True, "temperature": 0}}
+    gives k values of its gap / k).  ``stream_interval``: the request's own chunk size in tokens
+    (SGLang still sends the first token at once); fewer chunks for thousands of long streams."""
+    sp = {"max_new_tokens": max_new, "ignore_eos": True, "temperature": 0}
+    if stream_interval:
+        sp["stream_interval"] = int(stream_interval)
+    payload = {"input_ids": ids, "stream": True, "sampling_params": sp}
     req = urllib.request.Request(url + "/generate", data=json.dumps(payload).encode(),
                                  headers={"Content-Type": "application/json"})
     rec: dict[str, Any] = {"prompt_len": len(ids), "max_new": max_new, "ok": False, "reason": None,
@@ -276,7 +280,8 @@ class Ctx:
         self.incremental = bool(settings.get("incremental_stream"))
 
     def send(self, url, ids, max_new, timeout):
-        return stream_one(url, ids, max_new, timeout, incremental=self.incremental)
+        return stream_one(url, ids, max_new, timeout, incremental=self.incremental,
+                          stream_interval=self.s.get("stream_interval"))
 
     def ids(self, n: int) -> list[int]:
         self.seed += 1

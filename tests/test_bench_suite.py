@@ -55,9 +55,11 @@ class _Stream(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         ids = []
+        every = sp.get("stream_interval")  # SGLang: the first token alone, then chunks of `every`
         while len(ids) < n:
             time.sleep(self.server.delay)
-            new = list(range(len(ids), min(n, len(ids) + self.server.chunk)))
+            step = (1 if not ids else every) if every else self.server.chunk
+            new = list(range(len(ids), min(n, len(ids) + step)))
             ids += new
             msg = {"output_ids": new if self.server.incremental else list(ids),
                    "meta_info": {"completion_tokens": len(ids) + self.server.claim}}
@@ -111,6 +113,11 @@ def test_incremental_stream_and_count_check(fake):
     # read as cumulative, the same stream is short (last chunk has 1 id): a failure, not a success
     rec = suite.stream_one(url, [1], 10)
     assert not rec["ok"] and rec["reason"] == "wrong_length"
+    # a request's own stream_interval: first token at once, then chunks of 4 (ITL spread per token)
+    srv.seen.clear()
+    rec = suite.stream_one(url, [1], 10, incremental=True, stream_interval=4)
+    assert srv.seen[-1]["sampling_params"]["stream_interval"] == 4
+    assert rec["ok"] and rec["tokens"] == 10 and len(rec["itl_s"]) == 9
     srv.claim = 2  # the server says it sent more than arrived
     rec = suite.stream_one(url, [1], 10, incremental=True)
     assert not rec["ok"] and rec["reason"] == "count_mismatch"

@@ -10,7 +10,7 @@ import gpu_queue as Q  # noqa: E402
 
 
 def test_jobs_share_the_gpus_and_see_their_own(tmp_path):
-    jobs = [f"j{i}=echo {{gpu}} {{port}} {{file}} $CUDA_VISIBLE_DEVICES > {tmp_path}/{{file}}.out; sleep 0.3"
+    jobs = [f"j{i}=echo {{gpu}} {{port}} {{file}} $CUDA_VISIBLE_DEVICES {{left}} > {tmp_path}/{{file}}.out; sleep 0.3"
             for i in range(3)] + [f"a@fa3=echo {{file}} > {tmp_path}/{{file}}.out"]
     out = tmp_path / "q.json"
     assert Q.main(["--gpus", "4,5", "--deadline", "60", "--need", "0", "--port-base", "100",
@@ -19,7 +19,9 @@ def test_jobs_share_the_gpus_and_see_their_own(tmp_path):
     assert rec["not_started"] == [] and sorted(j["name"] for j in rec["jobs"]) == ["a@fa3", "j0", "j1", "j2"]
     assert all(j["rc"] == 0 for j in rec["jobs"])
     first = (tmp_path / "j0.out").read_text().split()
-    assert first == ["4", "100", "j0", "4"]  # slot 0 -> port base; CUDA_VISIBLE_DEVICES = its GPU
+    assert first[:4] == ["4", "100", "j0", "4"]  # slot 0 -> port base; CUDA_VISIBLE_DEVICES = its GPU
+    assert 55 <= int(first[4]) <= 60  # {left}: seconds to the deadline when it started
+    assert int((tmp_path / "j2.out").read_text().split()[4]) <= int(first[4])  # started later, less left
     assert (tmp_path / "j1.out").read_text().split()[:2] == ["5", "200"]
     assert (tmp_path / "a_at_fa3.out").read_text().strip() == "a_at_fa3"
 
