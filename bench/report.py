@@ -144,7 +144,9 @@ def _failed_note(t: dict) -> Optional[str]:
     if t.get("ok") is False:
         kind = "refused by the server" if t.get("refused") else "failed"
         err = (t.get("error") or "").strip().splitlines()
-        return f"{kind}: {err[-1][:200] if err else ''}"
+        # the exception line says why (a server's last lines are often its shutdown chatter)
+        why = [x for x in err if "Error:" in x or "error:" in x] or err
+        return f"{kind}: {why[-1].strip()[:200] if why else ''}"
     return None
 
 
@@ -235,9 +237,14 @@ def plots(res: dict, names: list[str], out_dir: Path) -> list[str]:
     q = _quality_rows(res)
     if q:
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for name, bits, ppl, _ in q:
-            ax.scatter([bits], [ppl])
-            ax.annotate(name, (bits, ppl), fontsize=7)
+        labels = sorted({x[4] for x in q})
+        for li, lab in enumerate(labels):
+            pts = [(bits, ppl, name) for name, bits, ppl, _, lb in q if lb == lab]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="os^vD"[li % 5], label=_short(lab))
+            for bits, ppl, name in pts:
+                ax.annotate(name, (bits, ppl), fontsize=6)
+        if len(labels) > 1:
+            ax.legend(fontsize=7)
         ax.set_xlabel("average KV bits")
         ax.set_ylabel("perplexity (served)")
         ax.set_title("quality vs average bits")
@@ -272,24 +279,232 @@ def _capacity(res, n) -> Optional[int]:
     return None
 
 
+def _quality_files(res) -> list[tuple[str, dict]]:
+    """(label, served_quality JSON): the suite's own DIR/quality run and any --quality files."""
+    out = [("suite run", res["quality"])] if res.get("quality") else []
+    return out + list(res.get("quality_files") or [])
+
+
 def _quality_rows(res) -> list:
-    q = res.get("quality")
+    """(name, average bits, perplexity, result, source label) over every quality file."""
+    out = []
+    for label, q in _quality_files(res):
+        for name, r in (q.get("results") or {}).items():
+            ppl = r.get("ppl", r.get("perplexity"))
+            if r.get("average_bits") is not None and ppl is not None:
+                out.append((name, r["average_bits"], ppl, r, label))
+    return out
+
+
+def _short(label: str) -> str:
+    return Path(label).stem.replace("served_quality_", "")
+
+
+
+def tpot(r: dict) -> Optional[float]:
+    """Seconds per output token after the first: (mean latency - mean TTFT) / (output - 1)."""
+    out = r.get("output_len")
+    if r.get("latency_mean_s") is None or r.get("ttft_mean_s") is None or not out or out < 2:
+        return None
+    return (r["latency_mean_s"] - r["ttft_mean_s"]) / (out - 1)
+
+
+def _flags(res, names) -> tuple[dict, dict]:
+    """Per configuration: the server flags of its load tables (capacity last), and per table the
+    flags that table added (e.g. capacity measured with --disable-cuda-graph)."""
+    flags, extra = {}, {}
+    for n in names:
+        tabs = sorted(res["configs"][n].items(), key=lambda kv: kv[0] == "capacity")
+        main = next((t.get("flags") for _, t in tabs if t.get("flags")), None)
+        flags[n] = main
+        for tname, t in tabs:
+            add = [f for f in (t.get("flags") or []) if main and f not in main]
+            if add:
+                extra.setdefault(n, {})[tname] = add
+    return flags, extra
+
+
+TABLE_ORDER = ["capacity", "ttft", "concurrency_decode_heavy", "concurrency_prefill_heavy", "concurrency_standard",
+               "grid", "batch", "stress"]
+
+
+def _coverage(res, names) -> list[str]:
+    """Which configuration x table was measured (every row succeeded / some failed / not run)."""
+    tables = TABLE_ORDER + sorted({t for n in names for t in res["configs"][n]} - set(TABLE_ORDER))
+    tables = [t for t in tables if any(t in res["configs"][n] for n in names)]
+    L = ["### What was measured", "",
+         "`ok`: measured, every request succeeded; `part`: cut short by the call's time budget (its rows "
+         "are complete); `fail`: the server refused or failed; blank: not run.", "",
+         "| config | " + " | ".join(t.replace("concurrency_", "conc. ") for t in tables) + " |",
+         "|---|" + "---|" * len(tables)]
+    for n in names:
+        cells = []
+        for t in tables:
+            d = res["configs"][n].get(t)
+            if d is None:
+                cells.append("")
+            elif d.get("ok") is False:
+                cells.append("fail")
+            elif d.get("stopped") or not d.get("complete", True) or d.get("ok") is None:
+                cells.append("part")
+            else:
+                cells.append("ok")
+        L.append(f"| {n} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _shape(suite_cfg) -> Optional[dict]:
+    model = suite_cfg.get("model")
+    p = (ROOT / model / "config.json") if model else None
+    return model_shape(json.loads(p.read_text())) if p and p.exists() else None
+
+
+def _hw(res) -> Optional[dict]:
+    for e in res["envs"]:
+        for g in e.get("gpus") or []:
+            for key, hw in HARDWARE.items():
+                if key in g.lower().replace(" ", ""):
+                    return hw
+    return None
+
+
+def _graph_max_bs(flags) -> Optional[int]:
+    flags = list(flags or [])
+    if "--disable-cuda-graph" in flags:
+        return 0
+    if "--cuda-graph-max-bs" in flags:
+        return int(flags[flags.index("--cuda-graph-max-bs") + 1])
+    return None
+
+
+def _decode_reading(res, names, wl, suite_cfg) -> list[str]:
+    """What one decode step moved: requests in flight (the pool's tokens over prompt+output),
+    KV bytes per step at the mean context, and the bytes (weights + KV) per TPOT as a share of
+    the GPU's HBM peak."""
+    shape, hw = _shape(suite_cfg), _hw(res)
+    base = _capacity(res, "bf16") if "bf16" in res["configs"] else None
+    if not shape or not hw or not base:
+        return []
+    kv16 = kv_bytes_per_token(shape, 16)
+    L = [f"Reading the {wl.split('_', 1)[1]} steps (derived from the rows above and the model's shape): requests in "
+         "flight = min(concurrency, pool tokens / (prompt + output)); KV read per step = in flight x mean context "
+         "(prompt + output / 2) x bytes per token, where bytes per token = bf16's "
+         f"{kv16 / 1024:.0f} KiB x (bf16 pool tokens / this pool's tokens); bandwidth = (weights "
+         f"{shape['weight_bytes_bf16'] / 1e9:.1f} GB + KV per step) / TPOT, against {hw['name']}'s "
+         f"{hw['hbm_bytes_s'] / 1e12:.1f} TB/s.  Steps of more requests than `--cuda-graph-max-bs` run without "
+         "CUDA graphs.", "",
+         "| config | concurrency | in flight | CUDA graph | TPOT (ms) | KV per step (GB) | bytes / TPOT (TB/s) | of HBM peak |",
+         "|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        t = res["configs"][n].get(wl)
+        cap = _capacity(res, n)
+        if not t or not cap:
+            continue
+        gmax = _graph_max_bs(t.get("flags"))
+        per_tok = kv16 * base / cap
+        for r in t.get("rows", []):
+            step = tpot(r)
+            if not step or r.get("success_rate") != 1.0:
+                continue
+            p, o = r.get("prompt_len", 0), r.get("output_len", 0)
+            inflight = min(r["concurrency"], int(cap // (p + o)))
+            kv = inflight * (p + o / 2) * per_tok
+            bw = (shape["weight_bytes_bf16"] + kv) / step
+            graph = "" if gmax is None else ("yes" if inflight <= gmax else "no")
+            L.append(f"| {n} | {r['concurrency']} | {inflight} | {graph} | {step * 1000:.1f} | {kv / 1e9:.1f} | "
+                     f"{bw / 1e12:.2f} | {bw / hw['hbm_bytes_s']:.0%} |")
+    return L + [""]
+
+
+def _peak(res, config, table) -> Optional[tuple[float, int]]:
+    t = (res["configs"].get(config) or {}).get(table) or {}
+    good = [r for r in t.get("rows", []) if r.get("success_rate") == 1.0 and r.get("output_tok_per_s")]
+    if not good:
+        return None
+    best = max(good, key=lambda r: r["output_tok_per_s"])
+    return best["output_tok_per_s"], best["concurrency"]
+
+
+def _targets(res, suite_cfg) -> list[str]:
+    """The suite config's ``targets`` (ratios of peak output tok/s), met or not, from the rows."""
+    tg = suite_cfg.get("targets") or []
+    if not tg:
+        return []
+    L = ["## Targets", "", "| target | measured | ratio | needed | met |", "|---|---|---|---|---|"]
+    for x in tg:
+        a, b = _peak(res, x["config"], x["table"]), _peak(res, x["vs"], x["table"])
+        if not a or not b:
+            L.append(f"| {x['what']} | not measured | | >= {x['at_least']} | |")
+            continue
+        ratio = a[0] / b[0]
+        L.append(f"| {x['what']} | {x['config']} {a[0]:.0f} tok/s (c={a[1]}) vs {x['vs']} {b[0]:.0f} (c={b[1]}) | "
+                 f"{ratio:.2f} | >= {x['at_least']} | {'yes' if ratio >= x['at_least'] else 'no'} |")
+    return L + [""]
+
+
+def _quality_section(res, suite_cfg, pngs) -> list[str]:
+    q = _quality_rows(res)
     if not q:
         return []
-    out = []
-    for name, r in (q.get("results") or {}).items():
-        ppl = r.get("ppl", r.get("perplexity"))
-        if r.get("average_bits") is not None and ppl is not None:
-            out.append((name, r["average_bits"], ppl, r))
-    return out
+    L = ["## Quality on the embedded model (served; `bench/served_quality.py`)", "",
+         "Perplexity of held-out text scored through the server with `--chunked-prefill-size`, so every scored "
+         "token of a chunk attends to earlier chunks read back from the quantized pool; top-1: the served "
+         "next-token argmax equals bf16's in the same file.", ""]
+    for label, qf in _quality_files(res):
+        base = ((qf.get("results") or {}).get("bf16") or {}).get("ppl")
+        L += [f"`{label}`: {qf.get('device')}, git {str(qf.get('git_sha'))[:10]}, chunk {qf.get('chunked_prefill_size')}",
+              "", "| config | average bits | perplexity | vs bf16 | top-1 vs bf16 | pool tokens |", "|---|---|---|---|---|---|"]
+        for name, r in sorted((qf.get("results") or {}).items(), key=lambda kv: -(kv[1].get("average_bits") or 0)):
+            ppl = r.get("ppl")
+            if ppl is None:
+                continue
+            L.append(f"| {name} | {fmt(r.get('average_bits'), '.2f')} | {ppl:.3f} | "
+                     f"{'' if not base else f'{ppl / base - 1:+.2%}'} | {fmt(r.get('top1_agreement_vs_bf16'), '.1%')} | "
+                     f"{fmt(r.get('max_total_num_tokens'), ',')} |")
+        L.append("")
+    qt = suite_cfg.get("quality_targets") or []
+    if qt:
+        L += ["Quality targets (perplexity relative to bf16 in the same file):", "",
+              "| target | file | measured | needed | met |", "|---|---|---|---|---|"]
+        for x in qt:
+            hit = False
+            for label, qf in _quality_files(res):
+                rs = qf.get("results") or {}
+                if x["config"] in rs and "bf16" in rs and rs[x["config"]].get("ppl") and rs["bf16"].get("ppl"):
+                    d = rs[x["config"]]["ppl"] / rs["bf16"]["ppl"] - 1
+                    L.append(f"| {x['what']} | `{_short(label)}` | {d:+.2%} | within {x['within']:.1%} | "
+                             f"{'yes' if abs(d) <= x['within'] else 'no'} |")
+                    hit = True
+            if not hit:
+                L.append(f"| {x['what']} | | not measured | within {x['within']:.1%} | |")
+        L.append("")
+    refs = res.get("reference_files") or []
+    if refs:
+        L += ["The method is sensitive: the same perplexity from a reference that fake-quantizes K/V in the HF model "
+              "with the kvtuner reference quantizer, in the same chunked regime (`bench/served_vs_reference.py`):", "",
+              "| file | served | reference | served ppl | reference ppl | relative difference |", "|---|---|---|---|---|---|"]
+        for label, d in refs:
+            for r in d.get("rows", []):
+                L.append(f"| `{_short(label)}` | {r['served']} | {r['reference']} | {r['served_ppl']:.3f} | "
+                         f"{r['reference_ppl']:.3f} | {r['rel_diff']:+.2%} |")
+        worst = max(abs(r["rel_diff"]) for _, d in refs for r in d.get("rows", []))
+        L += ["", f"Largest disagreement: {worst:.2%} (the check asks for 2% for KV8, K8V4 and KV4).", ""]
+    if "plots/quality_vs_bits.png" in pngs:
+        L += ["![quality](plots/quality_vs_bits.png)", ""]
+    return L
 
 
 # ============================================================================ markdown
 
 
-def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None) -> Path:
+def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None,
+           quality: tuple = (), references: tuple = ()) -> Path:
+    """``quality``: served_quality JSON files (the embedded model's quality, measured in their own
+    GPU calls); ``references``: served_vs_reference JSON files."""
     d = Path(d)
     res = load_dir(d)
+    res["quality_files"] = [(str(p), json.loads(Path(p).read_text())) for p in quality]
+    res["reference_files"] = [(str(p), json.loads(Path(p).read_text())) for p in references]
     order = list((suite_cfg or {}).get("configs", {}))
     names = _ordered(res, order)
     out = Path(out) if out else d / "REPORT.md"
@@ -301,23 +516,30 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
 
     # --- environment
     L += ["## Hardware, versions, commands", ""]
+    envs = list(res["envs"]) + [t["env"] for n in names for t in res["configs"][n].values() if t.get("env")]
     seen = set()
-    for e in res["envs"]:
+    for e in envs:
         key = (tuple(e.get("gpus") or []), e.get("sglang"), e.get("torch"), e.get("git_sha"))
         if key in seen:
             continue
         seen.add(key)
-        L.append(f"- GPUs: {', '.join(e.get('gpus') or ['(none reported)'])}; sglang {e.get('sglang')}, "
-                 f"torch {e.get('torch')}, triton {e.get('triton')}, python {e.get('python')}; git {e.get('git_sha')}")
-    cmds = sorted({" ".join(e.get("argv") or []) for e in res["envs"]})
+        gpus = e.get("gpus") or ["(none reported)"]
+        counted = ", ".join(f"{gpus.count(g)} x {g}" if gpus.count(g) > 1 else g for g in dict.fromkeys(gpus))
+        L.append(f"- GPUs on the host: {counted}; sglang {e.get('sglang')}, torch {e.get('torch')}, "
+                 f"triton {e.get('triton')}, python {e.get('python')}; git {e.get('git_sha')}")
+    L.append("- Each configuration's server ran on one GPU (several configurations side by side on a "
+             "multi-GPU host, `bench/run_single_gpu.sh`'s queue).")
+    cmds = sorted({" ".join(e.get("argv") or []) for e in envs if e.get("argv")})
     if cmds:
-        L += ["", "Commands:", "", "```", *cmds, "```"]
-    flags = {n: t.get("flags") for n in names for t in list(res["configs"][n].values())[:1]}
+        L += ["", "Commands (one per `bench/suite.py` call):", "", "```", *cmds, "```"]
+    flags, extra = _flags(res, names)
     if flags:
         L += ["", "| config | label | server flags (after BASE_FLAGS) |", "|---|---|---|"]
         for n in names:
-            L.append(f"| {n} | {_label(res, n)} | `{' '.join(flags.get(n) or [])}` |")
+            more = "".join(f"; {t}: + `{' '.join(x)}`" for t, x in extra.get(n, {}).items())
+            L.append(f"| {n} | {_label(res, n)} | `{' '.join(flags.get(n) or [])}`{more} |")
     L.append("")
+    L += _coverage(res, names)
 
     # --- capacity
     L += ["## KV capacity and GPU memory", "",
@@ -362,22 +584,26 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
         any_t = next(res["configs"][n][wl] for n in names if wl in res["configs"][n])
         w = any_t.get("workload") or {}
         L += [f"## Throughput and latency vs concurrency: {short} (prompt {w.get('prompt_len')}, "
-              f"output {w.get('output_len')}, ignore_eos)", "",
-              "| config | concurrency | requests | success | output tok/s | req/s | latency mean (s) | p50 (s) | "
-              "p99 (s) | TTFT p50 (ms) | ITL p50 (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              f"output {w.get('output_len')}, ignore_eos)", ""]
+        wcfg = ((((suite_cfg or {}).get("tables") or {}).get("concurrency") or {}).get("workloads") or {}).get(short)
+        if isinstance(wcfg, dict) and wcfg.get("note"):
+            L += [" ".join(str(wcfg["note"]).split()), ""]
+        L += ["| config | concurrency | requests | success | output tok/s | req/s | latency mean (s) | p50 (s) | "
+              "p99 (s) | TTFT p50 (ms) | TPOT (ms) | ITL p50 (ms) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         peaks = {}
         for n in names:
             t = res["configs"][n].get(wl)
             if not t:
                 continue
             if _failed_note(t) and not t.get("rows"):
-                L.append(f"| {n} | {_failed_note(t)} | | | | | | | | | |")
+                L.append(f"| {n} | {_failed_note(t)} | | | | | | | | | | |")
                 continue
             for r in t.get("rows", []):
                 L.append(f"| {n} | {r['concurrency']} | {r['requests']} | {fmt(r['success_rate'], '.1%')} | "
                          f"{fmt(r['output_tok_per_s'], '.0f')} | {fmt(r['req_per_s'], '.2f')} | "
                          f"{fmt(r['latency_mean_s'], '.2f')} | {fmt(r['latency_p50_s'], '.2f')} | "
-                         f"{fmt(r['latency_p99_s'], '.2f')} | {_ms(r['ttft_p50_s'])} | {_ms(r['itl_p50_s'])} |")
+                         f"{fmt(r['latency_p99_s'], '.2f')} | {_ms(r['ttft_p50_s'])} | {_ms(tpot(r))} | "
+                         f"{_ms(r['itl_p50_s'])} |")
             good = [r for r in t.get("rows", []) if r.get("success_rate") == 1.0 and r.get("output_tok_per_s")]
             if good:
                 best = max(good, key=lambda r: r["output_tok_per_s"])
@@ -390,8 +616,13 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
                 L.append(f"| {n} | {tp:.0f} | {c} | {fmt(tp / b, '.2f') if b else ''} | {fmt(tp / f8, '.2f') if f8 else ''} | "
                          f"{'yes' if sat else 'no' + (' (' + stopped + ')' if stopped else '')} |")
         L.append("")
+        L += ["TPOT: time per output token after the first, (mean latency - mean TTFT) / (output - 1). ITL p50 is "
+              "the median gap between streamed chunks as the client read them, spread over the chunk's tokens; "
+              "when hundreds of streams queue up in the client it reads near 0 and TPOT is the figure to use.", ""]
         if f"plots/throughput_vs_concurrency_{short}.png" in pngs:
             L += [f"![throughput {short}](plots/throughput_vs_concurrency_{short}.png)", ""]
+        if short == "decode_heavy":
+            L += _decode_reading(res, names, wl, suite_cfg or {})
 
     # --- grid
     for n in names:
@@ -442,16 +673,9 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
         if "plots/stress_memory.png" in pngs:
             L += ["![stress memory](plots/stress_memory.png)", ""]
 
-    # --- quality
-    q = _quality_rows(res)
-    if q:
-        L += ["## Quality vs average bits (embedded model, served; bench/served_quality.py)", "",
-              "| config | average bits | perplexity | top-1 vs bf16 |", "|---|---|---|---|"]
-        for name, bits, ppl, r in sorted(q, key=lambda x: -x[1]):
-            L.append(f"| {name} | {bits:.2f} | {ppl:.3f} | {fmt(r.get('top1_agreement_vs_bf16'), '.1%')} |")
-        L.append("")
-        if "plots/quality_vs_bits.png" in pngs:
-            L += ["![quality](plots/quality_vs_bits.png)", ""]
+    # --- targets, quality
+    L += _targets(res, suite_cfg or {})
+    L += _quality_section(res, suite_cfg or {}, pngs)
 
     # --- plausibility
     L += plausibility_section(suite_cfg or {})
@@ -504,14 +728,20 @@ def main(argv=None) -> int:
     ap.add_argument("dir", help="the suite's --out-dir")
     ap.add_argument("--out", help="markdown path (default DIR/REPORT.md; plots next to it)")
     ap.add_argument("--config", default=str(HERE / "suite" / "qwen.yaml"),
-                    help="suite config: configuration order and seed_claims")
+                    help="suite config: configuration order, targets and seed_claims")
+    ap.add_argument("--quality", nargs="*", default=[], help="served_quality JSON files to include")
+    ap.add_argument("--reference", nargs="*", default=[], help="served_vs_reference JSON files to include")
     args = ap.parse_args(argv)
     cfg = {}
     if args.config and Path(args.config).exists():
         import yaml
 
         cfg = yaml.safe_load(Path(args.config).read_text()) or {}
-    out = report(Path(args.dir), Path(args.out) if args.out else None, cfg)
+    missing = [p for p in [*args.quality, *args.reference] if not Path(p).exists()]
+    if missing:
+        print(f"report: error: no such file: {missing[0]}", file=sys.stderr)
+        return 2
+    out = report(Path(args.dir), Path(args.out) if args.out else None, cfg, tuple(args.quality), tuple(args.reference))
     print(out)
     return 0
 

@@ -570,7 +570,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    (out_dir / f"env-{int(time.time())}.json").write_text(json.dumps(env, indent=1))
+    (out_dir / f"env-{int(time.time())}-{os.getpid()}.json").write_text(json.dumps(env, indent=1))
     if jobs:
         for n in names:
             if args.budget_s and time.time() > args.t_start + args.budget_s:

@@ -310,7 +310,7 @@ def test_report_from_synthetic_dir(tmp_path):
     assert "| int4 | 2,700,000 | 3.55x |" in text
     # peak table: int4 4500 vs bf16 3000 and fp8 3600
     assert "| int4 | 4500 | 64 | 1.50 | 1.25 | yes |" in text
-    assert "| K4V4 | 4.00 | 25.800 | 90.0% |" in text
+    assert "| K4V4 | 4.00 | 25.800 | +2.79% | 90.0% |" in text  # vs bf16 of the same file
     assert "Claim: throughput 231k tok/s at 2 ms latency" in text and "impossible" in text
     for png in ("capacity.png", "ttft_vs_prompt.png", "throughput_vs_concurrency_decode_heavy.png", "quality_vs_bits.png"):
         assert (out.parent / "plots" / png).stat().st_size > 1000
@@ -329,3 +329,51 @@ def test_plausibility_arithmetic():
     assert p["max_tok_s_compute"] < 231000 / 4
     ok = rep.plausibility({"tok_per_s": 3000, "latency_s": 1.0, "n_gpus": 1}, s, rep.HARDWARE["h100"])
     assert not ok["throughput_impossible"] and not ok["latency_impossible"]
+
+
+def test_committed_report_is_what_the_committed_results_give(tmp_path):
+    """bench/REPORT.md is generated (make bench-report): regenerating it from the committed JSON
+    gives the same markdown, so no number in it was typed in."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        out = tmp_path / "REPORT.md"
+        q = ["bench/results/served_quality_smollm2_h100.json", "bench/results/served_quality_kivi_h200.json"]
+        r = ["bench/results/served_vs_reference_pertoken.json", "bench/results/served_vs_reference_kivi.json"]
+        assert rep.main(["bench/results/suite", "--config", "bench/suite/qwen.yaml", "--out", str(out),
+                         "--quality", *q, "--reference", *r]) == 0
+    finally:
+        os.chdir(cwd)
+    assert out.read_text() == (ROOT / "bench" / "REPORT.md").read_text()
+
+
+def test_decode_reading_and_targets_from_rows():
+    cfg = {"model": "bench/configs/qwen2.5-7b",
+           "targets": [{"what": "t", "table": "concurrency_decode_heavy", "config": "int4", "vs": "bf16", "at_least": 2.0}]}
+    row = {"concurrency": 256, "prompt_len": 1000, "output_len": 4000, "success_rate": 1.0,
+           "latency_mean_s": 41.0, "ttft_mean_s": 1.0, "output_tok_per_s": 100.0}
+    res = {"envs": [{"gpus": ["NVIDIA H200, 143771 MiB"]}], "configs": {
+        "bf16": {"concurrency_decode_heavy": {"flags": ["--cuda-graph-max-bs", "128"], "server": {"max_total_num_tokens": 1_000_000},
+                                              "rows": [{**row, "output_tok_per_s": 50.0}]}},
+        "int4": {"concurrency_decode_heavy": {"flags": [], "server": {"max_total_num_tokens": 4_000_000}, "rows": [row]}}}}
+    assert rep.tpot(row) == 40.0 / 3999  # 40 s over the 3999 tokens after the first
+    L = rep._decode_reading(res, ["bf16", "int4"], "concurrency_decode_heavy", cfg)
+    bf16 = next(x for x in L if x.startswith("| bf16 |")).split(" | ")
+    # 1e6 tokens / 5000 per request: 200 in flight (of 256), over the graph limit of 128
+    assert bf16[2:4] == ["200", "no"]
+    # KV per step: 200 x 3000 tokens x 56 KiB = 34.4 GB
+    assert bf16[5] == f"{200 * 3000 * 57344 / 1e9:.1f}"
+    int4 = next(x for x in L if x.startswith("| int4 |")).split(" | ")
+    assert int4[2] == "256" and int4[5] == f"{256 * 3000 * 57344 / 4 / 1e9:.1f}"  # a quarter of bf16's bytes per token
+    T = rep._targets(res, cfg)
+    assert any("| 2.00 | >= 2.0 | yes |" in x for x in T)
+
+
+def test_readme_suite_lines_come_from_the_report():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- suite-targets")[1].split("<!-- /suite-targets -->")[0].splitlines()[1:]
+    report = set((ROOT / "bench" / "REPORT.md").read_text().splitlines())
+    rows = [x for x in block if x.startswith("| ")]
+    assert len(rows) >= 8 and all(x in report for x in rows)
