@@ -452,15 +452,26 @@ def _quality_section(res, suite_cfg, pngs) -> list[str]:
          "next-token argmax equals bf16's in the same file.", ""]
     for label, qf in _quality_files(res):
         base = ((qf.get("results") or {}).get("bf16") or {}).get("ppl")
+        rs = qf.get("results") or {}
+        has_kl = any("kl_vs_bf16" in r for r in rs.values())
+        has_greedy = any("greedy_agreement_vs_bf16" in r for r in rs.values())
+        head = "| config | average bits | perplexity | vs bf16 | top-1 vs bf16 |"
+        head += (" KL vs bf16 |" if has_kl else "") + (" greedy vs bf16 |" if has_greedy else "") + " pool tokens |"
         L += [f"`{label}`: {qf.get('device')}, git {str(qf.get('git_sha'))[:10]}, chunk {qf.get('chunked_prefill_size')}",
-              "", "| config | average bits | perplexity | vs bf16 | top-1 vs bf16 | pool tokens |", "|---|---|---|---|---|---|"]
-        for name, r in sorted((qf.get("results") or {}).items(), key=lambda kv: -(kv[1].get("average_bits") or 0)):
+              "", head, "|" + "---|" * head.count(" |")]
+        for name, r in sorted(rs.items(), key=lambda kv: -(kv[1].get("average_bits") or 0)):
             ppl = r.get("ppl")
             if ppl is None:
                 continue
             L.append(f"| {name} | {fmt(r.get('average_bits'), '.2f')} | {ppl:.3f} | "
                      f"{'' if not base else f'{ppl / base - 1:+.2%}'} | {fmt(r.get('top1_agreement_vs_bf16'), '.1%')} | "
-                     f"{fmt(r.get('max_total_num_tokens'), ',')} |")
+                     + (f"{fmt(r.get('kl_vs_bf16'), '.4f')} | " if has_kl else "")
+                     + (f"{fmt(r.get('greedy_agreement_vs_bf16'), '.1%')} | " if has_greedy else "")
+                     + f"{fmt(r.get('max_total_num_tokens'), ',')} |")
+        if has_kl or has_greedy:
+            L.append("")
+            L.append("KL: mean over positions of KL(bf16 || config) over bf16's top tokens plus one bucket for the "
+                     "rest (at most the full KL). Greedy: share of greedy tokens equal to bf16's, position by position.")
         L.append("")
     qt = suite_cfg.get("quality_targets") or []
     if qt:

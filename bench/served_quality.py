@@ -7,7 +7,9 @@ same free memory), on the real embedded model.  Quality: the held-out windows of
 ``return_logprob`` and ``--chunked-prefill-size CHUNK``: every token of a chunk attends to
 the earlier chunks through the quantized pool (only the up to CHUNK-1 tokens before it in its
 own chunk come in full precision), so the scored tokens read quantized KV.  Reported: the
-perplexity of the text, top-1 agreement of each position's argmax with the bf16 server, and
+perplexity of the text, top-1 agreement of each position's argmax with the bf16 server, the
+KL divergence of each position's next-token distribution from bf16's (over bf16's top 20 tokens
+plus one bucket for the rest: ``bucket_kl``), greedy agreement (8 prompts x 256 tokens), and
 the pool size against the prediction from ``kvtuner.config`` (bf16 capacity of this run x
 bf16 bytes per token / configuration bytes per token).
 
@@ -97,21 +99,81 @@ def ring_bytes(flags: list[str], cfg: dict) -> int:
     return (int(val["--max-running-requests"]) + 1) * kc.residual_bytes_per_request(range(layers), d, h)
 
 
-def score(server: Server, windows) -> dict:
-    nll, n, argmax = 0.0, 0, []
+def bucket_kl(ref: list, other: list) -> tuple[float, int]:
+    """KL(ref || other) of one position's next-token distributions, from the servers' top
+    logprobs (``[logprob, token_id, ...]`` entries): over ref's listed tokens plus one bucket for
+    every other token.  Merging outcomes can only lower a KL divergence, so this is at most the
+    full KL when every ref token is in ``other``'s (longer) list; a ref token missing there is
+    given ``other``'s smallest listed probability (an upper bound of its own) and counted.
+    Returns (kl, misses)."""
+    p = {int(e[1]): math.exp(e[0]) for e in ref}
+    q_all = {int(e[1]): math.exp(e[0]) for e in other}
+    floor = min(q_all.values()) if q_all else 1e-12
+    kl, misses, q_in = 0.0, 0, 0.0
+    for tid, pt in p.items():
+        qt = q_all.get(tid)
+        if qt is None:
+            qt, misses = floor, misses + 1
+        q_in += qt
+        if pt > 0:
+            kl += pt * math.log(pt / qt)
+    p_rest, q_rest = max(0.0, 1.0 - sum(p.values())), max(1e-12, 1.0 - q_in)
+    if p_rest > 1e-12:
+        kl += p_rest * math.log(p_rest / q_rest)
+    return max(0.0, kl), misses
+
+
+def score(server: Server, windows, top_k: int = 1) -> dict:
+    """Perplexity of the windows (every position after the first), and per position the
+    server's top logprobs (``top_k`` of them; argmax = the first)."""
+    nll, n, tops_all = 0.0, 0, []
     for w in windows:
         r = http(server.url + "/generate", {"input_ids": w, "return_logprob": True, "logprob_start_len": 0,
-                                            "top_logprobs_num": 1,
+                                            "top_logprobs_num": max(1, top_k),
                                             "sampling_params": {"temperature": 0.0, "max_new_tokens": 1}})
         mi = r["meta_info"]
         lps = [x[0] for x in mi["input_token_logprobs"]][1:]
-        tops = [t[0][1] if t else None for t in mi["input_top_logprobs"]][1:]
+        tops = [[(e[0], e[1]) for e in t] if t else [] for t in mi["input_top_logprobs"]][1:]
         if len(lps) != len(w) - 1:
             raise RuntimeError(f"got {len(lps)} input logprobs for {len(w)} tokens")
         nll -= sum(lps)
         n += len(lps)
-        argmax.append(tops)
-    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens_scored": n, "argmax": argmax}
+        tops_all.append(tops)
+    return {"nll": nll / n, "ppl": math.exp(nll / n), "tokens_scored": n, "tops": tops_all}
+
+
+def greedy(server: Server, prompts, n: int) -> list:
+    """``n`` greedy tokens (ignore_eos) after each prompt."""
+    outs = []
+    for p in prompts:
+        r = http(server.url + "/generate", {"input_ids": p, "sampling_params": {
+            "temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}})
+        outs.append(list(r["output_ids"]))
+    return outs
+
+
+def compare(res: dict, tops, ref_tops, outs, ref_outs, ref_k: int) -> None:
+    """Top-1 agreement, mean bucketed KL (bf16's first ``ref_k`` tokens vs this run's list) and
+    greedy agreement against the bf16 run, into ``res``."""
+    pairs = [(a, b) for wa, wb in zip(tops, ref_tops) for a, b in zip(wa, wb) if a and b]
+    res["top1_agreement_vs_bf16"] = sum(a[0][1] == b[0][1] for a, b in pairs) / len(pairs)
+    if ref_k > 1:
+        kls = [bucket_kl(b[:ref_k], a) for a, b in pairs]
+        res["kl_vs_bf16"] = sum(k for k, _ in kls) / len(kls)
+        res["kl_top_k"] = ref_k
+        res["kl_positions"] = len(kls)
+        res["kl_ref_tokens_missing"] = sum(m for _, m in kls)
+    if outs and ref_outs:
+        same = [a == b for oa, ob in zip(outs, ref_outs) for a, b in zip(oa, ob)]
+        res["greedy_agreement_vs_bf16"] = sum(same) / len(same)
+        prefix = []
+        for oa, ob in zip(outs, ref_outs):
+            k = 0
+            while k < min(len(oa), len(ob)) and oa[k] == ob[k]:
+                k += 1
+            prefix.append(k)
+        res["greedy_tokens"] = [len(outs), len(outs[0])]
+        res["greedy_first_divergence_mean"] = sum(prefix) / len(prefix)
 
 
 def main() -> int:
@@ -125,6 +187,10 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=32, help="--chunked-prefill-size of every server")
+    ap.add_argument("--kl-top-k", type=int, default=20,
+                    help="KL vs bf16 over bf16's top K tokens + one bucket for the rest (each run lists 2K; 0: no KL)")
+    ap.add_argument("--greedy", default="8x256", help="greedy agreement vs bf16: PROMPTSxTOKENS (prompts of 64 "
+                    "held-out tokens; empty: none)")
     ap.add_argument("--extra", default="--mem-fraction-static 0.5 --cuda-graph-max-bs 8 --disable-radix-cache")
     ap.add_argument("--port", type=int, default=33000)
     ap.add_argument("--logs", default="/tmp/served-quality-logs")
@@ -165,7 +231,12 @@ def main() -> int:
         out["sglang"] = getattr(sglang, "__version__", "")
     except Exception as e:  # noqa: BLE001
         out["sglang"] = repr(e)
-    ref_argmax = None
+    ref_tops, ref_outs = None, None
+    prompts, n_greedy = [], 0
+    if args.greedy:
+        n_prompts, n_greedy = (int(x) for x in args.greedy.lower().split("x"))
+        prompts = [ids[k * 200: k * 200 + 64] for k in range(n_prompts) if len(ids) >= k * 200 + 64]
+        out["greedy"] = {"prompts": len(prompts), "prompt_tokens": 64, "tokens": n_greedy}
     for i, name in enumerate(args.configs):
         chunk = args.chunk
         if "--page-size" in CONFIGS[name]:  # SGLang: the chunk must be a multiple of the page size
@@ -179,14 +250,14 @@ def main() -> int:
             res["bytes_per_token"], res["average_bits"] = predicted_bytes(CONFIGS[name], mcfg)
             server = Server(args.model, flags, args.port + 10 * i, Path(args.logs) / f"{name}.log", args.startup_timeout)
             res["max_total_num_tokens"] = server.max_total_num_tokens
-            s = score(server, windows)
-            argmax = s.pop("argmax")
+            s = score(server, windows, 2 * args.kl_top_k if args.kl_top_k > 0 else 1)
+            tops = s.pop("tops")
             res.update(s)
+            outs = greedy(server, prompts, n_greedy) if prompts else []
             if name == "bf16":
-                ref_argmax = argmax
-            elif ref_argmax is not None:
-                pairs = [(a, b) for wa, wb in zip(argmax, ref_argmax) for a, b in zip(wa, wb)]
-                res["top1_agreement_vs_bf16"] = sum(a == b for a, b in pairs) / len(pairs)
+                ref_tops, ref_outs = tops, outs
+            elif ref_tops is not None:
+                compare(res, tops, ref_tops, outs, ref_outs, args.kl_top_k)
             base = out["results"].get("bf16", {})
             if base.get("max_total_num_tokens") and res.get("max_total_num_tokens"):
                 pred = (base["max_total_num_tokens"] * base["bytes_per_token"] - ring_bytes(CONFIGS[name], mcfg)) \
@@ -202,7 +273,8 @@ def main() -> int:
                 server.stop()
         Path(args.out).write_text(json.dumps(out, indent=1))
         print(f"[{name}] ok={res['ok']} bits={res.get('average_bits')} ppl={res.get('ppl', float('nan')):.3f} "
-              f"top1={res.get('top1_agreement_vs_bf16', '-')} cap={res.get('max_total_num_tokens')} "
+              f"top1={res.get('top1_agreement_vs_bf16', '-')} kl={res.get('kl_vs_bf16', '-')} "
+              f"greedy={res.get('greedy_agreement_vs_bf16', '-')} cap={res.get('max_total_num_tokens')} "
               f"cap/pred={res.get('capacity_measured_over_predicted', '-')} {res.get('error', '')[:300]}", flush=True)
     return 0
 

@@ -377,3 +377,13 @@ def test_readme_suite_lines_come_from_the_report():
     report = set((ROOT / "bench" / "REPORT.md").read_text().splitlines())
     rows = [x for x in block if x.startswith("| ")]
     assert len(rows) >= 8 and all(x in report for x in rows)
+
+
+def test_quality_section_shows_kl_and_greedy_when_measured():
+    qf = {"device": "H200", "git_sha": "abc", "chunked_prefill_size": 64, "results": {
+        "bf16": {"average_bits": 16.0, "ppl": 20.0},
+        "K8V8": {"average_bits": 8.0, "ppl": 20.1, "top1_agreement_vs_bf16": 0.97, "kl_vs_bf16": 0.0123,
+                 "greedy_agreement_vs_bf16": 0.9, "max_total_num_tokens": 10}}}
+    L = rep._quality_section({"quality": None, "quality_files": [("q.json", qf)]}, {}, [])
+    assert "| config | average bits | perplexity | vs bf16 | top-1 vs bf16 | KL vs bf16 | greedy vs bf16 | pool tokens |" in L
+    assert "| K8V8 | 8.00 | 20.100 | +0.50% | 97.0% | 0.0123 | 90.0% | 10 |" in L
