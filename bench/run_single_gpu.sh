@@ -52,6 +52,16 @@ backends() {  # the per-backend end-to-end GPU test (tests/test_backends_gpu.py)
     grep -hE "^(FAILED|ERROR)|passed|failed|skipped" "$OUT/pytest_backends_$1.txt" | tail -5
 }
 
+qsearch_job() {  # one served_quality.py job over the candidates in ${group[@]} (the first job also scores K4V2-kivi)
+    local presets=() c
+    for c in "${group[@]}"; do presets+=(--preset "$c=bench/presets/served-search/$c.yaml"); done
+    i=$((i + 1))
+    qjobs+=("qsearch-$i=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} --logs $OUT/logs-qs$i \
+        --calib-text kernels/kvtuner/data/calib_en_long.txt --kl-top-k 0 --greedy '' \
+        --configs $([ $first = 1 ] && echo K4V2-kivi) ${group[*]} ${presets[*]} --out $OUT/qsearch_$i.json")
+    first=0
+    group=()
+}
 queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     local jobs=() c cfg tables wl lv
     for c in ${E2E:-}; do
@@ -65,6 +75,17 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each
         jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")
     done
+    local qjobs=()
+    [ -n "${QUALITY_JOB:-}" ] && qjobs+=("$QUALITY_JOB")
+    if [ -n "${QSEARCH:-}" ]; then  # served_candidates.py's presets: scored on the calibration text and held-out
+        local c i=0 group=() first=1
+        for c in $QSEARCH; do
+            group+=("$c")
+            if [ ${#group[@]} -ge "${QSEARCH_PER_JOB:-4}" ]; then qsearch_job; fi
+        done
+        [ ${#group[@]} -gt 0 ] && qsearch_job
+    fi
+    jobs=("${qjobs[@]}" "${jobs[@]}")  # the embedded model's jobs first
     [ ${#jobs[@]} -gt 0 ] || return 0
     python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
         --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" "${jobs[@]}"
@@ -103,9 +124,9 @@ gguf0)
 quality)
     [ -f /tmp/model/config.json ] || { cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
         python3 ci/make_model.py --gguf /tmp/stage/m.gguf --out /tmp/model > "$OUT/make_model.txt" 2>&1; } || exit 1
-    timeout 330 python3 bench/served_quality.py --model /tmp/model --chunk 64 --port 33000 --logs "$OUT/logs-q" \
-        --configs $QUALITY --out "$OUT/served_quality.json" > "$OUT/quality.txt" 2>&1
-    tail -8 "$OUT/quality.txt" ;;
+    # QUALITY (one job) and QSEARCH (issue 8's served candidates, QSEARCH_PER_JOB a job) join the queue
+    QUALITY_JOB="quality=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} --logs $OUT/logs-q \
+        --configs $QUALITY --out $OUT/served_quality.json" ;;
 e2e) ;;
 fa3)
     bench/fa3_host.sh stage "${2:?part number}" || exit 1

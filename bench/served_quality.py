@@ -99,6 +99,14 @@ def ring_bytes(flags: list[str], cfg: dict) -> int:
     return (int(val["--max-running-requests"]) + 1) * kc.residual_bytes_per_request(range(layers), d, h)
 
 
+def preset_axis_key(path: str) -> int:
+    """The key axis a preset was searched for (its ``_meta.mode.axis_key``; 0 when absent)."""
+    import yaml
+
+    meta = (yaml.safe_load(Path(path).read_text()) or {}).get("_meta") or {}
+    return int((meta.get("mode") or {}).get("axis_key") or 0)
+
+
 def bucket_kl(ref: list, other: list) -> tuple[float, int]:
     """KL(ref || other) of one position's next-token distributions, from the servers' top
     logprobs (``[logprob, token_id, ...]`` entries): over ref's listed tokens plus one bucket for
@@ -196,14 +204,19 @@ def main() -> int:
     ap.add_argument("--logs", default="/tmp/served-quality-logs")
     ap.add_argument("--startup-timeout", type=float, default=240)
     ap.add_argument("--preset", action="append", default=[], metavar="NAME=PATH",
-                    help="another configuration: per-layer preset PATH (per-token keys, group 64, asym), "
-                         "scored under NAME; list NAME in --configs to place it (else it runs last)")
+                    help="another configuration: per-layer preset PATH (group 64, asym; per-channel keys when "
+                         "its _meta.mode.axis_key is 1), scored under NAME; list NAME in --configs to place it "
+                         "(else it runs last)")
+    ap.add_argument("--calib-text", help="also score windows of this text (res['calib']): the text a search "
+                    "chooses on, so the held-out --text stays unseen")
+    ap.add_argument("--calib-max-tokens", type=int, default=6144)
     args = ap.parse_args()
     for spec in args.preset:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             ap.error(f"--preset wants NAME=PATH, got {spec!r}")
-        CONFIGS[name] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", path, *ASYM]
+        CONFIGS[name] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", path, *ASYM] + \
+            (KIVI if preset_axis_key(path) == 1 else [])
         if name not in args.configs:
             args.configs.append(name)
     unknown = [n for n in args.configs if n not in CONFIGS]
@@ -218,10 +231,15 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tok(Path(args.text).read_text(), add_special_tokens=False)["input_ids"]
     windows = calibration_windows(ids, args.max_tokens, args.seq_len, args.seed, tok.bos_token_id).tolist()
+    calib_windows = []
+    if args.calib_text:
+        cids = tok(Path(args.calib_text).read_text(), add_special_tokens=False)["input_ids"]
+        calib_windows = calibration_windows(cids, args.calib_max_tokens, args.seq_len, args.seed,
+                                            tok.bos_token_id).tolist()
     mcfg = json.loads((Path(args.model) / "config.json").read_text())
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     out = {"what": __doc__.splitlines()[0], "model": args.model, "argv": sys.argv, "chunked_prefill_size": args.chunk,
-           "text": args.text, "windows": [len(windows), args.seq_len], "device": torch.cuda.get_device_name(0),
+           "text": args.text, "windows": [len(windows), args.seq_len], "calib_text": args.calib_text, "device": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "git_sha": os.environ.get("GIT_SHA") or subprocess.run(
                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip(),
            "results": {}}
@@ -253,6 +271,9 @@ def main() -> int:
             s = score(server, windows, 2 * args.kl_top_k if args.kl_top_k > 0 else 1)
             tops = s.pop("tops")
             res.update(s)
+            if calib_windows:
+                c = score(server, calib_windows)
+                res["calib"] = {"text": args.calib_text, "nll": c["nll"], "ppl": c["ppl"], "tokens_scored": c["tokens_scored"]}
             outs = greedy(server, prompts, n_greedy) if prompts else []
             if name == "bf16":
                 ref_tops, ref_outs = tops, outs
