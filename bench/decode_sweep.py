@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--cfgs", default=",".join(CFGS))
     ap.add_argument("--shapes", default="64x8192,16x1024")
     ap.add_argument("--splits", default="1,2,4,8")
+    ap.add_argument("--heads", default="32/8", help="query/KV heads (the Qwen2.5-7B shape is 28/4)")
     ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg];...'")
     args = ap.parse_args()
     device = "cuda"
@@ -109,7 +110,9 @@ def main() -> int:
         variants = [(pf, w, bn, 0) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
     else:
         variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:4] for v in args.variants.split(";")]
-    hq, hkv, d = 32, 8, 128
+    hq, hkv = (int(x) for x in args.heads.split("/"))
+    d = 128
+    res["heads"] = [hq, hkv]
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)

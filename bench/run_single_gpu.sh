@@ -72,6 +72,15 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # no new step (load level) starts in the last SUITE_TAIL s before the deadline
         jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
     done
+    # KBENCH: kernel microbenchmarks, one job each: "full" (bench/kernels_bench.py, issue 3's table, asym
+    # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
+    # 256 x 3k and 64 x 8k, every tuning variant)
+    for c in ${KBENCH:-}; do
+        case $c in
+        full) jobs+=("kbench-full=python3 bench/kernels_bench.py --asym --out $OUT/kernels_full.json") ;;
+        serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2,4 --out $OUT/decode_sweep_serving.json") ;;
+        esac
+    done
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each
         jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")
     done
