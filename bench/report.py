@@ -200,6 +200,7 @@ def plots(res: dict, names: list[str], out_dir: Path) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_ylabel("output tok/s (counted)")
+        ax.set_ylim(bottom=0)  # ratios read off the plot should be the real ones
         ax.set_title(f"throughput vs concurrency ({wl.split('_', 1)[1]})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
