@@ -11,7 +11,8 @@
 #                                                            #   (per-channel, extend/prefix, decode, prefill backends)
 #   E2E="bf16 int4" bench/run_single_gpu.sh bundle           # carry .bundle: unpack only, then the queue
 #   E2E="..." bench/run_single_gpu.sh gguf0                  # carry .stageB: first GGUF half
-#   E2E="..." bench/run_single_gpu.sh quality                # carry .stageC: convert; served quality (QUALITY configs)
+#   E2E="..." bench/run_single_gpu.sh quality                # carry .stageC: convert; served quality (QUALITY configs,
+#                                                            #   "a b|c d": one job per group) and QSEARCH candidates
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
 #   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
@@ -85,7 +86,15 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")
     done
     local qjobs=()
-    [ -n "${QUALITY_JOB:-}" ] && qjobs+=("$QUALITY_JOB")
+    if [ -n "${QUALITY_RUN:-}" ]; then  # QUALITY: configuration groups separated by '|', one job each
+        local n=0 grp
+        IFS='|' read -r -a qgroups <<< "$QUALITY"
+        for grp in "${qgroups[@]}"; do
+            n=$((n + 1))
+            qjobs+=("quality-$n=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} \
+                --logs $OUT/logs-q$n --configs $grp --out $OUT/served_quality_$n.json")
+        done
+    fi
     if [ -n "${QSEARCH:-}" ]; then  # served_candidates.py's presets: scored on the calibration text and held-out
         local c i=0 group=() first=1
         for c in $QSEARCH; do
@@ -133,9 +142,9 @@ gguf0)
 quality)
     [ -f /tmp/model/config.json ] || { cat /tmp/stage/gguf.part00 .stageC/gguf.part01 > /tmp/stage/m.gguf &&
         python3 ci/make_model.py --gguf /tmp/stage/m.gguf --out /tmp/model > "$OUT/make_model.txt" 2>&1; } || exit 1
-    # QUALITY (one job) and QSEARCH (issue 8's served candidates, QSEARCH_PER_JOB a job) join the queue
-    QUALITY_JOB="quality=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} --logs $OUT/logs-q \
-        --configs $QUALITY --out $OUT/served_quality.json" ;;
+    # QUALITY (a job per '|'-separated group, each with its own bf16 for KL / top-1 / greedy) and QSEARCH
+    # (issue 8's served candidates, QSEARCH_PER_JOB a job) join the queue
+    QUALITY_RUN=1 ;;
 e2e) ;;
 fa3)
     bench/fa3_host.sh stage "${2:?part number}" || exit 1
