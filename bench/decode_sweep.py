@@ -92,7 +92,7 @@ def main() -> int:
     ap.add_argument("--shapes", default="64x8192,16x1024")
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--heads", default="32/8", help="query/KV heads (the Qwen2.5-7B shape is 28/4)")
-    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg];...'")
+    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
     args = ap.parse_args()
     device = "cuda"
     name = torch.cuda.get_device_name()
@@ -107,9 +107,13 @@ def main() -> int:
         print("check", cfg, res["checks"][cfg], flush=True)
     splits = [int(x) for x in args.splits.split(",")]
     if args.variants == "all":
-        variants = [(pf, w, bn, 0) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
+        variants = [(pf, w, bn, 0, 2) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
+        # prefetch 2: the slot indices one tile ahead, the packed bytes streamed by the pipeliner
+        # (num_stages - 1 tiles in flight through shared memory)
+        variants += [(2, w, bn, 0, st) for w in (4, 8) for bn in (64, 128) for st in (3, 4)]
     else:
-        variants = [(tuple(int(x) for x in v.split(",")) + (0,))[:4] for v in args.variants.split(";")]
+        variants = [(tuple(int(x) for x in v.split(",")) + (0, 2))[:5] if len(v.split(",")) < 5 else
+                    tuple(int(x) for x in v.split(",")) for v in args.variants.split(";")]
     hq, hkv = (int(x) for x in args.heads.split("/"))
     d = 128
     res["heads"] = [hq, hkv]
@@ -137,12 +141,12 @@ def main() -> int:
             nbytes = kc.data.numel() + kc.meta.numel() * 2 + vc.data.numel() + vc.meta.numel() * 2
             row = {"shape": shape, "cfg": cfg, "bytes": nbytes, "general": {}, "variants": {}}
             row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
-            for pf, w, bn, mr in variants:
-                key = f"pf{int(pf)}_w{w}_n{bn}" + (f"_r{mr}" if mr else "")
+            for pf, w, bn, mr, st in variants:
+                key = f"pf{int(pf)}_w{w}_n{bn}" + (f"_r{mr}" if mr else "") + (f"_s{st}" if st != 2 else "")
                 try:
                     row["variants"][key] = {n: bench(lambda n=n: decode_attention(
                         q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, block_n=bn, num_warps=w,
-                        prefetch=int(pf), maxnreg=mr or None)) for n in splits}
+                        prefetch=int(pf), maxnreg=mr or None, num_stages=st)) for n in splits}
                 except Exception as e:  # noqa: BLE001
                     row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)

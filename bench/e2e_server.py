@@ -371,6 +371,8 @@ def main() -> int:
         out["env_error"] = repr(e)
     out["git_sha"] = os.environ.get("GIT_SHA") or subprocess.run(
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    if os.environ.get("KVTUNER_DECODE"):  # the packed decode's launch settings of an A/B run
+        out["kvtuner_decode"] = os.environ["KVTUNER_DECODE"]
 
     tok = None
     vocab = 0

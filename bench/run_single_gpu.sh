@@ -4,7 +4,9 @@
 # call, side by side on the GPUs in GPUS (one GPU per job, bench/gpu_queue.py; default GPU 0): E2E
 # = Qwen2.5-7B-shape configurations (dummy weights, TTFT 8k, decode at batch 64 x 8k), SUITE =
 # bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy"),
-# PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").
+# PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").  An E2E or SUITE entry may
+# end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
+# num_warps, num_stages; empty fields keep the default), e.g. "int4%64,2,4,4".
 # A job starts only if ~NEED s remain; the ones left are printed for the next call.  Run the calls
 # back to back (the machine keeps /tmp only while warm):
 #   E2E="int4_kivi int4" bench/run_single_gpu.sh tests       # carry .bundle: unpack; CUDA tests
@@ -63,15 +65,23 @@ qsearch_job() {  # one served_quality.py job over the candidates in ${group[@]} 
     first=0
     group=()
 }
+tuning() {  # "ENTRY%B,P,W,S" -> entry, env prefix (KVTUNER_DECODE: the packed decode's launch settings), name suffix
+    local e=$1
+    t_entry=${e%%%*}; t_env=""; t_tag=""
+    if [ "$t_entry" != "$e" ]; then t_env="KVTUNER_DECODE=${e#*%} "; t_tag="-t${e#*%}"; t_tag=${t_tag//,/_}; fi
+}
 queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
-    local jobs=() c cfg tables wl lv
-    for c in ${E2E:-}; do
-        jobs+=("$c=python3 bench/e2e_server.py $QWEN --configs $c --extra '$QX' --port {port} --logs $OUT/logs-e2e --out $OUT/e2e_{file}.json")
+    local jobs=() c cfg tables wl lv t_entry t_env t_tag
+    for c in ${E2E:-}; do  # CONFIG[%TUNING]
+        tuning "$c"
+        jobs+=("$t_entry$t_tag=${t_env}python3 bench/e2e_server.py $QWEN --configs $t_entry --extra '$QX' --port {port} --logs $OUT/logs-e2e$t_tag --out $OUT/e2e_{file}.json")
     done
-    for c in ${SUITE:-}; do  # CONFIGS:TABLES[:WORKLOADS[:LEVELS[:EXTRA]]], EXTRA one server flag (e.g. --disable-cuda-graph)
-        IFS=: read -r cfg tables wl lv ex <<< "$c"
-        # no new step (load level) starts in the last SUITE_TAIL s before the deadline
-        jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}=python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite --logs $OUT/logs-suite --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
+    for c in ${SUITE:-}; do  # CONFIGS:TABLES[:WORKLOADS[:LEVELS[:EXTRA]]][%TUNING], EXTRA one server flag (e.g. --disable-cuda-graph)
+        tuning "$c"
+        IFS=: read -r cfg tables wl lv ex <<< "$t_entry"
+        # no new step (load level) starts in the last SUITE_TAIL s before the deadline; a tuned run
+        # writes its own tree (suite-tB_P_W_S/) so it never mixes with the default one
+        jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}$t_tag=${t_env}python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite$t_tag --logs $OUT/logs-suite$t_tag --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
     done
     # KBENCH: kernel microbenchmarks, one job each: "full" (bench/kernels_bench.py, issue 3's table, asym
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,

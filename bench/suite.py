@@ -211,6 +211,8 @@ def environment() -> dict:
     env["gpus"] = [g.strip() for g in gpus.splitlines() if g.strip()]
     env["git_sha"] = os.environ.get("GIT_SHA") or _cmd(["git", "-C", str(ROOT), "rev-parse", "HEAD"]) or None
     env["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if os.environ.get("KVTUNER_DECODE"):  # the packed decode's launch settings of an A/B run
+        env["kvtuner_decode"] = os.environ["KVTUNER_DECODE"]
     return env
 
 

@@ -97,8 +97,18 @@ def test_decode_gpu_long_context(device, kb, vb, hq, hkv):
     assert_close(o, ref)
 
 
+@pytest.mark.parametrize("prefetch,block_n,stages", [(0, 32, 2), (1, 32, 2), (2, 32, 3), (2, 64, 4)])
+@pytest.mark.parametrize("kb,kg,vb,vg,asym", [(4, 64, 4, 64, True), (8, 32, 4, 64, False), (2, 32, 2, 32, True)])
+def test_decode_packed_loop_forms(device, prefetch, block_n, stages, kb, kg, vb, vg, asym):
+    """Every loop form of the packed fast path (no prefetch, the next tile in registers, only
+    the next tile's slot indices) over several tiles and splits, GQA 7 (the Qwen shape)."""
+    o, ref, _ = _run(device, kb, kg, vb, vg, asym, 128, 7, 1, [150, 1, 0, 97], 0.0, -1, max_splits=4,
+                     splits=[3, 1, 1, 2], prefetch=prefetch, block_n=block_n, num_stages=stages)
+    assert_close(o, ref)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
 @pytest.mark.parametrize("kb,kg,vb,vg,asym", [(8, 64, 8, 64, False), (4, 64, 4, 64, True), (2, 32, 2, 64, True),
                                               (8, 64, 4, 32, False), (4, 32, 2, 128, False)])
 def test_decode_gpu_packed_variants(device, prefetch, kb, kg, vb, vg, asym):
@@ -107,3 +117,20 @@ def test_decode_gpu_packed_variants(device, prefetch, kb, kg, vb, vg, asym):
     o, ref, _ = _run(device, kb, kg, vb, vg, asym, 128, 32, 8, [2100, 1, 333, 64], 0.0, -1,
                      max_splits=8, splits=[8, 1, 3, 2], prefetch=prefetch)
     assert_close(o, ref)
+
+
+def test_decode_tuning_from_environment(device, monkeypatch):
+    """KVTUNER_DECODE sets the packed path's launch settings for A/B runs of a served
+    configuration; the output stays the reference's, and a malformed value is one clear error."""
+    from kvtuner.ops import decode as D
+
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "32,2,,3")
+    assert D._env_tuning() == {"block_n": 32, "prefetch": 2, "num_stages": 3}
+    o, ref, _ = _run(device, 4, 64, 4, 64, True, 128, 7, 1, [70, 3], 0.0, -1)
+    assert_close(o, ref)
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "64,x")
+    with pytest.raises(ValueError, match="KVTUNER_DECODE"):
+        D._env_tuning()
+    monkeypatch.setattr(D, "_ENV_TUNING", None)

@@ -377,7 +377,12 @@ def _decode_stage1_packed(
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
         offs_b = tl.arange(0, BLOCK_N)
-        if PREFETCH:
+        if PREFETCH == 2:
+            # only the slot indices one tile ahead, in registers: the packed tiles' addresses are
+            # then known an iteration early and the compiler's pipeliner streams the bytes (async
+            # copies into shared memory, read back in the MMA operand layout, unpacked there)
+            loc_n = tl.load(kv_indices + start + s0 + offs_b, mask=(s0 + offs_b) < s1, other=0).to(tl.int64)
+        if PREFETCH == 1:
             # software pipelining by hand: tile i+1 is loaded while tile i is computed
             mask_n = (s0 + offs_b) < s1
             loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
@@ -389,7 +394,15 @@ def _decode_stage1_packed(
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
-            if PREFETCH:
+            if PREFETCH == 2:
+                loc = loc_n
+                loc_n = tl.load(kv_indices + start + n0 + BLOCK_N + offs_b, mask=(n0 + BLOCK_N + offs_b) < s1,
+                                other=0).to(tl.int64)
+                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
+                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
+                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+            elif PREFETCH == 1:
                 k_raw_x = _load_chunks(Kd, loc_x * stride_kd_s + k_head_d, mask_nx, KNC, KC, True)
                 k_mt_x = _load_meta(Km, loc_x * stride_km_s + k_head_m, mask_nx, KNM)
                 v_raw_x = _load_chunks(Vd, loc_x * stride_vd_s + v_head_d, mask_nx, VNC, VC, False)
@@ -417,7 +430,7 @@ def _decode_stage1_packed(
             p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
             accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
-            if PREFETCH:
+            if PREFETCH == 1:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
                 v_raw = v_raw_x
@@ -448,6 +461,26 @@ def _packed_defaults(kf, vf) -> tuple[int, int]:
     return 128, 1
 
 
+def _env_tuning() -> dict:
+    """Launch settings of the packed path from the environment, for A/B runs of a served
+    configuration without a code change: ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages"``
+    (empty fields keep the default).  Read once."""
+    global _ENV_TUNING
+    if _ENV_TUNING is None:
+        import os
+
+        raw = os.environ.get("KVTUNER_DECODE", "").strip()
+        keys = ("block_n", "prefetch", "num_warps", "num_stages")
+        vals = raw.split(",") if raw else []
+        if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
+            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages (integers)")
+        _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
+    return _ENV_TUNING
+
+
+_ENV_TUNING = None
+
+
 def _default_block_n(kf, vf) -> int:
     # measured on H100 (B=64, ctx 8k, 32/8 heads): 128-token tiles win for 2/4-bit with
     # groups >= 64, 64-token tiles otherwise
@@ -474,8 +507,8 @@ def decode_attention(
     logit_cap: float = 0.0,
     sliding_window: int = -1,
     block_n: int = 0,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     prefetch: int | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
@@ -490,7 +523,8 @@ def decode_attention(
       ``sliding_window + 1`` tokens (SGLang's convention).  Empty requests give zeros.
     * K and V both packed take the chunked fast path; a 16-bit K or V takes the general
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
-      ``prefetch`` (0: none, 1: next tile into registers), ``maxnreg``.
+      ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
+      bytes left to the compiler's pipeliner), ``maxnreg``.
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -516,10 +550,16 @@ def decode_attention(
         packed = packed and packed_path
     if packed:
         bn, pf = _packed_defaults(k_cache.fmt, v_cache.fmt)
+        env = _env_tuning()  # explicit arguments > KVTUNER_DECODE > measured defaults
+        bn, pf = env.get("block_n", bn), env.get("prefetch", pf)
+        num_warps = num_warps if num_warps is not None else env.get("num_warps")
+        num_stages = num_stages if num_stages is not None else env.get("num_stages")
         block_n = block_n if block_n > 0 else bn
         prefetch = pf if prefetch is None else prefetch
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
+    num_warps = 4 if num_warps is None else num_warps
+    num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
     kds, kdh, kms, kmh = row_strides(k_cache)
     vds, vdh, vms, vmh = row_strides(v_cache)
@@ -535,7 +575,7 @@ def decode_attention(
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-            PREFETCH=bool(prefetch), num_warps=num_warps, num_stages=num_stages,
+            PREFETCH=int(prefetch), num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
     else:

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""What the compiler makes of the packed decode kernel, without a GPU.
+
+Triton's NVIDIA backend (ptxas included in the wheel) compiles for sm_90 on any machine, so the
+shape of the generated code can be read before a GPU is at hand: registers a thread
+(occupancy), shared memory, whether the packed bytes stream through asynchronous copies into
+multi-buffered shared memory (and are unpacked in the MMA operand layout), or whether unpacked
+float16 code tiles make a round trip through shared memory (what ncu showed limits the kernel:
+`bench/NOTES-decode.md`).  Timings still need the GPU; this says which variants are worth timing.
+
+    PYTHONPATH=kernels python bench/kernel_structure.py --kv 4,4 --asym --variants 128,1,4,2 64,2,4,3 64,2,4,4
+
+A variant is ``block_n,prefetch,num_warps,num_stages`` (prefetch 0: none, 1: the next tile in
+registers, 2: only the next tile's slot indices).  The integer arguments are declared multiples
+of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "kernels"))
+
+POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Vd": "*u8", "Vm": "*fp16", "kv_indptr": "*i32",
+            "kv_indices": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
+
+
+def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
+                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90):
+    """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops import decode as D
+    from kvtuner.ops._common import fmt_constexprs, qmin_of
+
+    kf, vf = TensorFormat(kb, head_dim, group, asym), TensorFormat(vb, head_dim, group, asym)
+    fn = D._decode_stage1_packed
+    names = fn.arg_names
+    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MIN_BLOCK=D.MIN_BLOCK_KV,
+                  MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
+                  **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
+                  **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
+                  K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=int(prefetch))
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
+    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def structure(kernel) -> dict:
+    """Registers (from the cubin), shared memory, and the layout traffic in the TTGIR."""
+    import triton
+
+    ttgir = kernel.asm["ttgir"]
+    out = {"shared_bytes": kernel.metadata.shared,
+           "async_copies": ttgir.count("async_copy_global_to_local"),
+           # packed tiles staged in shared memory: [buffers, rows, cols] of uint8
+           "packed_buffers": [[int(x) for x in m] for m in
+                              re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x(\d+)x(\d+)xi8", ttgir)],
+           # float16 tiles written to shared memory from registers (the query chunks, once, and
+           # in the slow forms the unpacked codes of every tile)
+           "f16_tiles_via_shared": len(re.findall(r"local_alloc %\S+ : \(tensor<\d+x\d+xf16, #blocked", ttgir)),
+           "regs": None, "spill_bytes": None}
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if tool.exists():
+        cubin = Path(f"/tmp/kvtuner_structure_{os.getpid()}.cubin")
+        cubin.write_bytes(kernel.asm["cubin"])
+        try:
+            res = subprocess.run([str(tool), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+        finally:
+            cubin.unlink(missing_ok=True)
+        m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res, re.S)
+        if m:
+            out["regs"], out["spill_bytes"] = int(m.group(1)), int(m.group(2))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kv", default="4,4", help="key bits,value bits (8/4/2)")
+    ap.add_argument("--group", type=int, default=64)
+    ap.add_argument("--asym", action="store_true")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
+    ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
+                    help="block_n,prefetch,num_warps,num_stages")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", help="write the rows as JSON")
+    args = ap.parse_args(argv)
+    kb, vb = (int(x) for x in args.kv.split(","))
+    rows = []
+    for v in args.variants:
+        bn, pf, w, st = (int(x) for x in v.split(","))
+        try:
+            s = structure(compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st,
+                                         args.arch))
+        except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
+            s = {"error": f"{type(e).__name__}: {e}"[:300]}
+        row = {"block_n": bn, "prefetch": pf, "num_warps": w, "num_stages": st, **s}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        import triton
+
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "kv": [kb, vb],
+                                              "group": args.group, "asym": args.asym, "head_dim": args.head_dim,
+                                              "kv_group": args.kv_group, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

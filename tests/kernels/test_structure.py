@@ -1,0 +1,48 @@
+"""The packed decode kernel as the compiler builds it for sm_90, on any machine (no GPU):
+with prefetch 2 the packed bytes stream through multi-buffered asynchronous copies and no
+unpacked float16 tile goes through shared memory; the register-prefetch form (1) round-trips
+every unpacked tile (what ncu showed limits it, bench/NOTES-decode.md)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+triton = pytest.importorskip("triton")
+if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    pytest.skip("Triton's NVIDIA backend (ptxas) is not installed", allow_module_level=True)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+
+def _s(variant: str, tmp_path) -> dict:
+    """Compile in a process of its own: the tests run kernels under the Triton interpreter,
+    whose functions cannot be compiled."""
+    out = tmp_path / f"{variant.replace(',', '_')}.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT / "kernels")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_structure.py"), "--kv", "4,4", "--asym",
+                        "--variants", variant, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert "error" not in row, row
+    return row
+
+
+def test_prefetch2_streams_packed_bytes_multi_buffered(tmp_path):
+    s = _s("64,2,4,3", tmp_path)
+    assert s["async_copies"] > 0
+    assert s["packed_buffers"] and all(b[0] >= 2 for b in s["packed_buffers"])  # num_stages - 1 tiles in flight
+    # only the two query chunks (one per 4-bit field), written once before the loop
+    assert s["f16_tiles_via_shared"] == 2
+    assert s["spill_bytes"] in (0, None)
+
+
+def test_register_prefetch_round_trips_unpacked_tiles(tmp_path):
+    s = _s("128,1,4,2", tmp_path)
+    assert s["async_copies"] == 0 and s["f16_tiles_via_shared"] > 2
