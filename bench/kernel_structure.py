@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "kernels"))
 
-POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Vd": "*u8", "Vm": "*fp16", "kv_indptr": "*i32",
-            "kv_indices": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
+POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Kr": "*bf16", "Vd": "*u8", "Vm": "*fp16", "kv_indptr": "*i32",
+            "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
 
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
@@ -57,6 +57,35 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
+                        prefetch: int, num_warps: int, num_stages: int, arch: int = 90, maxnreg: int = 128):
+    """The per-channel-keys packed stage 1 (``kivi._kivi_decode_stage1_packed``): keys grouped over
+    pages of ``group`` tokens with a residual window of one page, values per token."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops import kivi as K
+    from kvtuner.ops._common import qmin_of
+
+    kf = TensorFormat(kb, head_dim, group, asym, axis=1)
+    vf = TensorFormat(vb, head_dim, group, asym)
+    fn = K._kivi_decode_stage1_packed
+    names = fn.arg_names
+    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MAX_SPLITS=16, LOGIT_CAP=0.0,
+                  SLIDING_WINDOW=-1, R=group, K_BITS=kb, K_D=head_dim, K_G=group, K_ASYM=bool(asym),
+                  K_QMIN=qmin_of(kf), **K._v_constexprs(vf), DOT_F32=False, SPLIT_Q=kb == 8, PREFETCH=int(prefetch))
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
+    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
+    opts = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
 def structure(kernel) -> dict:
@@ -89,6 +118,8 @@ def structure(kernel) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernel", choices=["per-token", "kivi"], default="per-token",
+                    help="the packed decode stage 1 of per-token keys (decode.py) or per-channel keys (kivi.py)")
     ap.add_argument("--kv", default="4,4", help="key bits,value bits (8/4/2)")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
@@ -104,8 +135,8 @@ def main(argv=None) -> int:
     for v in args.variants:
         bn, pf, w, st = (int(x) for x in v.split(","))
         try:
-            s = structure(compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st,
-                                         args.arch))
+            comp = compile_kivi_stage1 if args.kernel == "kivi" else compile_stage1
+            s = structure(comp(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch))
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
         row = {"block_n": bn, "prefetch": pf, "num_warps": w, "num_stages": st, **s}
@@ -114,7 +145,8 @@ def main(argv=None) -> int:
     if args.out:
         import triton
 
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "kv": [kb, vb],
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "kernel": args.kernel,
+                                              "kv": [kb, vb],
                                               "group": args.group, "asym": args.asym, "head_dim": args.head_dim,
                                               "kv_group": args.kv_group, "rows": rows}, indent=1))
     return 0

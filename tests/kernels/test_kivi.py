@@ -174,9 +174,13 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
              ("cap fast split", -1, 20.0, [2, 2, 1, 3], None, True, 1e-2),
              ("window+cap fast split", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2),
              ("plain general", -1, 0.0, [2, 1, 4, 3], False, True, 1e-2),
-             ("window+cap general", g + 5, 20.0, [2, 1, 4, 3], False, True, 1e-2))
+             ("window+cap general", g + 5, 20.0, [2, 1, 4, 3], False, True, 1e-2),
+             # the next tile's slot indices a step ahead (prefetch 2), deeper pipelining
+             ("plain fast prefetch", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, 2, 3),
+             ("window+cap fast split prefetch", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, 2, 4))
     failed = []
-    for name, window, cap, splits, path, split_q, atol in cases:
+    for name, window, cap, splits, path, split_q, atol, *tuned in cases:
+        pf, stages = tuned or (None, None)
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if path is False and g < 32:
             # the general kernel refuses tiles of 16 tokens (wrong on CUDA; pages are >= 32 in the server)
@@ -192,7 +196,8 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         ns = torch.tensor(splits, dtype=torch.int32, device=device)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
-                              logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q)
+                              logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
+                              prefetch=pf, num_stages=stages)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                           pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
                                           sliding_window=window)
@@ -288,9 +293,10 @@ def test_kivi_padding_page_skipped(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path,split_q,atol", [(None, None, 4e-2), (None, True, 1e-2), (False, True, 1e-2)])
+@pytest.mark.parametrize("path,split_q,atol,prefetch", [(None, None, 4e-2, None), (None, True, 1e-2, None),
+                                                       (False, True, 1e-2, None), (None, None, 4e-2, 2)])
 @pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 16, False)])
-def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol):
+def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, prefetch):
     gen = torch.Generator().manual_seed(kbits + vbits)
     g, d, hkv, hq = 64, 128, 8, 32
     pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096)
@@ -306,8 +312,10 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol):
     logits = torch.empty(4, hq, ms, d, dtype=torch.float32, device=device)
     lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
     ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
+    if prefetch and vbits == 16:
+        pytest.skip("prefetch 2 is a form of the fast path (packed values)")
     kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5,
-                          packed_path=path, split_q=split_q)
+                          packed_path=path, split_q=split_q, prefetch=prefetch, num_stages=3 if prefetch else None)
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
                                       pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
     assert_close(o, ref, atol=atol)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
-from kvtuner.ops.decode import (_codes, _decode_stage2, _load_chunks, _load_meta, _program_heads,
+from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_meta, _program_heads,
                                 _pv_chunks_loaded, _softmax_step)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
@@ -489,7 +489,7 @@ def _kivi_decode_stage1_packed(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
@@ -520,12 +520,24 @@ def _kivi_decode_stage1_packed(
         k_head_m = kv_head * stride_km_h
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
+        if PREFETCH == 2:
+            # the slot indices (and page) of the next tile one step ahead, so the pipeliner can
+            # stream the packed bytes (see decode.py's packed kernel)
+            loc_n = tl.load(kv_indices + start + s0 + offs_b, mask=(s0 + offs_b) < s1, other=0).to(tl.int64)
+            page_n = tl.load(kv_indices + start + s0, mask=s0 < s1, other=0).to(tl.int64) // K_G
         for p in range(s0, tl.minimum(s1, nq), BLOCK_N):
             pos = p + offs_b
             mask_ld = pos < s1
             mask_n = mask_ld & (pos >= w0)
-            loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
-            page = tl.load(kv_indices + start + p).to(tl.int64) // K_G
+            if PREFETCH == 2:
+                loc = loc_n
+                page = page_n
+                pn = p + BLOCK_N
+                loc_n = tl.load(kv_indices + start + pn + offs_b, mask=(pn + offs_b) < s1, other=0).to(tl.int64)
+                page_n = tl.load(kv_indices + start + pn, mask=pn < s1, other=0).to(tl.int64) // K_G
+            else:
+                loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
+                page = tl.load(kv_indices + start + p).to(tl.int64) // K_G
             qk = _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, stride_km_p, mask_ld,
                                    BLOCK_H, BLOCK_N, K_D, K_BITS, K_ASYM, K_QMIN, SPLIT_Q)
             pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
@@ -576,11 +588,12 @@ def kivi_decode_attention(
     logit_cap: float = 0.0,
     sliding_window: int = -1,
     block_n: int = 0,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     split_q: bool | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
+    prefetch: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -595,7 +608,10 @@ def kivi_decode_attention(
     register cap per thread on CUDA; ``None`` caps the fast path at 128 for keys of 2 or 4
     bits with ``split_q`` off (it spills a little, and gains occupancy: on an H200 at batch
     64 x 8k, 32/8 heads, K2V2 0.79 -> 0.72 ms, K4V4 0.75 -> 0.65 ms,
-    ``bench/results/kivi_decode_h200.json``); 0 leaves it to the compiler."""
+    ``bench/results/kivi_decode_h200.json``); 0 leaves it to the compiler.  ``prefetch=2`` (fast
+    path): the next tile's slot indices a step ahead, so the compiler streams the packed tiles
+    (``num_stages - 1`` in flight).  ``KVTUNER_DECODE`` sets block_n / prefetch / warps / stages
+    of the fast path as for :func:`kvtuner.ops.decode_attention`; explicit arguments win."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -611,7 +627,14 @@ def kivi_decode_attention(
     if bsz == 0:
         return o
     g = kf.group
-    block_n = block_n if block_n > 0 else min(g, 64)
+    env = _env_tuning() if v_cache.fmt.quantized and packed_path is not False else {}
+    block_n = block_n if block_n > 0 else env.get("block_n", min(g, 64))
+    if prefetch is None:  # this kernel has no register-prefetch form (1): the environment's 1 means 0 here
+        prefetch = 2 if env.get("prefetch") == 2 else 0
+    num_warps = num_warps if num_warps is not None else env.get("num_warps", 4)
+    num_stages = num_stages if num_stages is not None else env.get("num_stages", 2)
+    if prefetch not in (0, 2):
+        raise ValueError(f"prefetch {prefetch}: the per-channel decode has forms 0 and 2")
     if g % block_n or block_n < 16:
         raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
     if split_q is None:
@@ -643,6 +666,7 @@ def kivi_decode_attention(
         LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
         K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
         **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
+        **({"PREFETCH": int(prefetch)} if packed else {}),
         num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
     )
     _decode_stage2[(bsz, hq)](
