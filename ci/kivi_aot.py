@@ -68,14 +68,16 @@ def cases():
     for kb, vb, asym in ((2, 2, True), (4, 4, False), (4, 2, True), (8, 4, False)):
         c = dict(dec, K_BITS=kb, K_ASYM=asym, K_QMIN=qmin(kb), V_BITS=vb, V_ASYM=asym, V_QMIN=qmin(vb))
         # kivi_decode_attention's default register cap (keys of 2 or 4 bits)
-        yield f"decode packed K{kb}V{vb}", K._kivi_decode_stage1_packed, c, None, (128 if kb <= 4 else None)
-        yield f"decode packed split K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, SPLIT_Q=True), None
+        yield f"decode packed K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=0), None, (128 if kb <= 4 else None)
+        yield f"decode packed split K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, SPLIT_Q=True, PREFETCH=0), None
+        # the next tile's slot indices a step ahead (KVTUNER_DECODE=...,2,...)
+        yield f"decode packed prefetch K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=2), None
         yield f"decode general K{kb}V{vb}", K._kivi_decode_stage1, c, None
     yield ("decode general K4V16", K._kivi_decode_stage1,
            dict(dec, K_BITS=4, K_ASYM=True, K_QMIN=-8.0, V_BITS=16, V_ASYM=False, V_QMIN=0.0, V_G=128), {"Vd": "*bf16"})
     yield ("decode packed K2V2 window cap g32", K._kivi_decode_stage1_packed,
            dict(dec, BLOCK_N=32, K_G=32, V_G=32, LOGIT_CAP=30.0, SLIDING_WINDOW=100, K_BITS=2, K_ASYM=True,
-                K_QMIN=-2.0, V_BITS=2, V_ASYM=True, V_QMIN=-2.0), None)
+                K_QMIN=-2.0, V_BITS=2, V_ASYM=True, V_QMIN=-2.0, PREFETCH=0), None)
     ext = dict(KV_GROUP=4, BLOCK_M=64, BLOCK_N=64, LOGIT_CAP=0.0, SLIDING_WINDOW=-1, IS_CAUSAL=True, R=64, K_D=128,
                K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=True)
     for kb, vb, asym in ((2, 2, True), (4, 2, False)):

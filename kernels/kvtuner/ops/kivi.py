@@ -489,7 +489,7 @@ def _kivi_decode_stage1_packed(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr = 0,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
