@@ -14,7 +14,8 @@
 #   E2E="bf16 int4" bench/run_single_gpu.sh bundle           # carry .bundle: unpack only, then the queue
 #   E2E="..." bench/run_single_gpu.sh gguf0                  # carry .stageB: first GGUF half
 #   E2E="..." bench/run_single_gpu.sh quality                # carry .stageC: convert; served quality (QUALITY configs,
-#                                                            #   "a b|c d": one job per group) and QSEARCH candidates
+#                                                            #   "a b|c d": one job per group; QUALITY_ARGS e.g. "--text
+#                                                            #   bench/data/heldout_en_long.txt --max-tokens 6144") and QSEARCH
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
 #   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
@@ -60,7 +61,7 @@ qsearch_job() {  # one served_quality.py job over the candidates in ${group[@]} 
     for c in "${group[@]}"; do presets+=(--preset "$c=bench/presets/served-search/$c.yaml"); done
     i=$((i + 1))
     qjobs+=("qsearch-$i=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} --logs $OUT/logs-qs$i \
-        --calib-text kernels/kvtuner/data/calib_en_long.txt --kl-top-k 0 --greedy '' \
+        --calib-text kernels/kvtuner/data/calib_en_long.txt --kl-top-k 0 --greedy '' ${QUALITY_ARGS:-} \
         --configs $([ $first = 1 ] && echo K4V2-kivi) ${group[*]} ${presets[*]} --out $OUT/qsearch_$i.json")
     first=0
     group=()
@@ -105,7 +106,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         for grp in "${qgroups[@]}"; do
             n=$((n + 1))
             qjobs+=("quality-$n=python3 bench/served_quality.py --model /tmp/model --chunk 64 --port {port} \
-                --logs $OUT/logs-q$n --configs $grp --out $OUT/served_quality_$n.json")
+                --logs $OUT/logs-q$n --configs $grp ${QUALITY_ARGS:-} --out $OUT/served_quality_$n.json")
         done
     fi
     if [ -n "${QSEARCH:-}" ]; then  # served_candidates.py's presets: scored on the calibration text and held-out
