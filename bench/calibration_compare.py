@@ -133,8 +133,10 @@ def main(argv=None) -> int:
             name = f"{name} ({Path(p).stem})"
         configs.append({"name": name, "kind": "searched", "preset": p,
                         "budget": meta["budget"], "calibration_loss": {
-                            "metric": meta["metric"], "predicted": meta["predicted_loss"],
-                            "measured": meta["measured_loss"], "uniform_same_average": meta["uniform_same_average"]},
+                            "metric": meta.get("metric"), "predicted": meta.get("predicted_loss"),
+                            # presets from bench/served_candidates.py carry only the prediction
+                            "measured": meta.get("measured_loss"),
+                            "uniform_same_average": meta.get("uniform_same_average")},
                         "assignment": {l: (b.key, b.value) for l, b in qc.per_layer.items()}})
     if args.table:
         ident = json.loads(Path(args.table).read_text()).get("identity", {})
