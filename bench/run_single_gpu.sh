@@ -4,7 +4,7 @@
 # call, side by side on the GPUs in GPUS (one GPU per job, bench/gpu_queue.py; default GPU 0): E2E
 # = Qwen2.5-7B-shape configurations (dummy weights, TTFT 8k, decode at batch 64 x 8k), SUITE =
 # bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy"),
-# PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").  An E2E or SUITE entry may
+# PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").  An E2E, SUITE or PROFILE entry may
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
 # num_warps, num_stages; empty fields keep the default), e.g. "int4%64,2,4,4".
 # A job starts only if ~NEED s remain; the ones left are printed for the next call.  Run the calls
@@ -96,8 +96,9 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/decode_sweep_serving.json") ;;
         esac
     done
-    for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each
-        jobs+=("profile-$c=python3 bench/step_profile.py --configs $c --out $OUT/step_profile_{file}.json")
+    for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each; CONFIG[%TUNING]
+        tuning "$c"
+        jobs+=("profile-$t_entry$t_tag=${t_env}python3 bench/step_profile.py --configs $t_entry --out $OUT/step_profile_{file}.json")
     done
     local qjobs=()
     if [ -n "${QUALITY_RUN:-}" ]; then  # QUALITY: configuration groups separated by '|', one job each

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
         return 2
     out_dir = Path(a.out).parent
     result = {"what": "GPU kernel time per decode step by kernel family (torch profiler over sglang one_batch)",
-              "batch": a.batch, "input_len": a.input_len, "git_sha": os.environ.get("GIT_SHA"), "configs": {}}
+              "batch": a.batch, "input_len": a.input_len, "git_sha": os.environ.get("GIT_SHA"),
+              "kvtuner_decode": os.environ.get("KVTUNER_DECODE"), "configs": {}}
     try:
         import torch
 
