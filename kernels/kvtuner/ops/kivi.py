@@ -628,7 +628,8 @@ def kivi_decode_attention(
         return o
     g = kf.group
     env = _env_tuning() if v_cache.fmt.quantized and packed_path is not False else {}
-    block_n = block_n if block_n > 0 else env.get("block_n", min(g, 64))
+    eb = env.get("block_n", 0)  # the environment's tile only where it fits this pool's pages
+    block_n = block_n if block_n > 0 else (eb if eb >= 16 and g % eb == 0 else min(g, 64))
     if prefetch is None:  # this kernel has no register-prefetch form (1): the environment's 1 means 0 here
         prefetch = 2 if env.get("prefetch") == 2 else 0
     num_warps = num_warps if num_warps is not None else env.get("num_warps", 4)
