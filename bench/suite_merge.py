@@ -8,7 +8,8 @@ for ``concurrency_*`` tables the rows are merged by concurrency level (a later r
 earlier one of the same level; rows of a table cut short by a deadline are kept, they were fully
 measured); any other table is replaced by the later file.  Each merged file lists its sources
 (``merged_from``: path, git sha, time) so a reader can tell which call measured which row
-(every row also carries its own ``measured_utc``).  ``env-*.json`` files are copied.
+(every row also carries its own ``measured_utc``).  ``env-*.json`` files are copied.  Runs with
+different ``KVTUNER_DECODE`` settings (A/B runs of the decode kernel) never merge into one file.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def merge(sources: list[Path], into: Path) -> list[Path]:
             dst = into / f.parent.name / f.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             old = json.loads(dst.read_text()) if dst.exists() else {}
+            tuned = [(d.get("env") or {}).get("kvtuner_decode") for d in (old, new)]
+            if old and tuned[0] != tuned[1]:
+                raise ValueError(f"{f}: measured with KVTUNER_DECODE={tuned[1]}, {dst} with {tuned[0]}; "
+                                 "merge tuned runs into a directory of their own")
             prev = old.get("merged_from") or ([_source(dst, old)] if old else [])
             out = merge_table(old, new) if old else new
             out["merged_from"] = prev + [_source(f, new)]

@@ -37,3 +37,14 @@ def test_sweep_rows_merge_by_level_and_tables_replace(tmp_path):
 def test_missing_source_is_one_line(tmp_path, capsys):
     assert M.main([str(tmp_path / "nope"), "--into", str(tmp_path / "x")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_tuned_runs_do_not_merge_into_default_ones(tmp_path, capsys):
+    a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
+    _write(a, "int4", "concurrency_decode_heavy", [{"concurrency": 64}])
+    _write(b, "int4", "concurrency_decode_heavy", [{"concurrency": 256}])
+    data = json.loads((b / "int4" / "concurrency_decode_heavy.json").read_text())
+    data["env"]["kvtuner_decode"] = "64,2,4,3"
+    (b / "int4" / "concurrency_decode_heavy.json").write_text(json.dumps(data))
+    assert M.main([str(a), str(b), "--into", str(into)]) == 2
+    assert "KVTUNER_DECODE=64,2,4,3" in capsys.readouterr().err
