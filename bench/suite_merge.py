@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         files = merge([Path(s) for s in args.sources], Path(args.into))
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, ValueError) as e:  # JSONDecodeError is a ValueError
         print(f"suite_merge: error: {e}", file=sys.stderr)
         return 2
     print(f"{len(files)} files in {args.into}")
