@@ -32,60 +32,53 @@ POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Kr": "*bf16", "Vd": "*u8"
             "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
 
 
-def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
-                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90):
-    """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
+def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnreg: int = 0):
+    """``triton.compile`` of a kernel for ``sm_{arch}`` with its constexprs, the other arguments
+    typed by name (``POINTERS``, else fp32 ``sm_scale`` and i64 integers) and declared as the JIT
+    specializes them: pointers 16-byte aligned, pool strides multiples of 16."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
+    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
+    opts = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
+                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90):
+    """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode as D
     from kvtuner.ops._common import fmt_constexprs, qmin_of
 
     kf, vf = TensorFormat(kb, head_dim, group, asym), TensorFormat(vb, head_dim, group, asym)
-    fn = D._decode_stage1_packed
-    names = fn.arg_names
     consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MIN_BLOCK=D.MIN_BLOCK_KV,
                   MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=int(prefetch))
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
-    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch)
 
 
 def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
                         prefetch: int, num_warps: int, num_stages: int, arch: int = 90, maxnreg: int = 128):
     """The per-channel-keys packed stage 1 (``kivi._kivi_decode_stage1_packed``): keys grouped over
     pages of ``group`` tokens with a residual window of one page, values per token."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from kvtuner.format import TensorFormat
     from kvtuner.ops import kivi as K
     from kvtuner.ops._common import qmin_of
 
     kf = TensorFormat(kb, head_dim, group, asym, axis=1)
     vf = TensorFormat(vb, head_dim, group, asym)
-    fn = K._kivi_decode_stage1_packed
-    names = fn.arg_names
     consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MAX_SPLITS=16, LOGIT_CAP=0.0,
                   SLIDING_WINDOW=-1, R=group, K_BITS=kb, K_D=head_dim, K_G=group, K_ASYM=bool(asym),
                   K_QMIN=qmin_of(kf), **K._v_constexprs(vf), DOT_F32=False, SPLIT_Q=kb == 8, PREFETCH=int(prefetch))
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
-    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
-    opts = {"num_warps": num_warps, "num_stages": num_stages}
-    if maxnreg:
-        opts["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return _compile(K._kivi_decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
 def structure(kernel) -> dict:

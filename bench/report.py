@@ -418,6 +418,7 @@ def _decode_reading(res, names, wl, suite_cfg) -> list[str]:
 
 
 def _peak(res, config, table) -> Optional[tuple[float, int]]:
+    """(peak output tok/s, its concurrency) over the levels where every request succeeded."""
     t = (res["configs"].get(config) or {}).get(table) or {}
     good = [r for r in t.get("rows", []) if r.get("success_rate") == 1.0 and r.get("output_tok_per_s")]
     if not good:
@@ -616,10 +617,9 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
                          f"{fmt(r['latency_mean_s'], '.2f')} | {fmt(r['latency_p50_s'], '.2f')} | "
                          f"{fmt(r['latency_p99_s'], '.2f')} | {_ms(r['ttft_p50_s'])} | {_ms(tpot(r))} | "
                          f"{_ms(r['itl_p50_s'])} |")
-            good = [r for r in t.get("rows", []) if r.get("success_rate") == 1.0 and r.get("output_tok_per_s")]
-            if good:
-                best = max(good, key=lambda r: r["output_tok_per_s"])
-                peaks[n] = (best["output_tok_per_s"], best["concurrency"], t.get("saturated"), t.get("stopped"))
+            pk = _peak(res, n, wl)
+            if pk:
+                peaks[n] = (*pk, t.get("saturated"), t.get("stopped"))
         if peaks:
             L += ["", f"Peak output tok/s ({short}; levels where every request succeeded):", "",
                   "| config | peak tok/s | at concurrency | vs bf16 | vs fp8_e4m3 | saturated |", "|---|---|---|---|---|---|"]

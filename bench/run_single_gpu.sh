@@ -86,7 +86,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     done
     # KBENCH: kernel microbenchmarks, one job each: "full" (bench/kernels_bench.py, issue 3's table, asym
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
-    # 256 x 3k and 64 x 8k, every tuning variant)
+    # 256 x 3k and 64 x 8k, the loop forms listed below)
     for c in ${KBENCH:-}; do
         case $c in
         full) jobs+=("kbench-full=python3 bench/kernels_bench.py --asym --out $OUT/kernels_full.json") ;;

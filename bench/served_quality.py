@@ -101,9 +101,9 @@ def ring_bytes(flags: list[str], cfg: dict) -> int:
 
 def preset_axis_key(path: str) -> int:
     """The key axis a preset was searched for (its ``_meta.mode.axis_key``; 0 when absent)."""
-    import yaml
+    from kvtuner.config import load_preset
 
-    meta = (yaml.safe_load(Path(path).read_text()) or {}).get("_meta") or {}
+    meta = load_preset(path)[1] or {}
     return int((meta.get("mode") or {}).get("axis_key") or 0)
 
 
@@ -172,16 +172,12 @@ def compare(res: dict, tops, ref_tops, outs, ref_outs, ref_k: int) -> None:
         res["kl_positions"] = len(kls)
         res["kl_ref_tokens_missing"] = sum(m for _, m in kls)
     if outs and ref_outs:
-        same = [a == b for oa, ob in zip(outs, ref_outs) for a, b in zip(oa, ob)]
-        res["greedy_agreement_vs_bf16"] = sum(same) / len(same)
-        prefix = []
-        for oa, ob in zip(outs, ref_outs):
-            k = 0
-            while k < min(len(oa), len(ob)) and oa[k] == ob[k]:
-                k += 1
-            prefix.append(k)
+        from distributed import agreement
+
+        ag = agreement(outs, ref_outs)
+        res["greedy_agreement_vs_bf16"] = ag["agreement"]
         res["greedy_tokens"] = [len(outs), len(outs[0])]
-        res["greedy_first_divergence_mean"] = sum(prefix) / len(prefix)
+        res["greedy_first_divergence_mean"] = sum(ag["first_divergence"]) / len(ag["first_divergence"])
 
 
 def main() -> int:
