@@ -140,7 +140,7 @@ bench-suite: install
 	$(MAKE) bench-report
 
 # bench/REPORT.md from the committed suite results and the embedded model's served quality files
-QUALITY_FILES ?= bench/results/served_quality_smollm2_h100.json bench/results/served_quality_kivi_h200.json
+QUALITY_FILES ?= bench/results/served_quality_smollm2_h100.json bench/results/served_quality_kivi_h200.json bench/results/served_quality_long_pertoken_h200.json bench/results/served_quality_long_kivi_h200.json
 REFERENCE_FILES ?= bench/results/served_vs_reference_pertoken.json bench/results/served_vs_reference_kivi.json
 .PHONY: bench-report
 bench-report:

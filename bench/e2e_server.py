@@ -122,6 +122,10 @@ class Server:
         self.log = log
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--port", str(port),
                *BASE_FLAGS, *flags]
+        if "--nccl-port" not in flags:
+            # SGLang's own pick (a random free port, bound later) can clash between servers started
+            # side by side on one host (EADDRINUSE in init_process_group): take one near ours
+            cmd += ["--nccl-port", str(free_port(port + 1000))]
         self.cmd = cmd
         self.fh = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True)

@@ -539,7 +539,7 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
         gpus = e.get("gpus") or ["(none reported)"]
         counted = ", ".join(f"{gpus.count(g)} x {g}" if gpus.count(g) > 1 else g for g in dict.fromkeys(gpus))
         L.append(f"- GPUs on the host: {counted}; sglang {e.get('sglang')}, torch {e.get('torch')}, "
-                 f"triton {e.get('triton')}, python {e.get('python')}; git {e.get('git_sha')}")
+                 f"triton {e.get('triton')}, python {e.get('python')}; git {str(e.get('git_sha'))[:7]}")
     L.append("- Each configuration's server ran on one GPU (several configurations side by side on a "
              "multi-GPU host, `bench/run_single_gpu.sh`'s queue).")
     cmds = sorted({" ".join(e.get("argv") or []) for e in envs if e.get("argv")})

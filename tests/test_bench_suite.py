@@ -4,6 +4,7 @@ table runners and the driver with a fake Server, and the report from a synthetic
 directory.  The real run is GPU-only (bench/suite.py's docstring)."""
 
 import json
+import re
 import sys
 import threading
 import time
@@ -340,8 +341,9 @@ def test_committed_report_is_what_the_committed_results_give(tmp_path):
     os.chdir(ROOT)
     try:
         out = tmp_path / "REPORT.md"
-        q = ["bench/results/served_quality_smollm2_h100.json", "bench/results/served_quality_kivi_h200.json"]
-        r = ["bench/results/served_vs_reference_pertoken.json", "bench/results/served_vs_reference_kivi.json"]
+        make = (ROOT / "Makefile").read_text()  # the file lists `make bench-report` passes
+        q = re.search(r"^QUALITY_FILES \?= (.*)$", make, re.M).group(1).split()
+        r = re.search(r"^REFERENCE_FILES \?= (.*)$", make, re.M).group(1).split()
         assert rep.main(["bench/results/suite", "--config", "bench/suite/qwen.yaml", "--out", str(out),
                          "--quality", *q, "--reference", *r]) == 0
     finally:
