@@ -16,6 +16,10 @@ there, and reads its held-out score (never used for the choice) against uniform 
     # back here: rank the served results
     python3 bench/served_candidates.py rank --manifest bench/presets/served-search/manifest.json \\
         --baseline K4V2-kivi R1.json R2.json ... --out bench/results/served_search_3bit.json
+    # the Pareto plot: one panel per quality file (A+B: one panel), the search up close
+    python3 bench/served_candidates.py plot --quality bench/results/served_quality_smollm2_h100.json \
+        bench/results/served_quality_long_pertoken_h200.json+bench/results/served_quality_long_kivi_h200.json \
+        --search bench/results/served_search_3bit.json --out bench/results/served_pareto.png
 """
 
 from __future__ import annotations
@@ -88,16 +92,23 @@ def rank(manifest: dict, results: list[dict], baseline: str) -> dict:
             rows.append({"name": name, "predicted_loss": c["predicted_loss"], "measured": False})
             continue
         rows.append({"name": name, "predicted_loss": c["predicted_loss"], "measured": True,
-                     "calib_nll": r["calib"]["nll"], "calib_ppl": r["calib"]["ppl"], "heldout_ppl": r.get("ppl")})
+                     "calib_nll": r["calib"]["nll"], "calib_ppl": r["calib"]["ppl"], "heldout_ppl": r.get("ppl"),
+                     "average_bits": r.get("average_bits"), "bytes_per_token": r.get("bytes_per_token"),
+                     "pool_tokens": r.get("max_total_num_tokens")})
     measured = [r for r in rows if r["measured"]]
     out = {"what": "served scoring of the k best predicted presets (issue 8)", "manifest": manifest.get("table"),
-           "baseline": baseline, "rows": rows}
+           "baseline": baseline, "devices": sorted({str(r.get("device")) for r in got.values()}),
+           "git_shas": sorted({str(r.get("git_sha"))[:7] for r in got.values()}), "rows": rows}
+    if base:
+        out["baseline_pool_tokens"], out["baseline_bytes_per_token"] = base.get("max_total_num_tokens"), base.get("bytes_per_token")
     if base and "calib" in base:
         out["baseline_calib_ppl"], out["baseline_heldout_ppl"] = base["calib"]["ppl"], base.get("ppl")
         for r in measured:
             r["calib_vs_baseline"] = r["calib_ppl"] / base["calib"]["ppl"] - 1
             if r.get("heldout_ppl") and base.get("ppl"):
                 r["heldout_vs_baseline"] = r["heldout_ppl"] / base["ppl"] - 1
+    if base and base.get("ppl"):
+        out["heldout_beats_baseline"] = f"{sum(r['heldout_ppl'] < base['ppl'] for r in measured if r.get('heldout_ppl'))} of {len(measured)}"
     if measured:
         best = min(measured, key=lambda r: r["calib_nll"])
         out["chosen"] = best["name"]
@@ -106,6 +117,78 @@ def rank(manifest: dict, results: list[dict], baseline: str) -> dict:
             if best.get("heldout_ppl") and base.get("ppl"):
                 out["chosen_beats_baseline_heldout"] = best["heldout_ppl"] < base["ppl"]
     return out
+
+
+def pareto(quality: list[dict], search: dict | None, out: Path) -> None:
+    """Quality vs average bits, served: one panel per quality file (its device and text), uniform
+    configurations as a line per key mode, presets named ``searched*`` and a ranked search's
+    candidates (drawn on the panel whose baseline config it has) as points; the chosen one ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extra = 1 if search and search.get("baseline_calib_ppl") else 0
+    fig, axes = plt.subplots(1, len(quality) + extra, figsize=(6.2 * (len(quality) + extra), 4.6), squeeze=False)
+    if extra:  # the search up close: the choice is made on the calibration text, read on held-out
+        ax = axes[0][-1]
+        rows = [r for r in search["rows"] if r.get("measured") and r.get("heldout_ppl")]
+        ax.plot([r["calib_ppl"] for r in rows], [r["heldout_ppl"] for r in rows], "x", color="tab:red",
+                label="searched candidates")
+        for r in rows:
+            ax.annotate(r["name"].removeprefix("cand-"), (r["calib_ppl"], r["heldout_ppl"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        ch = next((r for r in rows if r["name"] == search.get("chosen")), None)
+        if ch:
+            ax.plot([ch["calib_ppl"]], [ch["heldout_ppl"]], "o", mfc="none", ms=14, color="tab:red",
+                    label=f"chosen: least calibration perplexity ({ch['name']})")
+        b = search["baseline"]
+        ax.plot([search["baseline_calib_ppl"]], [search["baseline_heldout_ppl"]], "o", color="tab:orange",
+                label=f"uniform {b.removesuffix('-kivi')} ({'per-channel keys' if b.endswith('-kivi') else 'per-token keys'})")
+        ax.axhline(search["baseline_heldout_ppl"], color="tab:orange", ls=":", lw=1)
+        ax.axvline(search["baseline_calib_ppl"], color="tab:orange", ls=":", lw=1)
+        ax.set_xlabel("calibration-text perplexity, served (the choice)")
+        ax.set_ylabel("held-out perplexity, served (the result)")
+        ax.set_title(f"{rows[0]['average_bits'] if rows else ''}-bit presets up close "
+                     f"({search.get('heldout_beats_baseline', '')} beat {b.removesuffix('-kivi')} held out)", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax, q in zip(axes[0], quality):
+        res = {n: r for n, r in q["results"].items() if r.get("ok", True) and r.get("ppl")}
+        bf16 = res.get("bf16", {}).get("ppl")
+        for mode, test, color in (("per-token keys", lambda n: not n.endswith("-kivi"), "tab:blue"),
+                                  ("per-channel keys", lambda n: n.endswith("-kivi"), "tab:orange")):
+            pts = sorted((r["average_bits"], r["ppl"]) for n, r in res.items()
+                         if n != "bf16" and not n.startswith("searched") and test(n))
+            if pts:
+                ax.plot(*zip(*pts), "o-", color=color, label=f"uniform, {mode}")
+                for n, r in res.items():
+                    if n != "bf16" and not n.startswith("searched") and test(n):
+                        ax.annotate(n.removesuffix("-kivi"), (r["average_bits"], r["ppl"]), fontsize=7,
+                                    textcoords="offset points", xytext=(4, 4))
+        srch = [(r["average_bits"], r["ppl"], n) for n, r in res.items() if n.startswith("searched")]
+        if srch:
+            ax.plot([b for b, _, _ in srch], [p for _, p, _ in srch], "*", ms=12, color="tab:green",
+                    label="searched preset (per-token keys)")
+        if search and search.get("baseline") in res:
+            rows = [r for r in search["rows"] if r.get("measured") and r.get("heldout_ppl")]
+            ax.plot([r["average_bits"] for r in rows], [r["heldout_ppl"] for r in rows], "x", color="tab:red",
+                    label=f"searched candidates ({len(rows)}, per-channel keys)")
+            ch = next((r for r in rows if r["name"] == search.get("chosen")), None)
+            if ch:
+                ax.plot([ch["average_bits"]], [ch["heldout_ppl"]], "o", mfc="none", ms=14, color="tab:red",
+                        label=f"chosen on calibration text ({ch['name']})")
+        if bf16:
+            ax.axhline(bf16, color="gray", ls="--", lw=1, label=f"bf16 {bf16:.3f}")
+        top = min(max(p for _, p in ((r["average_bits"], r["ppl"]) for r in res.values())), (bf16 or 25) * 1.3)
+        ax.set_ylim((bf16 or 20) * 0.99, top * 1.01)
+        ax.set_xlabel("average bits per K/V value")
+        ax.set_ylabel("held-out perplexity, served")
+        ax.set_title(f"{q.get('device')}, {Path(str(q.get('text'))).name}, chunk {q.get('chunked_prefill_size')}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M through the patched server: uniform vs searched presets")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -125,12 +208,27 @@ def main(argv=None) -> int:
     r.add_argument("--baseline", default="K4V2-kivi")
     r.add_argument("--out", required=True)
     r.add_argument("results", nargs="+")
+    pl = sub.add_parser("plot", help="Pareto plot: served quality files (+ a ranked search) -> PNG")
+    pl.add_argument("--quality", nargs="+", required=True, help="bench/served_quality.py results, one panel each (A.json+B.json: one panel of both)")
+    pl.add_argument("--search", help="a `rank` output, drawn on the panel that has its baseline")
+    pl.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "make":
             man = make(args.table, args.metric, args.budget, args.k, Path(args.out_dir), args.pool, args.min_diff)
             for name, c in man["candidates"].items():
                 print(f"{name}: predicted {c['predicted_loss']:.5f}, {c['layers']}")
+        elif args.cmd == "plot":
+            panels = []
+            for arg in args.quality:  # A+B: one panel from files of the same device and text
+                files = [json.loads(Path(p).read_text()) for p in arg.split("+")]
+                merged = {**files[0], "results": {}}
+                for f in files:
+                    merged["results"] = {**f["results"], **merged["results"]}
+                panels.append(merged)
+            pareto(panels,
+                   json.loads(Path(args.search).read_text()) if args.search else None, Path(args.out))
+            print(f"wrote {args.out}")
         else:
             out = rank(json.loads(Path(args.manifest).read_text()),
                        [json.loads(Path(p).read_text()) for p in args.results], args.baseline)

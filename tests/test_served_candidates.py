@@ -58,3 +58,24 @@ def test_rank_chooses_on_calibration_text_only():
     assert out["chosen"] == "cand-02" and out["chosen_beats_baseline_on_calib"] is True
     assert out["chosen_beats_baseline_heldout"] is False
     assert [r["measured"] for r in out["rows"]] == [True, True, False]
+    assert out["heldout_beats_baseline"] == "1 of 2"
+
+
+def test_rank_records_pools_and_plot_draws_every_panel(tmp_path):
+    man = {"table": "t", "candidates": {"cand-01": {"predicted_loss": 1.0}}}
+    res = {"K4V2-kivi": {"ok": True, "ppl": 25.6, "average_bits": 3.0, "bytes_per_token": 5040,
+                         "max_total_num_tokens": 1000, "calib": {"nll": 3.30, "ppl": 27.1}},
+           "cand-01": {"ok": True, "ppl": 25.5, "average_bits": 3.0, "bytes_per_token": 5040,
+                       "max_total_num_tokens": 1000, "calib": {"nll": 3.29, "ppl": 26.9}}}
+    out = SC.rank(man, [{"device": "H200", "git_sha": "abcdef012", "results": res}], "K4V2-kivi")
+    assert out["rows"][0]["pool_tokens"] == out["baseline_pool_tokens"] == 1000
+    assert out["devices"] == ["H200"] and out["git_shas"] == ["abcdef0"]
+    q = {"device": "H200", "text": "t.txt", "chunked_prefill_size": 64,
+         "results": {"bf16": {"ok": True, "ppl": 25.0, "average_bits": 16.0}, "K4V2-kivi": res["K4V2-kivi"],
+                     "K4V4": {"ok": True, "ppl": 25.2, "average_bits": 4.0}}}
+    (tmp_path / "q.json").write_text(json.dumps(q))
+    (tmp_path / "s.json").write_text(json.dumps(out))
+    png = tmp_path / "p.png"
+    assert SC.main(["plot", "--quality", str(tmp_path / "q.json"), "--search", str(tmp_path / "s.json"),
+                    "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
