@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """GPU microbenchmark for the kvtuner kernels (not a test).
 
-Times decode attention for bf16 (SGLang's own triton ``decode_attention_fwd`` when
-importable) and our kernel at 16-bit, int8, int4, int2 and K8V4; reports time per call,
+Times decode attention for bf16 (SGLang's own triton ``decode_attention_fwd`` and FlashInfer's
+paged decode when importable) and our kernel at 16-bit, int8, int4, int2 and K8V4; reports time per call,
 bytes moved per call (packed K+V+meta read + q/o), achieved GB/s, fraction of HBM peak
 and the ratio vs SGLang bf16 (or vs our 16-bit kernel when SGLang is unavailable).
 Also times the store kernel (throughput, and 8k tokens relative to an 8k prefill's
@@ -81,6 +81,21 @@ def fill_pool(kc: QuantKV, vc: QuantKV) -> None:
         quantize_store(k, v, torch.arange(i, i + n, device=kc.device), kc, vc)
 
 
+def flashinfer_decode(q, k, v, indptr, idx, hq: int, hkv: int, d: int):
+    """FlashInfer's bf16 paged decode over the same pool (page size 1, the same slot indices), set
+    up as SGLang's flashinfer backend does (tensor cores from a GQA group of 4 up).  Returns the
+    call to time and whether it uses tensor cores."""
+    import flashinfer  # type: ignore
+
+    ws = torch.empty(256 << 20, dtype=torch.uint8, device=q.device)
+    tc = hq // hkv >= 4
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
+    last = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
+    w.plan(indptr, idx.to(torch.int32), last, hq, hkv, d, 1, data_type=torch.bfloat16, q_data_type=torch.bfloat16)
+    kp, vp = k.view(-1, 1, hkv, d), v.view(-1, 1, hkv, d)
+    return (lambda: w.run(q, (kp, vp))), tc
+
+
 def num_splits_for(batch: int, ctx: int, hkv: int, sms: int, max_splits: int) -> int:
     # like SGLang's heuristic in spirit: enough programs to fill the GPU, at least 256 tokens a split
     want = max(1, math.ceil(2 * sms / max(1, batch * hkv)))
@@ -123,6 +138,14 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
             res["sglang_ms"] = sg
         except Exception as e:  # noqa: BLE001
             res["sglang_error"] = f"{type(e).__name__}: {e}"[:300]
+    if cfg == "bf16" and args.flashinfer:
+        try:
+            fn, tc = flashinfer_decode(q, kc.data, vc.data, indptr, idx, hq, hkv, d)
+            res["flashinfer_max_abs_diff"] = float((fn().float() - o.float()).abs().max())  # o: the last triton decode (bf16)
+            res["flashinfer_ms"] = bench_ms(fn, args.quick)
+            res["flashinfer_tensor_cores"] = tc
+        except Exception as e:  # noqa: BLE001
+            res["flashinfer_error"] = f"{type(e).__name__}: {e}"[:300]
     del kc, vc, logits
     torch.cuda.empty_cache()
     return res
@@ -168,6 +191,8 @@ def main() -> int:
     ap.add_argument("--asym", action="store_true")
     ap.add_argument("--max-splits", type=int, default=16)
     ap.add_argument("--mem-budget-gib", type=float, default=40.0)
+    ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
+                    help="skip FlashInfer's bf16 decode (its first use JIT-compiles for minutes on a bare host)")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="contiguous slots instead of a random permutation")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -181,7 +206,7 @@ def main() -> int:
     try:
         import flashinfer  # type: ignore  # noqa: F401
 
-        fi_status = "importable (not timed: no packed-format path)"
+        fi_status = "bf16 decode timed (flashinfer_ms; no packed-format path)" if args.flashinfer else "importable, not timed (--no-flashinfer)"
     except Exception as e:  # noqa: BLE001
         fi_status = f"unavailable: {type(e).__name__}"
 
@@ -251,7 +276,8 @@ def main() -> int:
         fp = r.get("frac_hbm_peak") or float("nan")
         print(f"{r['batch']:>4} {r['ctx']:>6} {r['hq']:>3}/{r['hkv']:<2} {r['config']:>5} {r['ms']:8.4f} "
               f"{r['GBps']:8.0f} {100 * fp:6.1f} {r.get('speedup_vs_bf16', float('nan')):7.2f}"
-              + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else ""))
+              + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else "")
+              + (f"  (flashinfer bf16 {r['flashinfer_ms']:.4f} ms)" if "flashinfer_ms" in r else ""))
     for r in results["store"]:
         print(f"store {r['hq']}/{r['hkv']} {r['config']:>5}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
               f"{r['GBps']:.0f} GB/s, {100 * r['store_over_prefill_attention']:.2f}% of an 8k prefill's attention "

@@ -1,0 +1,43 @@
+"""bench/kernels_bench.py's FlashInfer baseline, set up without a GPU against a stand-in module."""
+
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import kernels_bench as KB  # noqa: E402
+
+
+def test_flashinfer_decode_reads_the_same_pool_as_page_size_one(monkeypatch):
+    seen = {}
+
+    class Wrapper:
+        def __init__(self, ws, layout, use_tensor_cores):
+            seen["layout"], seen["tc"] = layout, use_tensor_cores
+
+        def plan(self, indptr, indices, last, hq, hkv, d, page, **kw):
+            seen.update(indptr=indptr, indices=indices, last=last, heads=(hq, hkv, d), page=page, **kw)
+
+        def run(self, q, kv):
+            seen["kv_shapes"] = [t.shape for t in kv]
+            return q
+
+    monkeypatch.setitem(sys.modules, "flashinfer", types.SimpleNamespace(BatchDecodeWithPagedKVCacheWrapper=Wrapper))
+    b, ctx, hq, hkv, d = 2, 5, 28, 4, 16
+    k = torch.zeros(b * ctx, hkv, d, dtype=torch.bfloat16)
+    idx = torch.randperm(b * ctx)
+    indptr = torch.arange(0, b * ctx + 1, ctx, dtype=torch.int32)
+    q = torch.zeros(b, hq, d, dtype=torch.bfloat16)
+    fn, tc = KB.flashinfer_decode(q, k, k, indptr, idx, hq, hkv, d)
+    fn()
+    assert tc is True and seen["tc"] is True and seen["layout"] == "NHD"  # GQA group 7 >= 4
+    assert seen["page"] == 1 and seen["heads"] == (hq, hkv, d)
+    assert seen["indices"].dtype == torch.int32 and torch.equal(seen["indices"].long(), idx)
+    assert torch.equal(seen["last"], torch.ones(b, dtype=torch.int32))
+    assert seen["kv_shapes"] == [torch.Size([b * ctx, 1, hkv, d])] * 2
+    assert seen["data_type"] == torch.bfloat16 and seen["q_data_type"] == torch.bfloat16
+    _, tc = KB.flashinfer_decode(q[:, :8], k, k, indptr, idx, 8, 4, d)
+    assert tc is False  # group 2: CUDA cores, as SGLang's backend picks
