@@ -93,7 +93,21 @@ def main() -> int:
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--heads", default="32/8", help="query/KV heads (the Qwen2.5-7B shape is 28/4)")
     ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
+    try:
+        bad = [c for c in args.cfgs.split(",") if c not in CFGS]
+        [int(x) for x in args.splits.split(",")]
+        [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        [int(x) for x in args.heads.split("/")]
+        if args.variants != "all":
+            [[int(x) for x in v.split(",")] for v in args.variants.split(";")]
+    except ValueError as e:
+        ap.error(f"malformed argument: {e}")
+    if bad:
+        ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
+    if args.check:
+        return 0
     device = "cuda"
     name = torch.cuda.get_device_name()
     res = {"device": name, "hbm_peak_Bps": hbm_peak(name), "torch": torch.__version__, "triton": triton.__version__,

@@ -355,12 +355,20 @@ def main() -> int:
     ap.add_argument("--byte-tokens", action="store_true",
                     help="embedded suite: a model directory without tokenizer files (dummy weights); bytes as token ids")
     ap.add_argument("--chat", action="store_true", help="embedded suite: greedy prompts through the chat template")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     if args.byte_tokens and args.chat:
         ap.error("--chat needs the model's tokenizer (its chat template); drop --byte-tokens")
 
     suite = EMBEDDED if args.suite == "embedded" else QWEN
     names = args.configs or [n for n in suite if n != "int2_asym" and "_kivi" not in n and "@" not in n]
+    unknown = [n for n in names if n not in suite]
+    if unknown:
+        ap.error(f"--configs: unknown {unknown} in the {args.suite} suite; known: {list(suite)}")
+    if "mixed" in names and not args.preset:
+        ap.error("--configs mixed needs --preset PATH")
+    if args.check:
+        return 0
     Path(args.logs).mkdir(parents=True, exist_ok=True)
     out = {"suite": args.suite, "model": args.model, "argv": sys.argv, "results": {}}
     try:

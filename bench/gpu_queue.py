@@ -92,6 +92,23 @@ def run(jobs: list[tuple[str, str]], gpus: list[str], deadline: float, need: flo
     return {"gpus": gpus, "deadline_s": deadline, "jobs": done, "not_started": left}
 
 
+def check(jobs: list[tuple[str, str]], port_base: int, deadline: float) -> int:
+    """Each job's command with ``--check`` appended, no GPU visible: 0 if every one passes."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    bad = 0
+    for slot, (name, cmd) in enumerate(jobs):
+        full = fill(cmd, name, "0", slot, port_base, deadline) + " --check"
+        try:
+            p = subprocess.run(["bash", "-c", full], env=env, capture_output=True, text=True, timeout=180)
+            ok, why = p.returncode == 0, (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+        except subprocess.TimeoutExpired:
+            ok, why = False, "no answer in 180 s"
+        bad += not ok
+        print(f"[check] {name}: {'ok' if ok else 'FAILED: ' + why}", flush=True)
+    print(f"[check] {len(jobs) - bad} of {len(jobs)} jobs pass", flush=True)
+    return 2 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", default="0", help="comma-separated GPU indices (CUDA_VISIBLE_DEVICES values)")
@@ -101,6 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--port-base", type=int, default=31000)
     ap.add_argument("--log-dir", default="/tmp/gpu-queue")
     ap.add_argument("--out", help="write the record here (JSON)")
+    ap.add_argument("--check", action="store_true",
+                    help="no GPU: run each job's command once with --check appended (its tool validates its "
+                         "arguments and exits) and report the ones that fail, before device time is spent")
     ap.add_argument("jobs", nargs="*", help="NAME=COMMAND")
     a = ap.parse_args(argv)
     try:
@@ -112,6 +132,8 @@ def main(argv=None) -> int:
     if not gpus:
         print("gpu_queue: error: --gpus names no GPU", file=sys.stderr)
         return 2
+    if a.check:
+        return check(jobs, a.port_base, a.deadline)
     rec = run(jobs, gpus, a.deadline, a.need, a.grace, a.port_base, Path(a.log_dir))
     if a.out:
         Path(a.out).write_text(json.dumps(rec, indent=1))

@@ -194,7 +194,10 @@ def main() -> int:
     ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
                     help="skip FlashInfer's bf16 decode (its first use JIT-compiles for minutes on a bare host)")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="contiguous slots instead of a random permutation")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
+    if args.check:
+        return 0
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -18,6 +18,8 @@
 #                                                            #   bench/data/heldout_en_long.txt --max-tokens 6144") and QSEARCH
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
 #   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
+#   GIT_SHA=x E2E=.. SUITE=.. bench/run_single_gpu.sh check   # HERE, before a call: each job's tool checks its
+#                                                            #   arguments (names, levels, files) and exits
 #   E2E="..." bench/run_single_gpu.sh fa3 NN                 # carry .bundle-fa3/pNN (bench/fa3_host.sh stage NN);
 #                                                            #   the last part (LAST=1) also installs flash_ops
 # FlashInfer JIT-compiles its kernels on a bare host (~4 min for the Qwen shape's bf16 modules):
@@ -40,6 +42,7 @@ export PYTHONPATH=$PWD/kernels:/tmp/site
 : "${GIT_SHA:?GIT_SHA must be set}"
 QWEN="--suite qwen --model bench/configs/qwen2.5-7b --startup-timeout 420 --ctx 8192 --batch 64 --out-len 64"
 QX="--load-format dummy --mem-fraction-static 0.7 --cuda-graph-max-bs 64 --disable-prefill-cuda-graph"
+QUALITY_SET=${QUALITY:+1}  # (the check step queues quality jobs only when QUALITY was given)
 QUALITY=${QUALITY:-bf16 K4V2-kivi K2V4-kivi searched-3.0-kivi}
 cleanup() { pkill -f sglang.launch_server; pkill -f "sglang::"; sleep 2; } 2>/dev/null
 # FlashInfer's JIT runs `ninja`: the bundle's ninja wheel is unpacked without its exec bit
@@ -94,6 +97,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
             --out $OUT/decode_sweep_serving.json") ;;
+        *) echo "KBENCH: unknown $c (serving, full)" >&2; return 2 ;;
         esac
     done
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each; CONFIG[%TUNING]
@@ -120,6 +124,10 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     fi
     jobs=("${qjobs[@]}" "${jobs[@]}")  # the embedded model's jobs first
     [ ${#jobs[@]} -gt 0 ] || return 0
+    if [ "$step" = check ]; then
+        python3 bench/gpu_queue.py --check --deadline "$DEADLINE" "${jobs[@]}"
+        return
+    fi
     python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
         --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" "${jobs[@]}"
     grep -h "^\[" "$OUT"/queue-logs/*.txt 2>/dev/null | grep -v "^\[queue\]" | tail -40
@@ -161,6 +169,10 @@ quality)
     # (issue 8's served candidates, QSEARCH_PER_JOB a job) join the queue
     QUALITY_RUN=1 ;;
 e2e) ;;
+check)  # here, no GPU: every queued job's command validates its arguments (--check) before device time is spent
+    [ -x .venv/bin/python3 ] && export PATH=$PWD/.venv/bin:$PATH
+    QUALITY_RUN=$QUALITY_SET
+    queue; exit ;;
 fa3)
     bench/fa3_host.sh stage "${2:?part number}" || exit 1
     if [ "${LAST:-0}" = 1 ]; then bench/fa3_host.sh install || exit 1; fi

@@ -206,6 +206,7 @@ def main() -> int:
     ap.add_argument("--calib-text", help="also score windows of this text (res['calib']): the text a search "
                     "chooses on, so the held-out --text stays unseen")
     ap.add_argument("--calib-max-tokens", type=int, default=6144)
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     for spec in args.preset:
         name, sep, path = spec.partition("=")
@@ -218,6 +219,11 @@ def main() -> int:
     unknown = [n for n in args.configs if n not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
+    missing = [p for p in [args.text, args.calib_text, *(s.partition("=")[2] for s in args.preset)] if p and not Path(p).is_file()]
+    if missing:
+        ap.error(f"no such file: {missing[0]}")
+    if args.check:
+        return 0
 
     import torch
     from transformers import AutoTokenizer

@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-traces", action="store_true")
     ap.add_argument("--out", default="/tmp/step_profile.json")
     ap.add_argument("--summarize", nargs="*", help="only read these traces (no GPU)")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     a = ap.parse_args(argv)
     if a.summarize:
         print(json.dumps([summarize(Path(t), a.steps) for t in a.summarize], indent=1))
@@ -133,6 +134,8 @@ def main(argv=None) -> int:
     if bad:
         print(f"step_profile: error: unknown configuration {bad[0]!r}; known: {' '.join(QWEN)}", file=sys.stderr)
         return 2
+    if a.check:
+        return 0
     out_dir = Path(a.out).parent
     result = {"what": "GPU kernel time per decode step by kernel family (torch profiler over sglang one_batch)",
               "batch": a.batch, "input_len": a.input_len, "git_sha": os.environ.get("GIT_SHA"),

@@ -548,6 +548,7 @@ def main(argv=None) -> int:
                          "(0: no limit); the tables cut short say stopped: time budget")
     ap.add_argument("--logs", default="/tmp/suite-logs")
     ap.add_argument("--list", action="store_true", help="print the configurations and jobs, start nothing")
+    ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args(argv)
     args.t_start = time.time()
 
@@ -565,6 +566,18 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"unknown tables {bad}; choose from {TABLES}")
     jobs = table_jobs(cfg, tables, args.workloads.split(",") if args.workloads else None)
+    if args.workloads:
+        known = list((cfg.get("tables", {}).get("concurrency") or {}).get("workloads") or {})
+        bad = [w for w in args.workloads.split(",") if w not in known]
+        if bad:
+            ap.error(f"unknown workloads {bad}; the file has {known}")
+    if args.levels:
+        try:
+            [int(x) for x in args.levels.split(",")]
+        except ValueError:
+            ap.error(f"--levels wants comma-separated integers, got {args.levels!r}")
+    if args.check:
+        return 0
     if args.list:
         for n in names:
             print(n, cfg["configs"][n].get("flags"), [j[0] for j in jobs])

@@ -1,0 +1,63 @@
+"""`bench/run_single_gpu.sh check` (no GPU): every queued job's tool validates its arguments
+(`--check`) so a typo costs seconds here, not a device call."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_queue  # noqa: E402
+
+PY = sys.executable
+
+
+def _run(*args, env=None):
+    return subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "kernels"), **(env or {})})
+
+
+def test_gpu_queue_check_runs_each_job_with_check_and_reports_failures(capsys):
+    rc = gpu_queue.main(["--check", "ok=true {port} {left}", "bad=echo nope >&2; false"])
+    out = capsys.readouterr().out
+    assert rc == 2
+    assert "[check] ok: ok" in out and "[check] bad: FAILED: nope" in out and "1 of 2 jobs pass" in out
+
+
+def test_tools_refuse_unknown_names_in_one_line():
+    cases = [
+        (["bench/e2e_server.py", "--suite", "qwen", "--model", "m", "--out", "o", "--configs", "int5"], "int5"),
+        (["bench/e2e_server.py", "--suite", "embedded", "--model", "m", "--out", "o", "--configs", "mixed"], "--preset"),
+        (["bench/suite.py", "--out-dir", "o", "--config", "bench/suite/qwen.yaml", "--configs", "int4_asym", "--tables", "concurrency",
+          "--workloads", "decode_hevy"], "decode_hevy"),
+        (["bench/suite.py", "--out-dir", "o", "--config", "bench/suite/qwen.yaml", "--configs", "int4_asym", "--tables", "concurrency",
+          "--levels", "64,x"], "--levels"),
+        (["bench/decode_sweep.py", "--out", "o", "--cfgs", "int3"], "int3"),
+        (["bench/step_profile.py", "--configs", "int5"], "int5"),
+    ]
+    for args, word in cases:
+        p = _run(*args, "--check")
+        assert p.returncode == 2, args
+        assert word in p.stderr.strip().splitlines()[-1], (args, p.stderr)
+
+
+def test_tools_accept_valid_arguments_with_check():
+    for args in (["bench/e2e_server.py", "--suite", "qwen", "--model", "m", "--out", "o", "--configs", "int4", "bf16"],
+                 ["bench/suite.py", "--out-dir", "o", "--config", "bench/suite/qwen.yaml", "--configs", "int4_asym,bf16", "--tables",
+                  "concurrency,grid", "--workloads", "decode_heavy", "--levels", "64,256"],
+                 ["bench/decode_sweep.py", "--out", "o", "--variants", "1,4,128,0,2;2,4,64,0,3"],
+                 ["bench/step_profile.py", "--configs", "int4", "bf16"],
+                 ["bench/kernels_bench.py"]):
+        p = _run(*args, "--check")
+        assert p.returncode == 0, (args, p.stderr[-500:])
+
+
+def test_run_single_gpu_check_step_names_the_bad_job():
+    env = {**os.environ, "GIT_SHA": "x", "OUT": "/tmp/queue-check-test", "E2E": "int4 int5%64,2,4,3",
+           "SUITE": "bf16:grid", "KBENCH": "serving", "PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}
+    p = subprocess.run(["bash", "bench/run_single_gpu.sh", "check"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env=env)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "[check] int5-t64_2_4_3: FAILED" in p.stdout and "[check] int4: ok" in p.stdout
+    assert "3 of 4 jobs pass" in p.stdout and "quality" not in p.stdout  # QUALITY unset: no quality job
