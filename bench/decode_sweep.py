@@ -39,14 +39,18 @@ CFGS = {  # name: (k bits, v bits, group, asym)
 }
 
 
-def make(batch, ctx, hkv, d, kb, vb, g, asym, device, shuffle=True):
+def make(batch, ctx, hkv, d, kb, vb, g, asym, device, shuffle=True, page=0):
     kf = TensorFormat(kb, d, g if kb != 16 else d, asym and kb != 16)
     vf = TensorFormat(vb, d, g if vb != 16 else d, asym and vb != 16)
     s = batch * ctx
     kc = QuantKV.empty(s, hkv, kf, device=device)
     vc = QuantKV.empty(s, hkv, vf, device=device)
     fill_pool(kc, vc)
-    idx = torch.randperm(s, device=device) if shuffle else torch.arange(s, device=device)
+    if page:  # whole pages in shuffled order, as SGLang's paged allocator hands them out
+        pages = torch.randperm(s // page, device=device) if shuffle else torch.arange(s // page, device=device)
+        idx = (pages[:, None] * page + torch.arange(page, device=device)).flatten()
+    else:
+        idx = torch.randperm(s, device=device) if shuffle else torch.arange(s, device=device)
     indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
     return kc, vc, idx, indptr
 
@@ -93,6 +97,10 @@ def main() -> int:
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--heads", default="32/8", help="query/KV heads (the Qwen2.5-7B shape is 28/4)")
     ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
+    ap.add_argument("--paged", type=int, default=0,
+                    help="slots in whole pages of this many tokens (shuffled page order) for every row")
+    ap.add_argument("--vt", default="", help="with --paged: 'warps,stages;...' variants of the experimental form "
+                    "that reads V transposed within pages (decode_attention(v_page=...))")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     try:
@@ -102,8 +110,13 @@ def main() -> int:
         [int(x) for x in args.heads.split("/")]
         if args.variants != "all":
             [[int(x) for x in v.split(",")] for v in args.variants.split(";")]
+        vt_variants = [tuple(int(x) for x in v.split(",")) for v in args.vt.split(";") if v]
     except ValueError as e:
         ap.error(f"malformed argument: {e}")
+    if vt_variants and not args.paged:
+        ap.error("--vt needs --paged PAGE")
+    if args.paged and any(int(s.split("x")[1]) % args.paged for s in args.shapes.split(",")):
+        ap.error(f"--paged {args.paged}: every context of --shapes must be whole pages")
     if bad:
         ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
     if args.check:
@@ -131,6 +144,7 @@ def main() -> int:
     hq, hkv = (int(x) for x in args.heads.split("/"))
     d = 128
     res["heads"] = [hq, hkv]
+    res["paged"] = args.paged
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
@@ -140,7 +154,7 @@ def main() -> int:
         lse = torch.empty(batch, hq, ms, dtype=torch.float32, device=device)
         nsp = {n: torch.full((batch,), n, dtype=torch.int32, device=device) for n in splits}
         sm = d**-0.5
-        kc, vc, idx, indptr = make(batch, ctx, hkv, d, 16, 16, d, False, device)
+        kc, vc, idx, indptr = make(batch, ctx, hkv, d, 16, 16, d, False, device, page=args.paged)
         row = {"shape": shape, "cfg": "bf16", "bytes": kc.data.numel() * 2 * 2}
         if sglang_fwd:
             row["sglang"] = {n: bench(lambda n=n: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, lg, lse, nsp[n], ms, sm, 1.0, 1.0)) for n in splits}
@@ -151,7 +165,7 @@ def main() -> int:
         torch.cuda.empty_cache()
         for cfg in cfgs:
             kb, vb, g, asym = CFGS[cfg]
-            kc, vc, idx, indptr = make(batch, ctx, hkv, d, kb, vb, g, asym, device)
+            kc, vc, idx, indptr = make(batch, ctx, hkv, d, kb, vb, g, asym, device, page=args.paged)
             nbytes = kc.data.numel() + kc.meta.numel() * 2 + vc.data.numel() + vc.meta.numel() * 2
             row = {"shape": shape, "cfg": cfg, "bytes": nbytes, "general": {}, "variants": {}}
             row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
@@ -163,6 +177,23 @@ def main() -> int:
                         prefetch=int(pf), maxnreg=mr or None, num_stages=st)) for n in splits}
                 except Exception as e:  # noqa: BLE001
                     row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            if vt_variants:  # V transposed within pages: timed, and checked against the default form
+                from kvtuner.ops.decode import transpose_pages
+
+                vt = transpose_pages(vc, args.paged)
+                ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
+                for w, st in vt_variants:
+                    key = f"vt{args.paged}_w{w}_s{st}"
+                    run = lambda n, w=w, st=st: decode_attention(  # noqa: E731
+                        q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
+                        v_page=args.paged, v_t=vt)
+                    try:
+                        row["variants"][key] = {n: bench(lambda n=n: run(n)) for n in splits}
+                        run(splits[-1])
+                        row.setdefault("vt_rel_err", {})[key] = rel_err(o, ref)
+                    except Exception as e:  # noqa: BLE001
+                        row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                del vt
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)
             row["best"] = best
             res["timings"].append(row)

@@ -50,18 +50,18 @@ def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnr
 
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
-                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90):
+                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0):
     """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode as D
     from kvtuner.ops._common import fmt_constexprs, qmin_of
 
     kf, vf = TensorFormat(kb, head_dim, group, asym), TensorFormat(vb, head_dim, group, asym)
-    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MIN_BLOCK=D.MIN_BLOCK_KV,
-                  MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
+    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=v_page or block_n,
+                  MIN_BLOCK=v_page or D.MIN_BLOCK_KV, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
-                  K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=int(prefetch))
+                  K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page))
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch)
 
 
@@ -81,6 +81,32 @@ def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int,
     return _compile(K._kivi_decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
+def loop_stats(sass: str) -> dict:
+    """The main loop of a disassembled kernel (the longest backward branch): instructions a warp
+    runs per iteration, and the ones that tell where time goes (MMAs, barriers, shared-memory
+    loads, of them single-byte ones, and stores)."""
+    lines = sass.splitlines()
+    labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.?L?\w*BB\w*:$", ln.strip())}
+    best = None
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA (\S+?);", ln)
+        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
+            best = (labels[m.group(1)], i)
+    if best is None:
+        return {}
+    ops = []
+    for ln in lines[best[0]:best[1] + 1]:
+        if "\t" not in ln:
+            continue
+        ins = re.sub(r"^@!?U?P[T\d]+\s+", "", ln.split("\t", 1)[1].strip().rstrip(";"))
+        ops.append(ins.split()[0] if ins else "")
+    ops = [o for o in ops if o]
+    base = [o.split(".")[0] for o in ops]
+    return {"loop_instructions": len(ops), "loop_mma": sum(b in ("HMMA", "HGMMA") for b in base),
+            "loop_barriers": base.count("BAR"), "loop_lds": sum(b in ("LDS", "LDSM") for b in base),
+            "loop_lds_bytes": sum(o in ("LDS.U8", "LDS.S8") for o in ops), "loop_sts": base.count("STS")}
+
+
 def structure(kernel) -> dict:
     """Registers (from the cubin), shared memory, and the layout traffic in the TTGIR."""
     import triton
@@ -95,6 +121,12 @@ def structure(kernel) -> dict:
            # in the slow forms the unpacked codes of every tile)
            "f16_tiles_via_shared": len(re.findall(r"local_alloc %\S+ : \(tensor<\d+x\d+xf16, #blocked", ttgir)),
            "regs": None, "spill_bytes": None}
+    try:
+        from triton.tools.disasm import get_sass
+
+        out.update(loop_stats(get_sass(kernel.asm["cubin"])))
+    except Exception as e:  # noqa: BLE001  (nvdisasm missing: the rest still holds)
+        out["loop_error"] = f"{type(e).__name__}: {e}"[:200]
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if tool.exists():
         cubin = Path(f"/tmp/kvtuner_structure_{os.getpid()}.cubin")
@@ -119,20 +151,24 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
-                    help="block_n,prefetch,num_warps,num_stages")
+                    help="block_n,prefetch,num_warps,num_stages[,v_page] (v_page > 0: V read transposed within "
+                         "pages of that many tokens, one page a tile; per-token kernel only)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
     kb, vb = (int(x) for x in args.kv.split(","))
     rows = []
     for v in args.variants:
-        bn, pf, w, st = (int(x) for x in v.split(","))
+        bn, pf, w, st, vp = ([int(x) for x in v.split(",")] + [0])[:5]
         try:
-            comp = compile_kivi_stage1 if args.kernel == "kivi" else compile_stage1
-            s = structure(comp(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch))
+            if args.kernel == "kivi":
+                k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch)
+            else:
+                k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp)
+            s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
-        row = {"block_n": bn, "prefetch": pf, "num_warps": w, "num_stages": st, **s}
+        row = {"block_n": vp or bn, "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp, **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

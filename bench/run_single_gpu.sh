@@ -87,7 +87,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # writes its own tree (suite-tB_P_W_S/) so it never mixes with the default one
         jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}$t_tag=${t_env}python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite$t_tag --logs $OUT/logs-suite$t_tag --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
     done
-    # KBENCH: kernel microbenchmarks, one job each: "full" (bench/kernels_bench.py, issue 3's table, asym
+    # KBENCH: kernel microbenchmarks, one job each ("paged": V transposed within pages, below): "full" (bench/kernels_bench.py, issue 3's table, asym
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
     for c in ${KBENCH:-}; do
@@ -97,7 +97,14 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
             --out $OUT/decode_sweep_serving.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full)" >&2; return 2 ;;
+        # the experimental form reading V transposed within pages (decode_attention(v_page=)), pages of 64
+        # and 128, against the default forms on the same paged slots
+        paged) jobs+=("kbench-paged64=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
+            --cfgs int4,int8,k8v4,int2 --paged 64 --variants '1,4,128,0,2;0,4,64,0,2' --vt '4,2;4,3;8,3' \
+            --out $OUT/decode_sweep_paged64.json"
+            "kbench-paged128=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
+            --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,3;8,3;8,4' --out $OUT/decode_sweep_paged128.json") ;;
+        *) echo "KBENCH: unknown $c (serving, full, paged)" >&2; return 2 ;;
         esac
     done
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each; CONFIG[%TUNING]

@@ -134,3 +134,59 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     with pytest.raises(ValueError, match="KVTUNER_DECODE"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
+
+
+@pytest.mark.parametrize("kb,kg,vb,vg,asym,page,hq,hkv,lens,splits", [
+    (4, 64, 4, 64, True, 16, 7, 1, [37, 16, 1, 0, 50], [2, 1, 1, 1, 3]),
+    (8, 32, 4, 32, False, 32, 8, 2, [70, 5], [2, 1]),
+    (2, 64, 2, 32, True, 16, 4, 4, [33], [4]),
+])
+def test_decode_v_transposed_pages(device, kb, kg, vb, vg, asym, page, hq, hkv, lens, splits):
+    """The experimental paged form (``v_page``): V read transposed within pages, one page a tile,
+    requests in whole aligned pages in shuffled page order, splits page-aligned."""
+    from kvtuner.ops.decode import transpose_pages
+
+    gen = torch.Generator().manual_seed(7 + page + sum(lens))
+    d = 128
+    kf, vf = fmt(kb, d, kg, asym), fmt(vb, d, vg, asym)
+    pages = [-(-n // page) for n in lens]
+    n_pages = sum(pages) + 3
+    kc = make_cache(n_pages * page, hkv, kf, device, gen)
+    vc = make_cache(n_pages * page, hkv, vf, device, gen)
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    idx = []
+    for n, npg in zip(lens, pages):
+        mine, order = order[:npg], order[npg:]
+        idx += [mine[i // page] * page + i % page for i in range(n)]
+    idx = torch.tensor(idx, dtype=torch.int64, device=device)
+    indptr = indptr_of(lens, device)
+    b, ms = len(lens), 4
+    q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    o = torch.full((b, hq, d), float("nan"), dtype=torch.float32, device=device)
+    logits = torch.full((b, hq, ms, d), float("nan"), dtype=torch.float32, device=device)
+    lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
+    nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+    decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, d**-0.5,
+                     v_page=page, v_t=transpose_pages(vc, page))
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr, idx, d**-0.5)
+    assert_close(o, ref)
+    assert (o[lens.index(0)] == 0).all() if 0 in lens else True
+
+
+def test_decode_v_transposed_pages_refuses_what_it_cannot_read(device):
+    from kvtuner.ops.decode import transpose_pages
+
+    gen = torch.Generator().manual_seed(1)
+    kf = fmt(4, 64, 32, False)
+    kc = make_cache(64, 1, kf, device, gen)
+    vc = make_cache(64, 1, kf, device, gen)
+    q = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=device)
+    args = (q, kc, vc, torch.zeros(1, 2, 64, device=device), indptr_of([16], device),
+            torch.arange(16, device=device), torch.zeros(1, 2, 1, 64, device=device), torch.zeros(1, 2, 1, device=device),
+            torch.ones(1, dtype=torch.int32, device=device), 1, 0.125)
+    with pytest.raises(ValueError, match="transpose_pages"):
+        decode_attention(*args, v_page=16, v_t=vc.data)
+    with pytest.raises(ValueError, match="sliding window"):
+        decode_attention(*args, v_page=16, v_t=transpose_pages(vc, 16), sliding_window=4)
+    with pytest.raises(ValueError, match="whole pages"):
+        transpose_pages(make_cache(40, 1, kf, device, gen), 16)

@@ -273,6 +273,23 @@ def _load_chunks(data_ptr, row, mask_n, NC: tl.constexpr, C: tl.constexpr, TRANS
 
 
 @triton.jit
+def _load_chunks_paged(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.constexpr):
+    """The NC byte chunks of one page of a pool stored transposed within pages (``base``: the
+    page's and head's offset; byte ``j`` of the page's token ``t`` at ``base + j * PAGE + t``):
+    ``uint8 [PAGE, C]`` each, tokens contiguous, so the P x V operand streams without a transpose.
+    Whole pages, unmasked (a request's last page is allocated whole, and the bytes of its unused
+    slots decode to finite codes that the zero probability and the masked scales cancel), so the
+    loads vectorize along the tokens."""
+    offs = tl.arange(0, C)
+    offs_t = tl.arange(0, PAGE)
+    out = ()
+    for c in tl.static_range(NC):
+        t = tl.load(data_ptr + base + (c * C + offs)[None, :] * PAGE + offs_t[:, None])
+        out = out + (t,)
+    return out
+
+
+@triton.jit
 def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
     """The NM meta columns of one tile, each float32 ``[N]``."""
     out = ()
@@ -320,7 +337,7 @@ def _decode_stage1_packed(
     SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr,
+    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
 ):
     b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
@@ -377,12 +394,12 @@ def _decode_stage1_packed(
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
         offs_b = tl.arange(0, BLOCK_N)
-        if PREFETCH == 2:
+        if PREFETCH == 2 and V_PAGE == 0:
             # only the slot indices one tile ahead, in registers: the packed tiles' addresses are
             # then known an iteration early and the compiler's pipeliner streams the bytes (async
             # copies into shared memory, read back in the MMA operand layout, unpacked there)
             loc_n = tl.load(kv_indices + start + s0 + offs_b, mask=(s0 + offs_b) < s1, other=0).to(tl.int64)
-        if PREFETCH == 1:
+        if PREFETCH == 1 and V_PAGE == 0:
             # software pipelining by hand: tile i+1 is loaded while tile i is computed
             mask_n = (s0 + offs_b) < s1
             loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
@@ -394,7 +411,16 @@ def _decode_stage1_packed(
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
-            if PREFETCH == 2:
+            if V_PAGE > 0:
+                # one page a tile (BLOCK_N == V_PAGE, splits page-aligned): its slots are known
+                # contiguous from the first, and V sits transposed within the page
+                pg = tl.load(kv_indices + start + n0).to(tl.int64) // V_PAGE
+                loc = pg * V_PAGE + offs_b
+                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)  # whole page
+                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + v_head_d, VNC, VC, V_PAGE)
+                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+            elif PREFETCH == 2:
                 loc = loc_n
                 loc_n = tl.load(kv_indices + start + n0 + BLOCK_N + offs_b, mask=(n0 + BLOCK_N + offs_b) < s1,
                                 other=0).to(tl.int64)
@@ -430,7 +456,7 @@ def _decode_stage1_packed(
             p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
             accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
-            if PREFETCH == 1:
+            if PREFETCH == 1 and V_PAGE == 0:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
                 v_raw = v_raw_x
@@ -448,6 +474,15 @@ def _decode_stage1_packed(
         )
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+def transpose_pages(v: QuantKV, page: int) -> torch.Tensor:
+    """A packed pool's data transposed within pages of ``page`` slots: ``[S // page, H, P, page]``
+    (byte j of slot ``pg * page + t`` at ``[pg, h, j, t]``), for ``decode_attention(v_page=...)``."""
+    s, h, p = v.data.shape
+    if s % page:
+        raise ValueError(f"{s} slots are not whole pages of {page}")
+    return v.data.view(s // page, page, h, p).permute(0, 2, 3, 1).contiguous()
 
 
 def _packed_defaults(kf, vf) -> tuple[int, int]:
@@ -512,6 +547,8 @@ def decode_attention(
     prefetch: int | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
+    v_page: int = 0,
+    v_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -525,6 +562,11 @@ def decode_attention(
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
       bytes left to the compiler's pipeliner), ``maxnreg``.
+    * Experimental (not in the pool yet; ``bench/decode_sweep.py --paged``): ``v_page`` P > 0 with
+      ``v_t = transpose_pages(v_cache, P)`` reads V transposed within pages of P tokens, one page a
+      tile, so the P x V operand needs no transpose.  Needs packed K and V, no sliding window, and
+      every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``, as
+      SGLang's paged allocator lays them out).
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -558,24 +600,35 @@ def decode_attention(
         prefetch = pf if prefetch is None else prefetch
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
+    if v_page:
+        if not packed:
+            raise ValueError("v_page needs packed K and V")
+        if sliding_window > 0:
+            raise ValueError("v_page does not take a sliding window")
+        want = (v_cache.data.shape[0] // v_page, hkv, v_cache.fmt.packed_dim, v_page)
+        if v_t is None or tuple(v_t.shape) != want or v_t.stride(-1) != 1 or v_t.stride(-2) != v_page:
+            raise ValueError(f"v_page {v_page}: v_t must be transpose_pages(v_cache, {v_page}), shape {want}")
+        block_n, prefetch = v_page, 0
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
     kds, kdh, kms, kmh = row_strides(k_cache)
     vds, vdh, vms, vmh = row_strides(v_cache)
+    if v_page:
+        vds, vdh = v_t.stride(0), v_t.stride(1)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
     if packed:
         _decode_stage1_packed[grid](
-            q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
+            q, k_cache.data, k_cache.meta, v_t if v_page else v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
             attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
             attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=MIN_BLOCK_KV,
+            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=v_page or MIN_BLOCK_KV,
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-            PREFETCH=int(prefetch), num_warps=num_warps, num_stages=num_stages,
+            PREFETCH=int(prefetch), V_PAGE=int(v_page), num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
     else:
