@@ -212,6 +212,8 @@ def main() -> int:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             ap.error(f"--preset wants NAME=PATH, got {spec!r}")
+        if not Path(path).is_file():
+            ap.error(f"--preset {name}: no such file: {path}")
         CONFIGS[name] = ["--kv-cache-dtype", "kvtuner", "--kvtuner-config", path, *ASYM] + \
             (KIVI if preset_axis_key(path) == 1 else [])
         if name not in args.configs:
