@@ -129,6 +129,31 @@ def reliability_lines():
     return out
 
 
+KERNEL_TABLES = ["kernels.json", "kernels_h200_full.json"]  # issue 3's microbenchmark, one section each
+
+
+def kernel_table(name: str) -> list[str]:
+    """One ``kernels_bench.py`` file as a markdown table (ratios against SGLang's bf16 triton
+    decode at the same shape; FlashInfer's bf16 decode where the run timed it)."""
+    path = RES / name
+    if not path.exists():
+        return []
+    k = json.loads(path.read_text())
+    rows = [r for r in k.get("decode", []) if "ms" in r]
+    ref = {(r["batch"], r["ctx"], r["hq"], r["hkv"]): r for r in rows if r["config"] == "bf16"}
+    lines = ["", f"## Decode attention kernel ({k['device']}, triton {k['triton']}, git {str(k.get('git_sha'))[:7]}, "
+             f"`{' '.join(k['argv'])}`; `{name}`)", "",
+             "| batch x ctx | heads | kv | ms | GB/s | % HBM peak | vs SGLang bf16 triton | vs FlashInfer bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = ref.get((r["batch"], r["ctx"], r["hq"], r["hkv"]), {})
+        sg = f"{r['ms'] / b['sglang_ms']:.2f}x" if b.get("sglang_ms") else ""
+        fi = f"{r['ms'] / b['flashinfer_ms']:.2f}x" if b.get("flashinfer_ms") else ""
+        lines.append(f"| {r['batch']} x {r['ctx']} | {r['hq']}/{r['hkv']} | {r['config']} | {r['ms']:.4f} | "
+                     f"{r['GBps']:.0f} | {100 * r['frac_hbm_peak']:.1f} | {sg} | {fi} |")
+    return lines
+
+
 def kernel_rows():
     d = json.loads((RES / "kernels.json").read_text())
     return d
@@ -186,16 +211,8 @@ def main() -> int:
             lines.append(f"| {cfg} | {e['max_total_num_tokens']:,} | {e['capacity_vs_bf16']:.2f}x | "
                          f"{'' if agr is None else f'{agr:.1%}'} | {e['radix_second_request_cached_tokens']} / {e['radix_same_output']} |")
         lines.append("")
-    k = kernel_rows()
-    lines += ["", f"## Decode attention kernel ({k['device']}, triton {k['triton']}, `{' '.join(k['argv'])}`)", "",
-              "| batch x ctx | heads | kv | ms | GB/s | % HBM peak | vs SGLang bf16 triton |", "|---|---|---|---|---|---|---|"]
-    sglang_ms = {(r["batch"], r["ctx"], r["hq"], r["hkv"]): r["sglang_ms"]
-                 for r in k.get("decode", []) if r.get("sglang_ms")}
-    for r in k.get("decode", []):
-        ref = sglang_ms.get((r["batch"], r["ctx"], r["hq"], r["hkv"]))
-        ratio = f"{r['ms'] / ref:.2f}x" if ref else ""
-        lines.append(f"| {r['batch']} x {r['ctx']} | {r['hq']}/{r['hkv']} | {r['config']} | {r['ms']:.4f} | "
-                     f"{r['GBps']:.0f} | {100 * r['frac_hbm_peak']:.1f} | {ratio} |")
+    for name in KERNEL_TABLES:
+        lines += kernel_table(name)
     lines += served_quality_lines() + reliability_lines()
     (RES / "SUMMARY.md").write_text("\n".join(lines) + "\n")
     print((RES / "SUMMARY.md").read_text())
