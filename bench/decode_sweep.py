@@ -103,22 +103,33 @@ def main() -> int:
                     "that reads V transposed within pages (decode_attention(v_page=...))")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
-    try:
-        bad = [c for c in args.cfgs.split(",") if c not in CFGS]
-        [int(x) for x in args.splits.split(",")]
-        [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-        [int(x) for x in args.heads.split("/")]
-        if args.variants != "all":
-            [[int(x) for x in v.split(",")] for v in args.variants.split(";")]
+    cfgs = args.cfgs.split(",")
+    try:  # every list parsed once, here, so --check refuses what the run would fail on
+        splits = [int(x) for x in args.splits.split(",")]
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        hq, hkv = (int(x) for x in args.heads.split("/"))
+        if args.variants == "all":
+            variants = [(pf, w, bn, 0, 2) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
+            # prefetch 2: the slot indices one tile ahead, the packed bytes streamed by the pipeliner
+            # (num_stages - 1 tiles in flight through shared memory)
+            variants += [(2, w, bn, 0, st) for w in (4, 8) for bn in (64, 128) for st in (3, 4)]
+        else:  # pf,warps,block_n[,maxnreg[,stages]]: maxnreg 0 and 2 stages unless given
+            variants = []
+            for v in args.variants.split(";"):
+                f = [int(x) for x in v.split(",")]
+                variants.append(tuple(f + [0, 2][len(f) - 3:]))
         vt_variants = [tuple(int(x) for x in v.split(",")) for v in args.vt.split(";") if v]
     except ValueError as e:
         ap.error(f"malformed argument: {e}")
-    if vt_variants and not args.paged:
-        ap.error("--vt needs --paged PAGE")
-    if args.paged and any(int(s.split("x")[1]) % args.paged for s in args.shapes.split(",")):
-        ap.error(f"--paged {args.paged}: every context of --shapes must be whole pages")
+    bad = [c for c in cfgs if c not in CFGS]
     if bad:
         ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
+    if any(len(v) != 5 for v in variants):
+        ap.error(f"--variants: each is pf,warps,block_n[,maxnreg[,stages]], got {args.variants!r}")
+    if vt_variants and not args.paged:
+        ap.error("--vt needs --paged PAGE")
+    if args.paged and any(ctx % args.paged for _, ctx in shapes):
+        ap.error(f"--paged {args.paged}: every context of --shapes must be whole pages")
     if args.check:
         return 0
     device = "cuda"
@@ -128,25 +139,14 @@ def main() -> int:
            "checks": {}, "timings": []}
     sglang_fwd, st = try_sglang()
     res["sglang"] = "available" if sglang_fwd else st
-    cfgs = args.cfgs.split(",")
     for cfg in cfgs:
         res["checks"][cfg] = check(cfg, device)
         print("check", cfg, res["checks"][cfg], flush=True)
-    splits = [int(x) for x in args.splits.split(",")]
-    if args.variants == "all":
-        variants = [(pf, w, bn, 0, 2) for pf in (1, 0) for w in (4, 8) for bn in (64, 128)]
-        # prefetch 2: the slot indices one tile ahead, the packed bytes streamed by the pipeliner
-        # (num_stages - 1 tiles in flight through shared memory)
-        variants += [(2, w, bn, 0, st) for w in (4, 8) for bn in (64, 128) for st in (3, 4)]
-    else:
-        variants = [(tuple(int(x) for x in v.split(",")) + (0, 2))[:5] if len(v.split(",")) < 5 else
-                    tuple(int(x) for x in v.split(",")) for v in args.variants.split(";")]
-    hq, hkv = (int(x) for x in args.heads.split("/"))
     d = 128
     res["heads"] = [hq, hkv]
     res["paged"] = args.paged
-    for shape in args.shapes.split(","):
-        batch, ctx = (int(x) for x in shape.split("x"))
+    for batch, ctx in shapes:
+        shape = f"{batch}x{ctx}"
         q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
         o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)
         ms = max(splits)

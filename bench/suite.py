@@ -483,7 +483,7 @@ def run_config(name: str, cfg: dict, jobs, out_dir: Path, args, env: dict, serve
         vocab = cfg.get("vocab_size") or _vocab(cfg["model"])
         for fname, runner, settings in jobs:
             if runner == "concurrency" and args.levels:
-                settings = {**settings, "levels": [int(x) for x in args.levels.split(",")]}
+                settings = {**settings, "levels": args.levels}
             w = TableWriter(out_dir, name, fname, header, merge_key="concurrency" if runner == "concurrency" else None)
             deadline = args.t_start + args.budget_s if args.budget_s else None
             ctx = Ctx(server, vocab, {"incremental_stream": cfg.get("incremental_stream", False), **settings},
@@ -527,6 +527,14 @@ def run_quality(cfg: dict, out_dir: Path, args) -> None:
     subprocess.run(cmd, cwd=ROOT)
 
 
+def _int_list(text: str) -> list[int]:
+    """``--levels``: comma-separated integers."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants comma-separated integers, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="bench/suite/*.yaml")
@@ -535,7 +543,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tables", default="capacity,ttft,concurrency,grid,batch,stress",
                     help=f"comma-separated subset of {','.join(TABLES)}")
     ap.add_argument("--workloads", help="comma-separated subset of the concurrency workloads")
-    ap.add_argument("--levels", help="concurrency levels to run (comma-separated), merged into the existing "
+    ap.add_argument("--levels", type=_int_list, help="concurrency levels to run (comma-separated), merged into the existing "
                     "DIR/<config>/concurrency_<workload>.json; no doubling past them")
     ap.add_argument("--quick", action="store_true", help="the quick_* settings: fewer levels and requests")
     ap.add_argument("--model", help="model directory instead of the config's (e.g. the embedded model's real "
@@ -571,11 +579,6 @@ def main(argv=None) -> int:
         bad = [w for w in args.workloads.split(",") if w not in known]
         if bad:
             ap.error(f"unknown workloads {bad}; the file has {known}")
-    if args.levels:
-        try:
-            [int(x) for x in args.levels.split(",")]
-        except ValueError:
-            ap.error(f"--levels wants comma-separated integers, got {args.levels!r}")
     if args.check:
         return 0
     if args.list:
