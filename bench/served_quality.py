@@ -221,7 +221,7 @@ def main() -> int:
     unknown = [n for n in args.configs if n not in CONFIGS]
     if unknown:
         ap.error(f"--configs: unknown {unknown}; known: {sorted(CONFIGS)}")
-    missing = [p for p in [args.text, args.calib_text, *(s.partition("=")[2] for s in args.preset)] if p and not Path(p).is_file()]
+    missing = [p for p in (args.text, args.calib_text) if p and not Path(p).is_file()]  # (presets: checked above)
     if missing:
         ap.error(f"no such file: {missing[0]}")
     if args.check:
