@@ -10,8 +10,10 @@ float16 code tiles make a round trip through shared memory (what ncu showed limi
 
     PYTHONPATH=kernels python bench/kernel_structure.py --kv 4,4 --asym --variants 128,1,4,2 64,2,4,3 64,2,4,4
 
-A variant is ``block_n,prefetch,num_warps,num_stages`` (prefetch 0: none, 1: the next tile in
-registers, 2: only the next tile's slot indices).  The integer arguments are declared multiples
+A variant is ``block_n,prefetch,num_warps,num_stages[,v_page]`` (prefetch 0: none, 1: the next tile
+in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within pages, one
+page a tile).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs,
+barriers and shared-memory loads.  The integer arguments are declared multiples
 of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
 """
 

@@ -17,8 +17,8 @@ there, and reads its held-out score (never used for the choice) against uniform 
     python3 bench/served_candidates.py rank --manifest bench/presets/served-search/manifest.json \\
         --baseline K4V2-kivi R1.json R2.json ... --out bench/results/served_search_3bit.json
     # the Pareto plot: one panel per quality file (A+B: one panel), the search up close
-    python3 bench/served_candidates.py plot --quality bench/results/served_quality_smollm2_h100.json \
-        bench/results/served_quality_long_pertoken_h200.json+bench/results/served_quality_long_kivi_h200.json \
+    python3 bench/served_candidates.py plot --quality bench/results/served_quality_smollm2_h100.json \\
+        bench/results/served_quality_long_pertoken_h200.json+bench/results/served_quality_long_kivi_h200.json \\
         --search bench/results/served_search_3bit.json --out bench/results/served_pareto.png
 """
 
@@ -128,17 +128,19 @@ def pareto(quality: list[dict], search: dict | None, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows, ch = [], None  # the search's measured candidates and the chosen one
+    if search:
+        rows = [r for r in search["rows"] if r.get("measured") and r.get("heldout_ppl")]
+        ch = next((r for r in rows if r["name"] == search.get("chosen")), None)
     extra = 1 if search and search.get("baseline_calib_ppl") else 0
     fig, axes = plt.subplots(1, len(quality) + extra, figsize=(6.2 * (len(quality) + extra), 4.6), squeeze=False)
     if extra:  # the search up close: the choice is made on the calibration text, read on held-out
         ax = axes[0][-1]
-        rows = [r for r in search["rows"] if r.get("measured") and r.get("heldout_ppl")]
         ax.plot([r["calib_ppl"] for r in rows], [r["heldout_ppl"] for r in rows], "x", color="tab:red",
                 label="searched candidates")
         for r in rows:
             ax.annotate(r["name"].removeprefix("cand-"), (r["calib_ppl"], r["heldout_ppl"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
-        ch = next((r for r in rows if r["name"] == search.get("chosen")), None)
         if ch:
             ax.plot([ch["calib_ppl"]], [ch["heldout_ppl"]], "o", mfc="none", ms=14, color="tab:red",
                     label=f"chosen: least calibration perplexity ({ch['name']})")
@@ -170,10 +172,8 @@ def pareto(quality: list[dict], search: dict | None, out: Path) -> None:
             ax.plot([b for b, _, _ in srch], [p for _, p, _ in srch], "*", ms=12, color="tab:green",
                     label="searched preset (per-token keys)")
         if search and search.get("baseline") in res:
-            rows = [r for r in search["rows"] if r.get("measured") and r.get("heldout_ppl")]
             ax.plot([r["average_bits"] for r in rows], [r["heldout_ppl"] for r in rows], "x", color="tab:red",
                     label=f"searched candidates ({len(rows)}, per-channel keys)")
-            ch = next((r for r in rows if r["name"] == search.get("chosen")), None)
             if ch:
                 ax.plot([ch["average_bits"]], [ch["heldout_ppl"]], "o", mfc="none", ms=14, color="tab:red",
                         label=f"chosen on calibration text ({ch['name']})")
