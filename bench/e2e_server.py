@@ -29,6 +29,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -116,7 +117,9 @@ def free_port(start: int) -> int:
 
 
 class Server:
-    def __init__(self, model: str, flags: list[str], port: int, log: Path, startup_timeout: float):
+    def __init__(self, model: str, flags: list[str], port: int, log: Path, startup_timeout: float,
+                 env: Optional[dict] = None):
+        """``env``: variables set for the server on top of ours (e.g. ``KVTUNER_V_LAYOUT``)."""
         port = free_port(port)
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
@@ -128,7 +131,9 @@ class Server:
             cmd += ["--nccl-port", str(free_port(port + 1000))]
         self.cmd = cmd
         self.fh = open(log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = dict(env or {})
+        self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **self.env} if self.env else None)
         _LIVE.append(self)
         t0 = time.time()
         while True:

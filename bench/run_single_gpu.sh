@@ -17,6 +17,7 @@
 #                                                            #   "a b|c d": one job per group; QUALITY_ARGS e.g. "--text
 #                                                            #   bench/data/heldout_en_long.txt --max-tokens 6144") and QSEARCH
 #   E2E="..." bench/run_single_gpu.sh e2e                    # carry nothing: the queue only
+#   PYTEST="tests/..." (any step with a queue): those CUDA tests as the queue's first job
 #   BACKENDS="flashinfer" bench/run_single_gpu.sh backends   # carry nothing: tests/test_backends_gpu.py per backend
 #   GIT_SHA=x E2E=.. SUITE=.. bench/run_single_gpu.sh check   # HERE, before a call: each job's tool checks its
 #                                                            #   arguments (names, levels, files) and exits
@@ -128,6 +129,13 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             if [ ${#group[@]} -ge "${QSEARCH_PER_JOB:-4}" ]; then qsearch_job; fi
         done
         [ ${#group[@]} -gt 0 ] && qsearch_job
+    fi
+    if [ -n "${PYTEST:-}" ]; then  # PYTEST="FILES": CUDA tests, one job, queued first (on a GPU of its own)
+        if [ "$step" = check ]; then
+            ls $PYTEST > /dev/null || return 2
+        else
+            qjobs=("pytest=python3 -m pytest -q -p no:cacheprovider -rf $PYTEST" "${qjobs[@]}")
+        fi
     fi
     jobs=("${qjobs[@]}" "${jobs[@]}")  # the embedded model's jobs first
     [ ${#jobs[@]} -gt 0 ] || return 0

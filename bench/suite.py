@@ -458,8 +458,10 @@ def run_config(name: str, cfg: dict, jobs, out_dir: Path, args, env: dict, serve
     # repository-relative files (presets) work from any working directory
     flags = [str(ROOT / f) if f.endswith((".yaml", ".yml", ".json")) and not os.path.isabs(f) and (ROOT / f).exists()
              else f for f in flags]
-    header = {"incremental_stream": bool(cfg.get("incremental_stream")), "flags": flags, "group": ccfg.get("group"), "label": ccfg.get("label", name), "kv_bits": ccfg.get("bits"),
-              "model": cfg["model"], "env": env}
+    senv = {str(k): str(v) for k, v in (ccfg.get("env") or {}).items()}  # the server's own variables
+    header = {"incremental_stream": bool(cfg.get("incremental_stream")), "flags": flags,
+              **({"server_env": senv} if senv else {}), "group": ccfg.get("group"),
+              "label": ccfg.get("label", name), "kv_bits": ccfg.get("bits"), "model": cfg["model"], "env": env}
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     status = {"config": name, "ok": False}
@@ -467,7 +469,7 @@ def run_config(name: str, cfg: dict, jobs, out_dir: Path, args, env: dict, serve
     try:
         t0 = time.time()
         server = server_cls(str(ROOT / cfg["model"]) if not os.path.isabs(cfg["model"]) else cfg["model"], flags,
-                            args.port, logs / f"{name}.log", args.startup_timeout)
+                            args.port, logs / f"{name}.log", args.startup_timeout, **({"env": senv} if senv else {}))
         header["server"] = {"startup_s": getattr(server, "startup_s", time.time() - t0),
                             "max_total_num_tokens": getattr(server, "max_total_num_tokens", None),
                             "cmd": getattr(server, "cmd", None)}

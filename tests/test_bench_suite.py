@@ -168,8 +168,9 @@ class FakeServer:
     """Stands in for e2e_server.Server: starts the fake streaming server, same attributes."""
 
     refuse: set = set()
+    envs: list = []
 
-    def __init__(self, model, flags, port, log, startup_timeout):
+    def __init__(self, model, flags, port, log, startup_timeout, env=None):
         if "--kvtuner-axis-key" in flags:
             raise RuntimeError("server exited with 2: sglang serve: error: --kvtuner-axis-key 1 (per-channel keys) "
                                "is not supported yet")
@@ -182,6 +183,8 @@ class FakeServer:
         self.flags, self.log, self.startup_s = flags, log, 0.1
         self.max_total_num_tokens = 1000 * (2 if "int8" in flags else 1)
         self.cmd = ["fake", *flags]
+        self.env = env
+        FakeServer.envs.append(env)
 
     def tail(self, n=1500):
         return ""
@@ -198,6 +201,7 @@ SMALL = {
     "configs": {
         "bf16": {"group": "A", "bits": 16, "flags": []},
         "int8": {"group": "B", "bits": 8, "flags": ["--kv-cache-dtype", "int8"]},
+        "int8_vpage": {"group": "L", "bits": 8, "flags": ["--kv-cache-dtype", "int8"], "env": {"KVTUNER_V_LAYOUT": "page"}},
         "perchan": {"group": "F", "bits": 4, "expect_refusal": True, "flags": ["--kvtuner-axis-key", "1"]},
         "short": {"group": "X", "bits": 4, "flags": ["--short"]},
     },
@@ -389,3 +393,13 @@ def test_quality_section_shows_kl_and_greedy_when_measured():
     L = rep._quality_section({"quality": None, "quality_files": [("q.json", qf)]}, {}, [])
     assert "| config | average bits | perplexity | vs bf16 | top-1 vs bf16 | KL vs bf16 | greedy vs bf16 | pool tokens |" in L
     assert "| K8V8 | 8.00 | 20.100 | +0.50% | 97.0% | 0.0123 | 90.0% | 10 |" in L
+
+
+def test_config_env_reaches_the_server_and_the_header(tmp_path, monkeypatch):
+    """A configuration's ``env`` (KVTUNER_V_LAYOUT) is set for its server only and recorded."""
+    FakeServer.envs.clear()
+    assert _run(tmp_path, monkeypatch, ["--configs", "int8,int8_vpage", "--tables", "capacity"]) == 0
+    assert FakeServer.envs == [None, {"KVTUNER_V_LAYOUT": "page"}]
+    out = tmp_path / "out"
+    assert json.loads((out / "int8_vpage" / "capacity.json").read_text())["server_env"] == {"KVTUNER_V_LAYOUT": "page"}
+    assert "server_env" not in json.loads((out / "int8" / "capacity.json").read_text())

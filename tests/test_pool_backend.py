@@ -22,8 +22,8 @@ H_KV, H_Q, D = 2, 8, 64
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make_pool(cfg, size=96, layers=3, start=0, page_size=1, kv_copy=False):
-    method = KVTunerKVCacheMethod(cfg, start, torch.bfloat16)
+def make_pool(cfg, size=96, layers=3, start=0, page_size=1, kv_copy=False, v_page=0):
+    method = KVTunerKVCacheMethod(cfg, start, torch.bfloat16, v_page=v_page)
     pool = MHATokenToKVPool(
         size, page_size=page_size, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=layers,
         device=DEVICE, enable_memory_saver=False, start_layer=start, end_layer=start + layers - 1,
@@ -134,11 +134,11 @@ def test_move_and_host_copy_keep_scales(tmp_path):
             assert torch.equal(a[70:72], b[12:14])
 
 
-def _fake_backend(pool, md):
+def _fake_backend(pool, md, page_size=1):
     fake = types.SimpleNamespace(
         token_to_kv_pool=pool, dcp_size=1, use_mla=False, max_kv_splits=md.attn_logits.shape[2],
         forward_metadata=md, enable_deterministic=False, use_verify_splitkv=False,
-        allow_bidirectional_attention_in_extend=False, page_size=1, _translate_kv_loc=None,
+        allow_bidirectional_attention_in_extend=False, page_size=page_size, _translate_kv_loc=None,
         swa_v_head_dim=None, kvtuner=triton_hook(types.SimpleNamespace(token_to_kv_pool=pool)),
     )
     fake._set_kv_buffer = TritonAttnBackend._set_kv_buffer.__get__(fake)
@@ -198,3 +198,67 @@ def test_backend_extend_then_decode(dtype_kw, cap):
     want = ref.decode_attention_ref(qd.view(2, H_Q, D), kd, km, fk, vd, vm, fv, kv_indptr, kv_indices,
                                     layer.scaling, logit_cap=cap)
     torch.testing.assert_close(o.view(2, H_Q, D).float(), want, atol=2e-2, rtol=2e-2)
+
+
+def _token_major(data, meta, fmt, page):
+    from kvtuner.ops import QuantKV
+
+    return QuantKV(data, meta, fmt, page).token_major().data if page else data
+
+
+@pytest.mark.parametrize("dtype_kw", [dict(kv_cache_dtype="int4", asym=True), "mixed"])
+def test_paged_values_store_extend_decode(tmp_path, dtype_kw):
+    """KVTUNER_V_LAYOUT=page (v_page 16, --page-size 16): layers with packed K and V keep their
+    values transposed within pages, the others token-major; writes through the pool, the
+    backend's extend and decode read them, all against the reference on token-major data."""
+    page = 16
+    cfg = mixed_preset(tmp_path) if dtype_kw == "mixed" else KVQuantConfig.from_flags(**dtype_kw)
+    layers = 4 if dtype_kw == "mixed" else 1
+    pool, method = make_pool(cfg, size=96, layers=layers, page_size=page, v_page=page)
+    want_pages = [page if fk.quantized and fv.quantized else 0 for fk, fv in method.formats]
+    assert method.v_pages == want_pages and (dtype_kw != "mixed" or 0 in want_pages)
+    g = torch.Generator().manual_seed(3)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE, torch.bfloat16)
+
+    # request 0: pages 2 and 4 (20 tokens: 16 prefix + 4 new, then one decoded); request 1: page 1 (7 new + 1)
+    slots0 = torch.cat([torch.arange(2 * page, 3 * page), torch.arange(4 * page, 4 * page + 5)]).to(DEVICE)
+    slots1 = torch.arange(page, page + 8, device=DEVICE)
+    for lid in range(layers):
+        layer = layer_ns(lid)
+        fk, fv = method.layer_formats(lid)
+        pool.set_kv_buffer(layer, slots0[:16], rnd(16, H_KV, D), rnd(16, H_KV, D))
+        new_slots = torch.cat([slots0[16:20], slots1[:7]])
+        qo_indptr = torch.tensor([0, 4, 11], device=DEVICE)
+        kv_indptr = torch.tensor([0, 16, 16], dtype=torch.int32, device=DEVICE)
+        q, k, v = rnd(11, H_Q * D), rnd(11, H_KV, D), rnd(11, H_KV, D)
+        fake = _fake_backend(pool, _metadata(kv_indptr, slots0[:16].int(), qo_indptr, 7), page)
+        o = TritonAttnBackend.forward_extend(fake, q, k, v, layer, types.SimpleNamespace(out_cache_loc=new_slots))
+        kd, vd, km, vm = pool.get_raw_kv_buffer(lid)
+        vt = _token_major(vd, vm, fv, method.v_pages[lid])
+        # the stored values equal the reference quantizer's, wherever the layout put them
+        if fv.quantized:
+            got = ref.unpack(vt[new_slots], fv.bits, D).int()
+            exp = ref.unpack(ref.quantize(v, fv)[0], fv.bits, D).int()
+            assert (got - exp).abs().max() <= 1 and (got != exp).float().mean() < 0.01
+        want = ref.extend_attention_ref(q.view(11, H_Q, D), k, v, kd, km, fk, vt, vm, fv, qo_indptr, kv_indptr,
+                                        slots0[:16], layer.scaling)
+        torch.testing.assert_close(o.view(11, H_Q, D).float(), want, atol=2e-2, rtol=2e-2)
+
+        kv_indices = torch.cat([slots0, slots1]).int()
+        kv_indptr = torch.tensor([0, 21, 29], dtype=torch.int32, device=DEVICE)
+        qd, kn, vn = rnd(2, H_Q * D), rnd(2, H_KV, D), rnd(2, H_KV, D)
+        fake = _fake_backend(pool, _metadata(kv_indptr, kv_indices), page)
+        dec = torch.stack([slots0[20], slots1[7]])
+        o = TritonAttnBackend.forward_decode(fake, qd, kn, vn, layer, types.SimpleNamespace(out_cache_loc=dec))
+        kd, vd, km, vm = pool.get_raw_kv_buffer(lid)
+        vt = _token_major(vd, vm, fv, method.v_pages[lid])
+        want = ref.decode_attention_ref(qd.view(2, H_Q, D), kd, km, fk, vt, vm, fv, kv_indptr, kv_indices,
+                                        layer.scaling)
+        torch.testing.assert_close(o.view(2, H_Q, D).float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_paged_values_need_whole_pages():
+    with pytest.raises(RuntimeError, match="whole pages of 64"):
+        make_pool(KVQuantConfig.from_flags("int4"), size=96, layers=1, page_size=16, v_page=64)

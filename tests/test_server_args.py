@@ -240,3 +240,29 @@ def test_no_backend_named_picks_and_splits(monkeypatch):
     G.resolve_server_args(a)
     assert (a.attention_backend, a.prefill_attention_backend, a.decode_attention_backend) == ("fa3", "fa3", "triton")
     assert a.disable_prefill_cuda_graph
+
+
+@pytest.mark.parametrize("layout,extra,expect", [
+    ("page", ["--kv-cache-dtype", "int4"], "--page-size 1 must be a power of two >= 16"),
+    ("page", ["--kv-cache-dtype", "int4", "--page-size", "48"], "--page-size 48 must be a power of two >= 16"),
+    ("pages", ["--kv-cache-dtype", "int4", "--page-size", "64"], "KVTUNER_V_LAYOUT='pages': expected 'token' or 'page'"),
+    ("page", ["--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size",
+              "64", "--kvtuner-residual-length", "64", "--max-running-requests", "8"],
+     "KVTUNER_V_LAYOUT=page is not supported with --kvtuner-axis-key 1"),
+])
+def test_value_layout_env_refusals(capsys, monkeypatch, model_dir, layout, extra, expect):
+    monkeypatch.setenv("KVTUNER_V_LAYOUT", layout)
+    line = refused(capsys, model_dir, *extra)
+    assert line.startswith("sglang serve: error: ") and expect in line, line
+
+
+def test_value_layout_env_page(monkeypatch, model_dir):
+    from kvtuner.sglang_glue import v_layout_page
+
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--page-size", "64", "--attention-backend", "triton")
+    assert v_layout_page(a) == 0  # unset: token-major
+    monkeypatch.setenv("KVTUNER_V_LAYOUT", "page")
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--page-size", "64", "--attention-backend", "triton")
+    assert v_layout_page(a) == 64
+    monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")
+    assert v_layout_page(a) == 0

@@ -152,6 +152,7 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
     )
     if cfg.axis_key == 1:
         check_kivi_server_args(server_args, cfg)
+    v_layout_page(server_args, cfg)
     for field, fine, flag in _UNSUPPORTED_FEATURES:
         value = getattr(server_args, field, fine)
         if value is not None and value != fine:
@@ -169,6 +170,32 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
                 f"{flag} {backend} cannot read --kv-cache-dtype {cfg.dtype}{kivi}{phase}; "
                 f"supported: {_supported_text(cfg)}"
             )
+
+
+V_LAYOUT_ENV = "KVTUNER_V_LAYOUT"
+
+
+def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
+    """The page of the values' transposed-page layout (``KVTUNER_V_LAYOUT=page``: each page of
+    ``--page-size`` slots stored byte-transposed, so decode reads P x V without a transpose),
+    else 0 (``token`` or unset: token-major).  Experimental; raises for settings it cannot serve."""
+    import os
+
+    layout = os.environ.get(V_LAYOUT_ENV, "").strip().lower() or "token"
+    if layout == "token":
+        return 0
+    if layout != "page":
+        raise KVTunerConfigError(f"{V_LAYOUT_ENV}={layout!r}: expected 'token' or 'page'")
+    cfg = cfg or config_from_server_args(server_args)
+    page = int(getattr(server_args, "page_size", None) or 1)
+    if page < 16 or page & (page - 1):
+        raise KVTunerConfigError(
+            f"{V_LAYOUT_ENV}=page stores values transposed within pages: --page-size {page} must be a "
+            "power of two >= 16 (e.g. --page-size 64)"
+        )
+    if cfg is not None and cfg.axis_key == 1:
+        raise KVTunerConfigError(f"{V_LAYOUT_ENV}=page is not supported with --kvtuner-axis-key 1 yet")
+    return page
 
 
 def _supported_text(cfg: KVQuantConfig) -> str:

@@ -33,7 +33,7 @@ from sglang.srt.layers.quantization.fp4_kv_cache_quant_method import KVCacheQuan
 
 from kvtuner.config import KVQuantConfig
 from kvtuner.format import TensorFormat
-from kvtuner.sglang_glue import config_from_server_args, is_quantized_dtype
+from kvtuner.sglang_glue import config_from_server_args, is_quantized_dtype, v_layout_page
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,11 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
     name = "kvtuner"
 
     def __init__(self, cfg: KVQuantConfig, start_layer: int, model_dtype: torch.dtype,
-                 v_head_dim: Optional[int] = None):
+                 v_head_dim: Optional[int] = None, v_page: int = 0):
         self.cfg = cfg
+        self.v_page = v_page  # values transposed within pages of v_page slots (0: token-major)
+        self.v_pages: list[int] = []  # per local layer: v_page where the layer can use it, else 0
+        self._v_page_at: dict[int, int] = {}  # value buffer data_ptr -> its layer's page
         self.start_layer = start_layer
         self.model_dtype = model_dtype
         self.v_head_dim = v_head_dim
@@ -86,6 +89,13 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
                 rows = -(-size // fmt.group) if fmt.per_channel else size  # per page for per-channel keys
                 meta.append(torch.zeros((rows, head_num, fmt.n_meta), dtype=torch.float16, device=device))
         self._k_data = k_data
+        # the transposed-page layout needs packed K and V with per-token groups (the decode
+        # kernel's paged form); other layers keep token-major values
+        self.v_pages = [self.v_page if fk.quantized and fv.quantized and not fk.per_channel else 0
+                        for fk, fv in self.formats]
+        if self.v_page and size % self.v_page:
+            raise RuntimeError(f"kvtuner: {size} pool slots are not whole pages of {self.v_page}")
+        self._v_page_at = {t.data_ptr(): p for t, p in zip(v_data, self.v_pages)}
         self.device = device
         self.rings = [None] * layer_num
         logger.info(
@@ -93,6 +103,9 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
             size, layer_num, self.start_layer, self.start_layer + layer_num - 1, self.cfg.describe(),
             self.compute_cell_size(head_num, head_dim, layer_num, 2) / max(layer_num, 1),
         )
+        if self.v_page:
+            logger.info("kvtuner pool: values of %d of %d layers transposed within pages of %d slots "
+                        "(KVTUNER_V_LAYOUT=page)", sum(1 for p in self.v_pages if p), layer_num, self.v_page)
         return {
             "k_buffer": k_data,
             "v_buffer": v_data,
@@ -137,7 +150,7 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
             cache_v.reshape(-1, h, fv.head_dim),
             loc,
             QuantKV(k_buffer, k_scale_buffer, fk),
-            QuantKV(v_buffer, v_scale_buffer, fv),
+            QuantKV(v_buffer, v_scale_buffer, fv, self._v_page_at.get(v_buffer.data_ptr(), 0)),
         )
 
     def _format_for(self, data: torch.Tensor, meta: torch.Tensor, head_dim: int) -> TensorFormat:
@@ -170,7 +183,7 @@ def build_quant_method(server_args: Any, start_layer: int, model_dtype: torch.dt
     if not is_quantized_dtype(getattr(server_args, "kv_cache_dtype", None)):
         return None
     cfg = config_from_server_args(server_args)
-    return KVTunerKVCacheMethod(cfg, start_layer, model_dtype, v_head_dim)
+    return KVTunerKVCacheMethod(cfg, start_layer, model_dtype, v_head_dim, v_layout_page(server_args, cfg))
 
 
 def pool_fixed_bytes(server_args: Any, start_layer: int, num_layers: int, num_kv_heads: int,
@@ -270,8 +283,9 @@ class TritonHook:
             from kvtuner.ops import QuantKV
 
             k_data, v_data, k_meta, v_meta = self.pool.get_raw_kv_buffer(layer_id)
-            fk, fv = self.method.layer_formats(layer_id - self.method.start_layer)
-            kv = (QuantKV(k_data, k_meta, fk), QuantKV(v_data, v_meta, fv))
+            local = layer_id - self.method.start_layer
+            fk, fv = self.method.layer_formats(local)
+            kv = (QuantKV(k_data, k_meta, fk), QuantKV(v_data, v_meta, fv, self.method.v_pages[local]))
             self._views[layer_id] = kv
         return kv
 

@@ -85,14 +85,27 @@ def load_kv_tile(
 
 
 @triton.jit
+def slot_rows(loc, head_off, stride_s, PAGE: tl.constexpr):
+    """Element offsets of the head rows of slots ``loc`` (int64): token-major
+    (``loc * stride_s``), or with ``PAGE`` > 0 transposed within pages of ``PAGE`` slots
+    (``stride_s`` then strides pages; a row's bytes are ``PAGE`` apart, see :func:`fetch_rows`)."""
+    if PAGE > 0:
+        return (loc // PAGE) * stride_s + (loc % PAGE) + head_off
+    else:
+        return loc * stride_s + head_off
+
+
+@triton.jit
 def fetch_rows(data_ptr, meta_ptr, data_row, meta_row, mask_n, BLOCK_N: tl.constexpr,
-               BITS: tl.constexpr, D: tl.constexpr, NM: tl.constexpr, TRANS: tl.constexpr):
+               BITS: tl.constexpr, D: tl.constexpr, NM: tl.constexpr, TRANS: tl.constexpr,
+               PAGE: tl.constexpr):
     """Issue the loads of one tile of token rows: raw data and the meta rows.
 
     Quantized: raw ``uint8 [P, BLOCK_N]`` (TRANS) or ``[BLOCK_N, P]``, each byte loaded
     once; meta ``float16 [BLOCK_N, NM]``.  bits=16: raw is the ``[D, BLOCK_N]`` /
     ``[BLOCK_N, D]`` tile in the model dtype and meta a dummy ``[BLOCK_N, 1]``.
-    Split from the decoding so a loop can prefetch the next tile into registers.
+    ``PAGE`` > 0: data transposed within pages (``data_row`` from :func:`slot_rows`, byte ``j``
+    at ``data_row + j * PAGE``).  Split from the decoding so a loop can prefetch the next tile.
     """
     if BITS == 16:
         offs = tl.arange(0, D)
@@ -101,6 +114,8 @@ def fetch_rows(data_ptr, meta_ptr, data_row, meta_row, mask_n, BLOCK_N: tl.const
         offs = tl.arange(0, D * BITS // 8)
         offs_m = tl.arange(0, NM)
         mt = tl.load(meta_ptr + meta_row[:, None] + offs_m[None, :], mask=mask_n[:, None], other=0.0)
+    if PAGE > 0:
+        offs = offs * PAGE
     if TRANS:
         raw = tl.load(data_ptr + data_row[None, :] + offs[:, None], mask=mask_n[None, :], other=0)
     else:
@@ -267,8 +282,12 @@ def fmt_constexprs(fmt: TensorFormat) -> dict:
 
 
 def row_strides(kv) -> tuple[int, int, int, int]:
-    """(data slot stride, data head stride, meta slot stride, meta head stride) of a QuantKV."""
+    """(data slot stride, data head stride, meta slot stride, meta head stride) of a QuantKV
+    (``kv.page`` > 0: the data strides of a page and of a head within it, :func:`slot_rows`)."""
     ds, dh = kv.data.stride(0), kv.data.stride(1)
+    if kv.page:
+        pv = kv.paged_view()
+        ds, dh = pv.stride(0), pv.stride(1)
     if kv.fmt.quantized:
         ms, mh = kv.meta.stride(0), kv.meta.stride(1)
     else:

@@ -157,19 +157,19 @@ def _decode_stage1(
         mask_n = (s0 + offs_b) < s1
         loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
         k_raw, k_mt = fetch_rows(Kd, Km, loc * stride_kd_s + k_head_d, loc * stride_km_s + k_head_m,
-                                 mask_n, BLOCK_N, K_BITS, K_D, KNM, True)
+                                 mask_n, BLOCK_N, K_BITS, K_D, KNM, True, 0)
         v_raw, v_mt = fetch_rows(Vd, Vm, loc * stride_vd_s + v_head_d, loc * stride_vm_s + v_head_m,
-                                 mask_n, BLOCK_N, V_BITS, V_D, VNM, False)
+                                 mask_n, BLOCK_N, V_BITS, V_D, VNM, False, 0)
         mask_nx = (s0 + BLOCK_N + offs_b) < s1
         loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             # ---- prefetch tile i+1 (and the slot indices of tile i+2)
             k_raw_x, k_mt_x = fetch_rows(Kd, Km, loc_x * stride_kd_s + k_head_d,
                                          loc_x * stride_km_s + k_head_m, mask_nx, BLOCK_N,
-                                         K_BITS, K_D, KNM, True)
+                                         K_BITS, K_D, KNM, True, 0)
             v_raw_x, v_mt_x = fetch_rows(Vd, Vm, loc_x * stride_vd_s + v_head_d,
                                          loc_x * stride_vm_s + v_head_m, mask_nx, BLOCK_N,
-                                         V_BITS, V_D, VNM, False)
+                                         V_BITS, V_D, VNM, False, 0)
             mask_nxx = (n0 + 2 * BLOCK_N + offs_b) < s1
             loc_xx = tl.load(kv_indices + start + n0 + 2 * BLOCK_N + offs_b, mask=mask_nxx, other=0).to(tl.int64)
             mask_n = (n0 + offs_b) < s1
@@ -562,11 +562,12 @@ def decode_attention(
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
       bytes left to the compiler's pipeliner), ``maxnreg``.
-    * Experimental (not in the pool yet; ``bench/decode_sweep.py --paged``): ``v_page`` P > 0 with
-      ``v_t = transpose_pages(v_cache, P)`` reads V transposed within pages of P tokens, one page a
-      tile, so the P x V operand needs no transpose.  Needs packed K and V, no sliding window, and
-      every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``, as
-      SGLang's paged allocator lays them out).
+    * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's
+      ``KVTUNER_V_LAYOUT=page``; or, for benchmarks, ``v_page`` P with
+      ``v_t = transpose_pages(v_cache, P)`` next to a token-major ``v_cache``): V is read one page
+      a tile, so the P x V operand needs no transpose.  Needs packed K and V, no sliding window,
+      and every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
+      as SGLang's paged allocator lays them out).
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -585,6 +586,10 @@ def decode_attention(
         raise ValueError("q, o and attn_logits must be contiguous in the last dim")
     if bsz == 0:
         return o
+    if k_cache.page:
+        raise ValueError("keys in the transposed-page layout are not supported (values only)")
+    if v_cache.page:  # a paged pool's values (QuantKV.page)
+        v_page, v_t = v_cache.page, v_cache.paged_view()
     group = hq // hkv
     block_h = 16
     packed = k_cache.fmt.quantized and v_cache.fmt.quantized

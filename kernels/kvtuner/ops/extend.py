@@ -19,6 +19,7 @@ from kvtuner.ops._common import (
     qmin_of,
     row_strides,
     scores_packed,
+    slot_rows,
     tanh_f32,
 )
 from kvtuner.ops.types import QuantKV
@@ -103,6 +104,7 @@ def _extend_kernel(
     K_QMIN: tl.constexpr,
     V_QMIN: tl.constexpr,
     PREFIX_ONLY: tl.constexpr = False,
+    V_PAGE: tl.constexpr = 0,
 ):
     seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre = _extend_program(qo_indptr, kv_indptr, KV_GROUP)
 
@@ -141,7 +143,7 @@ def _extend_kernel(
             loc = tl.load(kv_indices + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
             k_raw, k_mt = fetch_rows(Kd, Km, loc * stride_kd_s + kv_head * stride_kd_h,
                                      loc * stride_km_s + kv_head * stride_km_h, mask_n, BLOCK_N,
-                                     K_BITS, K_D, KNM, True)
+                                     K_BITS, K_D, KNM, True, 0)
             if K_BITS == 16:
                 qk = mma(q, k_raw, DOT_F32, q.dtype) * sm_scale
             else:
@@ -152,9 +154,9 @@ def _extend_kernel(
             if SLIDING_WINDOW > 0:
                 allowed = allowed & ((qpos[:, None] - offs_n[None, :]) <= SLIDING_WINDOW)
             qk = tl.where(allowed, qk, float("-inf"))
-            v_raw, v_mt = fetch_rows(Vd, Vm, loc * stride_vd_s + kv_head * stride_vd_h,
+            v_raw, v_mt = fetch_rows(Vd, Vm, slot_rows(loc, kv_head * stride_vd_h, stride_vd_s, V_PAGE),
                                      loc * stride_vm_s + kv_head * stride_vm_h, mask_n, BLOCK_N,
-                                     V_BITS, V_D, VNM, False)
+                                     V_BITS, V_D, VNM, False, V_PAGE)
             if V_BITS == 16:
                 acc, e_max, e_sum = _online_update(qk, v_raw, acc, e_max, e_sum, DOT_F32, q.dtype)
             else:
@@ -241,7 +243,8 @@ def extend_attention(
     * ``q_extend [Ne, Hq, D]``, ``k_extend [Ne, Hkv, D]``, ``v_extend [Ne, Hkv, Dv]``: the new
       tokens of all requests, request ``b`` at rows ``qo_indptr[b]:qo_indptr[b+1]``.
     * the prefix of request ``b`` is the pool slots ``kv_indices[kv_indptr[b]:kv_indptr[b+1]]``
-      (prefix only, as in SGLang's extend), read packed and dequantized in registers.
+      (prefix only, as in SGLang's extend), read packed and dequantized in registers (values
+      also in the transposed-page layout, ``v_cache.page``).
     * query ``m`` of a request sits at position ``prefix_len + m``; causal over the new tokens
       when ``is_causal``; ``sliding_window > 0``: key ``j`` visible iff ``i - j <= sliding_window``.
     """
@@ -307,6 +310,8 @@ def _launch(q_extend, k_extend, v_extend, o_extend, lse, k_cache, v_cache, hkv, 
         raise ValueError("head_dim mismatch between inputs and cache formats")
     if k_cache.num_heads != hkv or v_cache.num_heads != hkv or hq % hkv:
         raise ValueError("Hq must be a multiple of the KV head count")
+    if k_cache.page:
+        raise ValueError("keys in the transposed-page layout are not supported (values only)")
     bsz = qo_indptr.shape[0] - 1
     if ne == 0 or bsz == 0 or max_len_extend <= 0:
         if lse is not None:
@@ -336,6 +341,6 @@ def _launch(q_extend, k_extend, v_extend, o_extend, lse, k_cache, v_cache, hkv, 
         KV_GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap),
         SLIDING_WINDOW=int(sliding_window), IS_CAUSAL=bool(is_causal), **kc, **vc,
         DOT_F32=dot_in_f32(q_extend.dtype), K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-        PREFIX_ONLY=lse is not None, num_warps=num_warps, num_stages=1,
+        PREFIX_ONLY=lse is not None, V_PAGE=int(v_cache.page), num_warps=num_warps, num_stages=1,
     )
     return o_extend

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.ops._common import fmt_constexprs, load_kv_tile, meta_arg, row_strides
-from kvtuner.ops.types import QuantKV
+from kvtuner.ops.types import QuantKV, require_token_major
 
 
 @triton.jit
@@ -60,6 +60,7 @@ def gather_dequant(cache: QuantKV, slots: torch.Tensor, out: torch.Tensor) -> to
     For backends that cannot read the packed format: ``out`` is a caller-owned workspace,
     nothing else is allocated.  Returns ``out``.
     """
+    require_token_major("gather_dequant", cache)
     n = slots.shape[0]
     h, d = cache.num_heads, cache.fmt.head_dim
     if out.shape[0] < n or out.shape[1] != h or out.shape[2] != d:

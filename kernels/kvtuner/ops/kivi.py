@@ -36,7 +36,7 @@ from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunk
                                 _pv_chunks_loaded, _softmax_step)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
-from kvtuner.ops.types import QuantKV
+from kvtuner.ops.types import QuantKV, require_token_major
 
 
 def _is_pow2(n: int) -> bool:
@@ -170,7 +170,7 @@ def _kivi_token_kernel(
         t = t0 + i
         slot = tl.load(slots + t).to(tl.int64)
         _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot * stride_vd_s + h * stride_vd_h,
-                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM)
+                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, 1)
         if (i + R >= m) & (slot >= G):
             p = tl.load(prefix_lens + b).to(tl.int64) + i
             ring = tl.load(req_idx + b).to(tl.int64)
@@ -207,6 +207,7 @@ def kivi_store(
     Keys written at page 0 (SGLang's padding slot 0) are skipped.
     """
     kf = _check_kivi(k_cache, k_resid, residual_length)
+    require_token_major("per-channel keys' kernels", v_cache)
     vf = v_cache.fmt
     t, h = k_new.shape[0], k_new.shape[1]
     bsz = qo_indptr.shape[0] - 1
@@ -308,7 +309,7 @@ def _pv(acc, p, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s, stride_vd_h
         VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     v_raw, v_mt = fetch_rows(Vd, Vm, loc * stride_vd_s + kv_head * stride_vd_h,
                              loc * stride_vm_s + kv_head * stride_vm_h, mask_ld, BLOCK_N,
-                             V_BITS, V_D, VNM, False)
+                             V_BITS, V_D, VNM, False, 0)
     if V_BITS == 16:
         acc += mma(p, v_raw, DOT_F32, DTYPE)
     else:
@@ -613,6 +614,7 @@ def kivi_decode_attention(
     (``num_stages - 1`` in flight).  ``KVTUNER_DECODE`` sets block_n / prefetch / warps / stages
     of the fast path as for :func:`kvtuner.ops.decode_attention`; explicit arguments win."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
+    require_token_major("per-channel keys' kernels", v_cache)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
     dv = v_cache.fmt.head_dim
@@ -815,6 +817,7 @@ def kivi_extend_attention(
     :func:`kvtuner.ops.extend_attention` plus the ring of each request (``req_idx [B]``).
     Call it after :func:`kivi_store` of the same new tokens (as SGLang stores, then attends)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
+    require_token_major("per-channel keys' kernels", v_cache)
     ne, hq, dk = q_extend.shape
     hkv = k_extend.shape[1]
     dv = v_extend.shape[-1]

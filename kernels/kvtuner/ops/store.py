@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvtuner.ops._common import fmt_constexprs, meta_arg, rint_half_even, row_strides
+from kvtuner.ops._common import fmt_constexprs, meta_arg, rint_half_even, row_strides, slot_rows
 from kvtuner.ops.types import QuantKV
 
 
@@ -19,8 +19,10 @@ def _quantize_head(
     D: tl.constexpr,
     G: tl.constexpr,
     ASYM: tl.constexpr,
+    BYTE_STRIDE: tl.constexpr,
 ):
-    """Quantize one head row (D elements at src_ptr) into its packed row and meta row."""
+    """Quantize one head row (D elements at src_ptr) into its packed row and meta row (the
+    row's bytes ``BYTE_STRIDE`` apart: 1, or the page of the transposed-page layout)."""
     if BITS == 16:
         offs = tl.arange(0, D)
         x = tl.load(src_ptr + offs)
@@ -52,7 +54,7 @@ def _quantize_head(
         u2 = tl.reshape(u, [F, P])  # row f = elements [f*P, (f+1)*P) = bit field f
         shifts = tl.arange(0, F) * BITS
         packed = tl.sum(u2 << shifts[:, None], axis=0)  # fields do not overlap: sum == or
-        tl.store(dst_ptr + tl.arange(0, P), packed.to(tl.uint8))
+        tl.store(dst_ptr + tl.arange(0, P) * BYTE_STRIDE, packed.to(tl.uint8))
         tl.store(meta_ptr + offs_g, scale.to(tl.float16))
         if ASYM:
             tl.store(meta_ptr + NG + offs_g, offset.to(tl.float16))
@@ -87,6 +89,8 @@ def _store_kernel(
     V_D: tl.constexpr,
     V_G: tl.constexpr,
     V_ASYM: tl.constexpr,
+    V_PAGE: tl.constexpr,
+    V_BYTE_STRIDE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -99,15 +103,17 @@ def _store_kernel(
         K_D,
         K_G,
         K_ASYM,
+        1,
     )
     _quantize_head(
         V_new + t * stride_vn_t + h * stride_vn_h,
-        Vd + slot * stride_vd_s + h * stride_vd_h,
+        Vd + slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
         Vm + slot * stride_vm_s + h * stride_vm_h,
         V_BITS,
         V_D,
         V_G,
         V_ASYM,
+        V_BYTE_STRIDE,
     )
 
 
@@ -126,7 +132,8 @@ def quantize_store(
 
     One launch for K and V.  bits=16 caches get a plain (dtype-converting) copy.
     Codes and meta are bit-identical to :func:`kvtuner.reference.quantize` for finite
-    inputs.  Slots must be distinct (duplicate slots race, as in any scatter).
+    inputs.  Slots must be distinct (duplicate slots race, as in any scatter).  ``v_cache``
+    may be in the transposed-page layout (``v_cache.page``).
     """
     t = k_new.shape[0]
     if v_new.shape[0] != t or slots.shape[0] != t:
@@ -138,6 +145,8 @@ def quantize_store(
         raise ValueError("head_dim mismatch between new tokens and cache formats")
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
         raise ValueError("k_new / v_new must be contiguous in head_dim")
+    if k_cache.page:
+        raise ValueError("keys in the transposed-page layout are not supported (values only)")
     if t == 0:
         return
     kc = fmt_constexprs(k_cache.fmt)
@@ -166,5 +175,7 @@ def quantize_store(
         vmh,
         **_with_prefix(kc, "K_"),
         **_with_prefix(vc, "V_"),
+        V_PAGE=int(v_cache.page),
+        V_BYTE_STRIDE=int(v_cache.page) or 1,
         num_warps=1,
     )

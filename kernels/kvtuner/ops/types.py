@@ -19,11 +19,18 @@ class QuantKV:
 
     ``data`` and ``meta`` may be strided views (e.g. into a larger buffer) as long as
     the last dimension is contiguous.
+
+    ``page`` > 0 (values of a paged pool, ``KVTUNER_V_LAYOUT=page``): the same ``data`` buffer,
+    contiguous, holds each page of ``page`` slots transposed, ``[S // page, H, packed_dim, page]``
+    (byte ``j`` of slot ``s``, head ``h`` at ``[s // page, h, j, s % page]``; :meth:`paged_view`),
+    so the decode kernel's P x V operand streams tokens without a transpose.  Quantized,
+    per-token groups only; ``meta`` stays one row per slot.
     """
 
     data: torch.Tensor
     meta: torch.Tensor
     fmt: TensorFormat
+    page: int = 0
 
     def __post_init__(self) -> None:
         f = self.fmt
@@ -52,11 +59,48 @@ class QuantKV:
                 raise ValueError(f"meta must be float16, got {self.meta.dtype}")
             if self.meta.stride(-1) != 1:
                 raise ValueError("meta must be contiguous in its last dimension")
+            if self.page:
+                self._check_page()
         else:
+            if self.page:
+                raise ValueError("page layout needs quantized data")
             if self.data.dtype not in (torch.bfloat16, torch.float16, torch.float32):
                 raise ValueError(f"bits=16 data must be a float dtype, got {self.data.dtype}")
             if self.meta is None:
                 self.meta = self.data.new_empty((0,), dtype=torch.float16)
+
+    def _check_page(self) -> None:
+        p = self.page
+        if p < 16 or p & (p - 1):
+            raise ValueError(f"page {p}: the transposed-page layout needs a power of two >= 16")
+        if self.fmt.per_channel:
+            raise ValueError("page layout: per-channel keys are not supported")
+        if self.data.shape[0] % p or not self.data.is_contiguous():
+            raise ValueError(f"page layout: data must be contiguous whole pages of {p} slots, got "
+                             f"{tuple(self.data.shape)}")
+
+    def paged_view(self) -> torch.Tensor:
+        """``data`` as ``[S // page, H, packed_dim, page]`` (``page`` > 0)."""
+        s, h, p = self.data.shape
+        return self.data.view(s // self.page, h, p, self.page)
+
+    def token_major(self) -> "QuantKV":
+        """The same pool with token-major data (a copy when ``page`` > 0; for tests and tools)."""
+        if not self.page:
+            return self
+        s, h, p = self.data.shape
+        data = self.paged_view().permute(0, 3, 1, 2).reshape(s, h, p)
+        return QuantKV(data, self.meta, self.fmt)
+
+    def to_paged(self, page: int) -> "QuantKV":
+        """A copy of this (token-major) pool in the transposed-page layout."""
+        if self.page:
+            raise ValueError("already paged")
+        s, h, p = self.data.shape
+        if s % page:
+            raise ValueError(f"{s} slots are not whole pages of {page}")
+        data = self.data.view(s // page, page, h, p).permute(0, 2, 3, 1).contiguous().view(s, h, p)
+        return QuantKV(data, self.meta, self.fmt, page)
 
     @property
     def num_slots(self) -> int:
@@ -91,3 +135,10 @@ class QuantKV:
 
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.meta.numel() * self.meta.element_size()
+
+
+def require_token_major(what: str, *caches: QuantKV) -> None:
+    """Refuse caches in the transposed-page layout where ``what`` reads token-major rows only."""
+    if any(c is not None and c.page for c in caches):
+        raise ValueError(f"{what} reads token-major data; this cache is in the transposed-page layout "
+                         "(KVTUNER_V_LAYOUT=page)")

@@ -1,0 +1,133 @@
+"""Values in the transposed-page layout (``QuantKV.page``, the pool's ``KVTUNER_V_LAYOUT=page``):
+every kernel the triton backend calls reads and writes them, with the same results as the
+token-major layout."""
+
+import pytest
+import torch
+
+from kvtuner import reference as R
+from kvtuner.ops import QuantKV, decode_attention, extend_attention, gather_dequant, prefix_attention, quantize_store
+from kvt_helpers import assert_close, fmt, indptr_of, make_cache, rand_kv
+
+
+def _paged_slots(lens, page, gen, spare=2):
+    """Slots of requests in whole aligned pages, pages shuffled (SGLang's paged allocator)."""
+    pages = [-(-n // page) for n in lens]
+    n_pages = sum(pages) + spare
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    idx = []
+    for n, npg in zip(lens, pages):
+        mine, order = order[:npg], order[npg:]
+        idx += [mine[i // page] * page + i % page for i in range(n)]
+    return torch.tensor(idx, dtype=torch.int64), n_pages * page
+
+
+@pytest.mark.parametrize("bits,g,asym,page", [(4, 64, True, 16), (8, 32, False, 32), (2, 128, True, 16)])
+def test_layout_round_trip_and_checks(device, bits, g, asym, page):
+    gen = torch.Generator().manual_seed(bits + page)
+    c = make_cache(4 * page, 2, fmt(bits, 128, g, asym), device, gen)
+    p = c.to_paged(page)
+    assert p.page == page and p.data.shape == c.data.shape
+    assert torch.equal(p.token_major().data, c.data)
+    # byte j of slot s, head h at [s // page, h, j, s % page]
+    s, h, j = 3 * page - 1, 1, 5
+    assert p.paged_view()[s // page, h, j, s % page] == c.data[s, h, j]
+
+
+def test_layout_refuses_what_it_cannot_hold(device):
+    gen = torch.Generator().manual_seed(0)
+    c = make_cache(48, 1, fmt(4, 64, 32), device, gen)
+    with pytest.raises(ValueError, match="power of two"):
+        QuantKV(c.data, c.meta, c.fmt, page=24)
+    with pytest.raises(ValueError, match="whole pages"):
+        QuantKV(c.data, c.meta, c.fmt, page=32)
+    with pytest.raises(ValueError, match="quantized"):
+        QuantKV(torch.zeros(32, 1, 64, dtype=torch.bfloat16, device=device), None, fmt(16, 64), page=16)
+    p = c.to_paged(16)
+    with pytest.raises(ValueError, match="transposed-page layout"):
+        gather_dequant(p, torch.arange(4, device=device), torch.empty(4, 1, 64, device=device))
+
+
+@pytest.mark.parametrize("kb,vb,asym,page", [(4, 4, True, 16), (8, 4, False, 32), (4, 2, False, 16)])
+def test_store_writes_the_transposed_page(device, kb, vb, asym, page):
+    """Codes and meta equal the token-major store's, at their transposed places."""
+    gen = torch.Generator().manual_seed(kb * 7 + vb + page)
+    h, d, s = 2, 64, 4 * page
+    kf, vf = fmt(kb, d, 32, asym), fmt(vb, d, 32, asym)
+    k_new, v_new = rand_kv(37, h, d, device, gen), rand_kv(37, h, d, device, gen)
+    slots = torch.randperm(s, generator=gen)[:37].to(device)
+    ref_k, ref_v = QuantKV.empty(s, h, kf, device=device), QuantKV.empty(s, h, vf, device=device)
+    for t in (ref_k.data, ref_k.meta, ref_v.data, ref_v.meta):
+        t.zero_()
+    quantize_store(k_new, v_new, slots, ref_k, ref_v)
+    pk = QuantKV.empty(s, h, kf, device=device)
+    pv = QuantKV(torch.zeros_like(ref_v.data), torch.zeros_like(ref_v.meta), vf, page)
+    pk.data.zero_(), pk.meta.zero_()
+    quantize_store(k_new, v_new, slots, pk, pv)
+    assert torch.equal(pk.data, ref_k.data) and torch.equal(pk.meta, ref_k.meta)
+    assert torch.equal(pv.token_major().data, ref_v.data)
+    assert torch.equal(pv.meta, ref_v.meta)
+    with pytest.raises(ValueError, match="values only"):
+        quantize_store(k_new, v_new, slots, pk.to_paged(page), pv)
+
+
+@pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits", [
+    (4, 4, True, 16, 7, 1, [37, 16, 1, 0, 50], [2, 1, 1, 1, 3]),
+    (8, 4, False, 32, 8, 2, [70, 5], [2, 1]),
+    (2, 2, True, 16, 4, 4, [33], [4]),
+])
+def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, splits):
+    gen = torch.Generator().manual_seed(3 + page + sum(lens))
+    d = 128
+    kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 32, asym)
+    idx, s = _paged_slots(lens, page, gen)
+    idx = idx.to(device)
+    kc, vc = make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
+    b, ms = len(lens), 4
+    q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(v):
+        o = torch.full((b, hq, d), float("nan"), dtype=torch.float32, device=device)
+        logits = torch.full((b, hq, ms, d), float("nan"), dtype=torch.float32, device=device)
+        lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
+        nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+        return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, logits, lse, nsplit, ms, d**-0.5)
+
+    o = run(vc.to_paged(page))
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5)
+    assert_close(o, ref)
+    assert_close(o, run(vc), atol=5e-3, rtol=5e-3)
+    if 0 in lens:
+        assert (o[lens.index(0)] == 0).all()
+
+
+@pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,plens,elens", [
+    (4, 4, True, 16, 4, 1, [0, 20, 49], [5, 1, 33]),
+    (8, 2, False, 32, 4, 2, [70, 3], [20, 9]),
+])
+def test_extend_and_prefix_read_a_paged_pool(device, kb, vb, asym, page, hq, hkv, plens, elens):
+    gen = torch.Generator().manual_seed(5 + page + sum(plens))
+    d = 64
+    kf, vf = fmt(kb, d, 32, asym), fmt(vb, d, 32, asym)
+    idx, s = _paged_slots(plens, page, gen)
+    idx = idx.to(device)
+    kc, vc = make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
+    pv = vc.to_paged(page)
+    kv_indptr, qo_indptr = indptr_of(plens, device), indptr_of(elens, device)
+    ne, sm = sum(elens), d**-0.5
+    q = (torch.randn(ne, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    k, v = rand_kv(ne, hkv, d, device, gen), rand_kv(ne, hkv, d, device, gen)
+    o = torch.full((ne, hq, d), float("nan"), dtype=torch.float32, device=device)
+    extend_attention(q, k, v, o, kc, pv, qo_indptr, kv_indptr, idx, max(elens), sm)
+    ref = R.extend_attention_ref(q, k, v, kc.data, kc.meta, kf, vc.data, vc.meta, vf, qo_indptr, kv_indptr, idx, sm)
+    assert_close(o, ref)
+    o2 = torch.full((ne, hq, d), float("nan"), dtype=torch.float32, device=device)
+    lse = torch.full((ne, hq), float("nan"), dtype=torch.float32, device=device)
+    prefix_attention(q, o2, lse, kc, pv, qo_indptr, kv_indptr, idx, max(elens), sm)
+    o_ref, lse_ref = R.prefix_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, qo_indptr, kv_indptr, idx,
+                                            sm)
+    assert_close(o2, o_ref)
+    fin = torch.isfinite(lse_ref)
+    assert torch.equal(fin, torch.isfinite(lse))
+    assert_close(lse[fin], lse_ref[fin].float())
