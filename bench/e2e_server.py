@@ -67,6 +67,10 @@ for _suite in (EMBEDDED, QWEN):
     _suite["int2_kivi128"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", "--kvtuner-axis-key", "1",
                               "--kvtuner-q-group-size", "128", "--page-size", "128",
                               "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
+# --page-size 64: with int KV the values are then page-transposed (kvtuner.sglang_glue.v_layout_page)
+for _suite in (EMBEDDED, QWEN):
+    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "K8V4", "mixed")]:
+        _suite[f"{_name}_p64"] = [*_suite[_name], "--page-size", "64"]
 # Issue 5: the same configurations with --attention-backend flashinfer / fa3 (upstream dtypes:
 # both phases in that backend; int KV: its prefill + kvtuner prefix, triton decode; fa3 needs
 # flash_ops on the host: make fa3-parts, bench/fa3_host.sh).

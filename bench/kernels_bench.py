@@ -8,7 +8,9 @@ and the ratio vs SGLang bf16 (or vs our 16-bit kernel when SGLang is unavailable
 Also times the store kernel (throughput, and 8k tokens relative to an 8k prefill's
 attention through our extend kernel at 16-bit).
 
-    PYTHONPATH=kernels python bench/kernels_bench.py [--quick] [--out results.json]
+    PYTHONPATH=kernels python bench/kernels_bench.py [--quick] [--page 64] [--out results.json]
+
+``--page 64``: the served layout with ``--page-size 64`` (whole pages, values page-transposed).
 """
 
 from __future__ import annotations
@@ -102,6 +104,23 @@ def num_splits_for(batch: int, ctx: int, hkv: int, sms: int, max_splits: int) ->
     return int(max(1, min(max_splits, want, math.ceil(ctx / 256))))
 
 
+def with_page(args, vc: QuantKV, kf: TensorFormat) -> QuantKV:
+    """``--page P``: values of packed K/V pools in the transposed-page layout, as the server keeps
+    them with ``--page-size P`` (16-bit K or V: token-major, as in the server)."""
+    if args.page and kf.quantized and vc.fmt.quantized:
+        return QuantKV(vc.data, vc.meta, vc.fmt, args.page)
+    return vc
+
+
+def slot_order(args, s: int, device) -> torch.Tensor:
+    """Every request's slots: shuffled (default), contiguous (``--no-shuffle``), or with ``--page P``
+    whole aligned pages in shuffled page order (SGLang's paged allocator)."""
+    if args.page:
+        pages = torch.randperm(s // args.page, device=device)
+        return (pages[:, None] * args.page + torch.arange(args.page, device=device)).flatten()
+    return torch.randperm(s, device=device) if args.shuffle else torch.arange(s, device=device)
+
+
 def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     kb, vb = CONFIGS[cfg]
     g = args.group
@@ -113,9 +132,9 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     if k_bytes + v_bytes > args.mem_budget_gib * 2**30:
         return {"skipped": f"pool {((k_bytes + v_bytes) / 2**30):.1f} GiB > budget"}
     kc = QuantKV.empty(s, hkv, kf, device=device)
-    vc = QuantKV.empty(s, hkv, vf, device=device)
+    vc = with_page(args, QuantKV.empty(s, hkv, vf, device=device), kf)
     fill_pool(kc, vc)
-    idx = torch.randperm(s, device=device) if args.shuffle else torch.arange(s, device=device)
+    idx = slot_order(args, s, device)
     indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
     o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)
@@ -159,7 +178,7 @@ def store_case(args, device, hkv, d, cfg):
     t = 8192
     s = 4 * t
     kc = QuantKV.empty(s, hkv, kf, device=device)
-    vc = QuantKV.empty(s, hkv, vf, device=device)
+    vc = with_page(args, QuantKV.empty(s, hkv, vf, device=device), kf)
     k = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
     v = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
     slots = torch.randperm(s, device=device)[:t]
@@ -194,8 +213,13 @@ def main() -> int:
     ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
                     help="skip FlashInfer's bf16 decode (its first use JIT-compiles for minutes on a bare host)")
     ap.add_argument("--no-shuffle", dest="shuffle", action="store_false", help="contiguous slots instead of a random permutation")
+    ap.add_argument("--page", type=int, default=0,
+                    help="slots in whole pages of P (shuffled page order) and, for packed K and V, values in the "
+                         "transposed-page layout, as served with --page-size P (a power of two, 16..128)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
+    if args.page and (not 16 <= args.page <= 128 or args.page & (args.page - 1)):
+        ap.error(f"--page {args.page}: a power of two from 16 to 128")
     if args.check:
         return 0
     if not torch.cuda.is_available():
@@ -236,6 +260,7 @@ def main() -> int:
         "group": args.group,
         "asym": args.asym,
         "shuffled_slots": args.shuffle,
+        "page": args.page,  # > 0: paged slots, values page-transposed (QuantKV.page)
         "decode": [],
         "store": [],
     }

@@ -550,7 +550,9 @@ def report(d: Path, out: Optional[Path] = None, suite_cfg: Optional[dict] = None
         L += ["", "| config | label | server flags (after BASE_FLAGS) |", "|---|---|---|"]
         for n in names:
             more = "".join(f"; {t}: + `{' '.join(x)}`" for t, x in extra.get(n, {}).items())
-            L.append(f"| {n} | {_label(res, n)} | `{' '.join(flags.get(n) or [])}`{more} |")
+            senv = next((t["server_env"] for t in res["configs"][n].values() if t.get("server_env")), {})
+            pre = "".join(f"`{k}={v}` " for k, v in senv.items())  # the server's own environment
+            L.append(f"| {n} | {_label(res, n)} | {pre}`{' '.join(flags.get(n) or [])}`{more} |")
     L.append("")
     L += _coverage(res, names)
 

@@ -94,6 +94,8 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     for c in ${KBENCH:-}; do
         case $c in
         full) jobs+=("kbench-full=python3 bench/kernels_bench.py --asym --out $OUT/kernels_full.json") ;;
+        # the same table in the served layout of --page-size 64 (whole pages, values page-transposed)
+        full-p64) jobs+=("kbench-full-p64=python3 bench/kernels_bench.py --asym --page 64 --out $OUT/kernels_full_p64.json") ;;
         # variants pf,warps,block_n,maxnreg,stages: the current defaults, no prefetch, and prefetch 2
         serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
@@ -105,7 +107,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/decode_sweep_paged64.json"
             "kbench-paged128=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,3;8,3;8,4' --out $OUT/decode_sweep_paged128.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, paged)" >&2; return 2 ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, paged)" >&2; return 2 ;;
         esac
     done
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each; CONFIG[%TUNING]

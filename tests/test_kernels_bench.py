@@ -41,3 +41,19 @@ def test_flashinfer_decode_reads_the_same_pool_as_page_size_one(monkeypatch):
     assert seen["data_type"] == torch.bfloat16 and seen["q_data_type"] == torch.bfloat16
     _, tc = KB.flashinfer_decode(q[:, :8], k, k, indptr, idx, 8, 4, d)
     assert tc is False  # group 2: CUDA cores, as SGLang's backend picks
+
+
+def test_page_option_lays_out_slots_and_values_as_served():
+    """--page P: whole aligned pages in shuffled order, and page-transposed values for packed K/V only."""
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops import QuantKV
+
+    args = types.SimpleNamespace(page=16, shuffle=True)
+    idx = KB.slot_order(args, 64, "cpu")
+    pages = idx.view(4, 16)
+    assert sorted(idx.tolist()) == list(range(64))
+    assert all((p - p[0] == torch.arange(16)).all() and p[0] % 16 == 0 for p in pages)
+    f4, f16 = TensorFormat(4, 64, 32), TensorFormat(16, 64, 64)
+    assert KB.with_page(args, QuantKV.empty(64, 2, f4), f4).page == 16
+    assert KB.with_page(args, QuantKV.empty(64, 2, f4), f16).page == 0  # 16-bit K: token-major, as served
+    assert KB.with_page(types.SimpleNamespace(page=0), QuantKV.empty(64, 2, f4), f4).page == 0

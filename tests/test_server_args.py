@@ -243,9 +243,11 @@ def test_no_backend_named_picks_and_splits(monkeypatch):
 
 
 @pytest.mark.parametrize("layout,extra,expect", [
-    ("page", ["--kv-cache-dtype", "int4"], "--page-size 1 must be a power of two >= 16"),
-    ("page", ["--kv-cache-dtype", "int4", "--page-size", "48"], "--page-size 48 must be a power of two >= 16"),
-    ("pages", ["--kv-cache-dtype", "int4", "--page-size", "64"], "KVTUNER_V_LAYOUT='pages': expected 'token' or 'page'"),
+    ("page", ["--kv-cache-dtype", "int4"], "--page-size 1 must be a power of two from 16 to 128"),
+    ("page", ["--kv-cache-dtype", "int4", "--page-size", "48"], "--page-size 48 must be a power of two from 16 to 128"),
+    ("page", ["--kv-cache-dtype", "int4", "--page-size", "256"], "--page-size 256 must be a power of two from 16"),
+    ("pages", ["--kv-cache-dtype", "int4", "--page-size", "64"],
+     "KVTUNER_V_LAYOUT='pages': expected 'auto', 'page' or 'token'"),
     ("page", ["--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size",
               "64", "--kvtuner-residual-length", "64", "--max-running-requests", "8"],
      "KVTUNER_V_LAYOUT=page is not supported with --kvtuner-axis-key 1"),
@@ -257,12 +259,22 @@ def test_value_layout_env_refusals(capsys, monkeypatch, model_dir, layout, extra
 
 
 def test_value_layout_env_page(monkeypatch, model_dir):
+    """Unset or auto: values page-transposed with --page-size 64 and per-token keys (where it was
+    timed faster); page: any power of two from 16 to 128; token: off."""
     from kvtuner.sglang_glue import v_layout_page
 
-    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--page-size", "64", "--attention-backend", "triton")
-    assert v_layout_page(a) == 0  # unset: token-major
+    def page_of(*extra):
+        return v_layout_page(serve_args(model_dir, "--kv-cache-dtype", "int4", "--attention-backend", "triton", *extra))
+
+    monkeypatch.delenv("KVTUNER_V_LAYOUT", raising=False)
+    assert page_of("--page-size", "64") == 64
+    assert page_of() == 0 and page_of("--page-size", "16") == 0 and page_of("--page-size", "256") == 0
+    assert page_of("--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size", "64",
+                   "--kvtuner-residual-length", "64", "--max-running-requests", "8") == 0
+    monkeypatch.setenv("KVTUNER_V_LAYOUT", "auto")
+    assert page_of("--page-size", "64") == 64 and page_of("--page-size", "32") == 0
+    assert page_of("--page-size", "128") == 0
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "page")
-    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--page-size", "64", "--attention-backend", "triton")
-    assert v_layout_page(a) == 64
+    assert page_of("--page-size", "16") == 16 and page_of("--page-size", "128") == 128
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")
-    assert v_layout_page(a) == 0
+    assert page_of("--page-size", "64") == 0

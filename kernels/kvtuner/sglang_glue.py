@@ -173,27 +173,38 @@ def check_server_args(server_args: Any, model_config: Any, attention_backends: t
 
 
 V_LAYOUT_ENV = "KVTUNER_V_LAYOUT"
+AUTO_V_PAGE = 64  # the page size whose page-transposed values were timed faster (kernel and served)
 
 
 def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
-    """The page of the values' transposed-page layout (``KVTUNER_V_LAYOUT=page``: each page of
-    ``--page-size`` slots stored byte-transposed, so decode reads P x V without a transpose),
-    else 0 (``token`` or unset: token-major).  Experimental; raises for settings it cannot serve."""
+    """The page of the values' transposed-page layout, else 0 (token-major values).
+
+    In that layout each page of ``--page-size`` slots keeps its values byte-transposed, so the
+    decode kernel streams the P x V operand without a transpose, one page a tile (decode-heavy
+    serving on an H200 with pages of 64: +5% to +17% output tok/s, ``bench/NOTES-decode.md``).
+    ``KVTUNER_V_LAYOUT``: unset or ``auto`` (default): on where it was measured to win,
+    ``--page-size 64`` with per-token keys; ``page``: on for any power-of-two page size from 16 to
+    128 (not timed except 128, where int4 gained nothing), refusing settings it cannot serve;
+    ``token``: off."""
     import os
 
-    layout = os.environ.get(V_LAYOUT_ENV, "").strip().lower() or "token"
+    layout = os.environ.get(V_LAYOUT_ENV, "").strip().lower() or "auto"
+    if layout not in ("auto", "page", "token"):
+        raise KVTunerConfigError(f"{V_LAYOUT_ENV}={layout!r}: expected 'auto', 'page' or 'token'")
     if layout == "token":
         return 0
-    if layout != "page":
-        raise KVTunerConfigError(f"{V_LAYOUT_ENV}={layout!r}: expected 'token' or 'page'")
     cfg = cfg or config_from_server_args(server_args)
     page = int(getattr(server_args, "page_size", None) or 1)
-    if page < 16 or page & (page - 1):
+    page_ok = 16 <= page <= 128 and not page & (page - 1)
+    kivi = cfg is not None and cfg.axis_key == 1
+    if layout == "auto":
+        return page if page == AUTO_V_PAGE and not kivi else 0
+    if not page_ok:
         raise KVTunerConfigError(
             f"{V_LAYOUT_ENV}=page stores values transposed within pages: --page-size {page} must be a "
-            "power of two >= 16 (e.g. --page-size 64)"
+            "power of two from 16 to 128 (e.g. --page-size 64)"
         )
-    if cfg is not None and cfg.axis_key == 1:
+    if kivi:
         raise KVTunerConfigError(f"{V_LAYOUT_ENV}=page is not supported with --kvtuner-axis-key 1 yet")
     return page
 

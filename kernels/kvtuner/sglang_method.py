@@ -21,6 +21,13 @@ method owns one full-precision residual ring per request slot and layer
 (``[req slots * residual_length, heads, head_dim]``, allocated by the triton hook from the
 request pool's size).  Keys of such layers are stored by the hook (it needs each token's
 request and position, which the pool's ``set_kv_buffer`` does not get).
+
+Values in the transposed-page layout (``kvtuner.sglang_glue.v_layout_page``: ``--page-size 64``
+with per-token keys unless ``KVTUNER_V_LAYOUT=token``; any P of 16..128 with ``=page``): ``v_buffer[i]`` keeps its
+``[slots, heads, bytes]`` shape and size, but holds each page of P slots as ``[heads, bytes, P]``
+(``QuantKV.page``) for layers with packed K and V.  Row-wise copies of such a buffer (slot moves,
+host copies) would move the wrong bytes; with int KV nothing calls them (they serve hybrid SWA
+pools and PD disaggregation, which ``check_server_args`` / ``check_pool`` refuse).
 """
 
 from __future__ import annotations

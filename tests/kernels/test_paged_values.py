@@ -44,7 +44,7 @@ def test_layout_refuses_what_it_cannot_hold(device):
     with pytest.raises(ValueError, match="quantized"):
         QuantKV(torch.zeros(32, 1, 64, dtype=torch.bfloat16, device=device), None, fmt(16, 64), page=16)
     p = c.to_paged(16)
-    with pytest.raises(ValueError, match="transposed-page layout"):
+    with pytest.raises(ValueError, match="must be token-major"):
         gather_dequant(p, torch.arange(4, device=device), torch.empty(4, 1, 64, device=device))
 
 
@@ -67,16 +67,19 @@ def test_store_writes_the_transposed_page(device, kb, vb, asym, page):
     assert torch.equal(pk.data, ref_k.data) and torch.equal(pk.meta, ref_k.meta)
     assert torch.equal(pv.token_major().data, ref_v.data)
     assert torch.equal(pv.meta, ref_v.meta)
-    with pytest.raises(ValueError, match="values only"):
+    with pytest.raises(ValueError, match="only values take pages"):
         quantize_store(k_new, v_new, slots, pk.to_paged(page), pv)
 
 
-@pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits", [
-    (4, 4, True, 16, 7, 1, [37, 16, 1, 0, 50], [2, 1, 1, 1, 3]),
-    (8, 4, False, 32, 8, 2, [70, 5], [2, 1]),
-    (2, 2, True, 16, 4, 4, [33], [4]),
+@pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits,window", [
+    (4, 4, True, 16, 7, 1, [37, 16, 1, 0, 50], [2, 1, 1, 1, 3], -1),
+    (8, 4, False, 32, 8, 2, [70, 5], [2, 1], -1),
+    (2, 2, True, 16, 4, 4, [33], [4], -1),
+    # sliding window: pages below it skipped, its first page masked below its start
+    (4, 4, True, 16, 4, 1, [70, 20, 5, 47], [3, 2, 1, 4], 20),
+    (8, 8, False, 16, 8, 2, [64, 33], [4, 1], 31),
 ])
-def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, splits):
+def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, splits, window):
     gen = torch.Generator().manual_seed(3 + page + sum(lens))
     d = 128
     kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 32, asym)
@@ -91,11 +94,12 @@ def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, sp
         logits = torch.full((b, hq, ms, d), float("nan"), dtype=torch.float32, device=device)
         lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
         nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
-        return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, logits, lse, nsplit, ms, d**-0.5)
+        return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, logits, lse, nsplit, ms, d**-0.5,
+                                sliding_window=window)
 
     o = run(vc.to_paged(page))
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
-                                 d**-0.5)
+                                 d**-0.5, sliding_window=window)
     assert_close(o, ref)
     assert_close(o, run(vc), atol=5e-3, rtol=5e-3)
     if 0 in lens:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32
-from kvtuner.ops.types import QuantKV
+from kvtuner.ops.types import QuantKV, require_token_major
 
 MIN_BLOCK_KV = 32
 
@@ -339,8 +339,19 @@ def _decode_stage1_packed(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
 ):
-    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
-        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
+    if V_PAGE > 0:
+        # whole pages a tile: splits over the whole request, pages below the window skipped and
+        # the window's first page masked below its start (token lo)
+        b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+            kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, -1)
+        lo = 0
+        if SLIDING_WINDOW > 0:
+            seq_len = (tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)).to(tl.int32)
+            lo = tl.maximum(seq_len - (SLIDING_WINDOW + 1), 0)
+            s0 = tl.maximum(s0, lo - lo % V_PAGE)
+    else:
+        b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+            kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
 
     # chunking of K and V (see the section comment)
     KP: tl.constexpr = K_D * K_BITS // 8
@@ -414,6 +425,8 @@ def _decode_stage1_packed(
             if V_PAGE > 0:
                 # one page a tile (BLOCK_N == V_PAGE, splits page-aligned): its slots are known
                 # contiguous from the first, and V sits transposed within the page
+                if SLIDING_WINDOW > 0:
+                    mask_n = mask_n & ((n0 + offs_b) >= lo)
                 pg = tl.load(kv_indices + start + n0).to(tl.int64) // V_PAGE
                 loc = pg * V_PAGE + offs_b
                 k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)  # whole page
@@ -565,8 +578,8 @@ def decode_attention(
     * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's
       ``KVTUNER_V_LAYOUT=page``; or, for benchmarks, ``v_page`` P with
       ``v_t = transpose_pages(v_cache, P)`` next to a token-major ``v_cache``): V is read one page
-      a tile, so the P x V operand needs no transpose.  Needs packed K and V, no sliding window,
-      and every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
+      a tile, so the P x V operand needs no transpose.  Needs packed K and V and every
+      request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
       as SGLang's paged allocator lays them out).
     """
     bsz, hq, dk = q.shape
@@ -586,8 +599,7 @@ def decode_attention(
         raise ValueError("q, o and attn_logits must be contiguous in the last dim")
     if bsz == 0:
         return o
-    if k_cache.page:
-        raise ValueError("keys in the transposed-page layout are not supported (values only)")
+    require_token_major("keys (only values take pages)", k_cache)
     if v_cache.page:  # a paged pool's values (QuantKV.page)
         v_page, v_t = v_cache.page, v_cache.paged_view()
     group = hq // hkv
@@ -608,8 +620,6 @@ def decode_attention(
     if v_page:
         if not packed:
             raise ValueError("v_page needs packed K and V")
-        if sliding_window > 0:
-            raise ValueError("v_page does not take a sliding window")
         want = (v_cache.data.shape[0] // v_page, hkv, v_cache.fmt.packed_dim, v_page)
         if v_t is None or tuple(v_t.shape) != want or v_t.stride(-1) != 1 or v_t.stride(-2) != v_page:
             raise ValueError(f"v_page {v_page}: v_t must be transpose_pages(v_cache, {v_page}), shape {want}")

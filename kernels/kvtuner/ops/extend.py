@@ -22,7 +22,7 @@ from kvtuner.ops._common import (
     slot_rows,
     tanh_f32,
 )
-from kvtuner.ops.types import QuantKV
+from kvtuner.ops.types import QuantKV, require_token_major
 
 
 @triton.jit
@@ -310,8 +310,7 @@ def _launch(q_extend, k_extend, v_extend, o_extend, lse, k_cache, v_cache, hkv, 
         raise ValueError("head_dim mismatch between inputs and cache formats")
     if k_cache.num_heads != hkv or v_cache.num_heads != hkv or hq % hkv:
         raise ValueError("Hq must be a multiple of the KV head count")
-    if k_cache.page:
-        raise ValueError("keys in the transposed-page layout are not supported (values only)")
+    require_token_major("keys (only values take pages)", k_cache)
     bsz = qo_indptr.shape[0] - 1
     if ne == 0 or bsz == 0 or max_len_extend <= 0:
         if lse is not None:

@@ -60,7 +60,7 @@ def gather_dequant(cache: QuantKV, slots: torch.Tensor, out: torch.Tensor) -> to
     For backends that cannot read the packed format: ``out`` is a caller-owned workspace,
     nothing else is allocated.  Returns ``out``.
     """
-    require_token_major("gather_dequant", cache)
+    require_token_major("gather_dequant's cache", cache)
     n = slots.shape[0]
     h, d = cache.num_heads, cache.fmt.head_dim
     if out.shape[0] < n or out.shape[1] != h or out.shape[2] != d:

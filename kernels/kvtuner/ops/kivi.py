@@ -207,7 +207,7 @@ def kivi_store(
     Keys written at page 0 (SGLang's padding slot 0) are skipped.
     """
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("per-channel keys' kernels", v_cache)
+    require_token_major("values of per-channel-key layers", v_cache)
     vf = v_cache.fmt
     t, h = k_new.shape[0], k_new.shape[1]
     bsz = qo_indptr.shape[0] - 1
@@ -614,7 +614,7 @@ def kivi_decode_attention(
     (``num_stages - 1`` in flight).  ``KVTUNER_DECODE`` sets block_n / prefetch / warps / stages
     of the fast path as for :func:`kvtuner.ops.decode_attention`; explicit arguments win."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("per-channel keys' kernels", v_cache)
+    require_token_major("values of per-channel-key layers", v_cache)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
     dv = v_cache.fmt.head_dim
@@ -817,7 +817,7 @@ def kivi_extend_attention(
     :func:`kvtuner.ops.extend_attention` plus the ring of each request (``req_idx [B]``).
     Call it after :func:`kivi_store` of the same new tokens (as SGLang stores, then attends)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("per-channel keys' kernels", v_cache)
+    require_token_major("values of per-channel-key layers", v_cache)
     ne, hq, dk = q_extend.shape
     hkv = k_extend.shape[1]
     dv = v_extend.shape[-1]

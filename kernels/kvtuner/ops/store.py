@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.ops._common import fmt_constexprs, meta_arg, rint_half_even, row_strides, slot_rows
-from kvtuner.ops.types import QuantKV
+from kvtuner.ops.types import QuantKV, require_token_major
 
 
 @triton.jit
@@ -145,8 +145,7 @@ def quantize_store(
         raise ValueError("head_dim mismatch between new tokens and cache formats")
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
         raise ValueError("k_new / v_new must be contiguous in head_dim")
-    if k_cache.page:
-        raise ValueError("keys in the transposed-page layout are not supported (values only)")
+    require_token_major("keys (only values take pages)", k_cache)
     if t == 0:
         return
     kc = fmt_constexprs(k_cache.fmt)

@@ -138,7 +138,6 @@ class QuantKV:
 
 
 def require_token_major(what: str, *caches: QuantKV) -> None:
-    """Refuse caches in the transposed-page layout where ``what`` reads token-major rows only."""
+    """Refuse caches in the transposed-page layout where a kernel reads token-major rows only."""
     if any(c is not None and c.page for c in caches):
-        raise ValueError(f"{what} reads token-major data; this cache is in the transposed-page layout "
-                         "(KVTUNER_V_LAYOUT=page)")
+        raise ValueError(f"{what} must be token-major, not in the transposed-page layout (QuantKV.page)")
