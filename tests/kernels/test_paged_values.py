@@ -22,6 +22,12 @@ def _paged_slots(lens, page, gen, spare=2):
     return torch.tensor(idx, dtype=torch.int64), n_pages * page
 
 
+def _paged_pools(lens, page, kf, vf, hkv, device, gen):
+    """Slots of ``lens`` in whole pages and token-major K/V pools over them (random codes)."""
+    idx, s = _paged_slots(lens, page, gen)
+    return idx.to(device), make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
+
+
 @pytest.mark.parametrize("bits,g,asym,page", [(4, 64, True, 16), (8, 32, False, 32), (2, 128, True, 16)])
 def test_layout_round_trip_and_checks(device, bits, g, asym, page):
     gen = torch.Generator().manual_seed(bits + page)
@@ -83,9 +89,7 @@ def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, sp
     gen = torch.Generator().manual_seed(3 + page + sum(lens))
     d = 128
     kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 32, asym)
-    idx, s = _paged_slots(lens, page, gen)
-    idx = idx.to(device)
-    kc, vc = make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
     b, ms = len(lens), 4
     q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
 
@@ -114,9 +118,7 @@ def test_extend_and_prefix_read_a_paged_pool(device, kb, vb, asym, page, hq, hkv
     gen = torch.Generator().manual_seed(5 + page + sum(plens))
     d = 64
     kf, vf = fmt(kb, d, 32, asym), fmt(vb, d, 32, asym)
-    idx, s = _paged_slots(plens, page, gen)
-    idx = idx.to(device)
-    kc, vc = make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
+    idx, kc, vc = _paged_pools(plens, page, kf, vf, hkv, device, gen)
     pv = vc.to_paged(page)
     kv_indptr, qo_indptr = indptr_of(plens, device), indptr_of(elens, device)
     ne, sm = sum(elens), d**-0.5
