@@ -99,8 +99,8 @@ def main() -> int:
     ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
     ap.add_argument("--paged", type=int, default=0,
                     help="slots in whole pages of this many tokens (shuffled page order) for every row")
-    ap.add_argument("--vt", default="", help="with --paged: 'warps,stages;...' variants of the experimental form "
-                    "that reads V transposed within pages (decode_attention(v_page=...))")
+    ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm];...' variants of the form that "
+                    "reads V transposed within pages (decode_attention(v_page=...)); asm 1: codes_asm")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")
@@ -119,6 +119,7 @@ def main() -> int:
                 f = [int(x) for x in v.split(",")]
                 variants.append(tuple(f + [0, 2][len(f) - 3:]))
         vt_variants = [tuple(int(x) for x in v.split(",")) for v in args.vt.split(";") if v]
+        vt_variants = [v + (0,) * (3 - len(v)) for v in vt_variants]  # warps, stages, asm (default 0)
     except ValueError as e:
         ap.error(f"malformed argument: {e}")
     bad = [c for c in cfgs if c not in CFGS]
@@ -126,6 +127,8 @@ def main() -> int:
         ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
     if any(len(v) != 5 for v in variants):
         ap.error(f"--variants: each is pf,warps,block_n[,maxnreg[,stages]], got {args.variants!r}")
+    if any(len(v) != 3 for v in vt_variants):
+        ap.error(f"--vt: each is warps,stages[,asm], got {args.vt!r}")
     if vt_variants and not args.paged:
         ap.error("--vt needs --paged PAGE")
     if args.paged and any(ctx % args.paged for _, ctx in shapes):
@@ -182,11 +185,11 @@ def main() -> int:
 
                 vt = transpose_pages(vc, args.paged)
                 ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
-                for w, st in vt_variants:
-                    key = f"vt{args.paged}_w{w}_s{st}"
-                    run = lambda n, w=w, st=st: decode_attention(  # noqa: E731
+                for w, st, asm in vt_variants:
+                    key = f"vt{args.paged}_w{w}_s{st}" + ("_asm" if asm else "")
+                    run = lambda n, w=w, st=st, asm=asm: decode_attention(  # noqa: E731
                         q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
-                        v_page=args.paged, v_t=vt)
+                        v_page=args.paged, v_t=vt, codes_asm=bool(asm))
                     try:
                         row["variants"][key] = {n: bench(lambda n=n: run(n)) for n in splits}
                         run(splits[-1])

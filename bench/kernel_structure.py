@@ -10,9 +10,9 @@ float16 code tiles make a round trip through shared memory (what ncu showed limi
 
     PYTHONPATH=kernels python bench/kernel_structure.py --kv 4,4 --asym --variants 128,1,4,2 64,2,4,3 64,2,4,4
 
-A variant is ``block_n,prefetch,num_warps,num_stages[,v_page]`` (prefetch 0: none, 1: the next tile
-in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within pages, one
-page a tile).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs,
+A variant is ``block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm]]`` (prefetch 0: none, 1: the
+next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within
+pages, one page a tile; codes_asm 1: bytes to codes in PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs,
 barriers and shared-memory loads.  The integer arguments are declared multiples
 of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
 """
@@ -52,7 +52,8 @@ def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnr
 
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
-                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0):
+                   prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0,
+                   codes_asm: bool = False):
     """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode as D
@@ -63,7 +64,8 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   MIN_BLOCK=v_page or D.MIN_BLOCK_KV, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
-                  K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page))
+                  K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
+                  CODES_ASM=bool(codes_asm))
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch)
 
 
@@ -153,24 +155,27 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
-                    help="block_n,prefetch,num_warps,num_stages[,v_page] (v_page > 0: V read transposed within "
-                         "pages of that many tokens, one page a tile; per-token kernel only)")
+                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm]] (v_page > 0: V read transposed "
+                         "within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in PTX; "
+                         "per-token kernel only)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
     kb, vb = (int(x) for x in args.kv.split(","))
     rows = []
     for v in args.variants:
-        bn, pf, w, st, vp = ([int(x) for x in v.split(",")] + [0])[:5]
+        bn, pf, w, st, vp, asm = ([int(x) for x in v.split(",")] + [0, 0])[:6]
         try:
             if args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch)
             else:
-                k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp)
+                k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp,
+                                   bool(asm))
             s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
-        row = {"block_n": vp or bn, "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp, **s}
+        row = {"block_n": vp or bn, "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
+               "codes_asm": bool(asm), **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

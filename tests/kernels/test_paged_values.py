@@ -137,3 +137,30 @@ def test_extend_and_prefix_read_a_paged_pool(device, kb, vb, asym, page, hq, hkv
     fin = torch.isfinite(lse_ref)
     assert torch.equal(fin, torch.isfinite(lse))
     assert_close(lse[fin], lse_ref[fin].float())
+
+
+@pytest.mark.parametrize("kb,vb,asym", [(4, 4, True), (8, 8, False), (2, 2, True), (8, 4, False)])
+def test_codes_asm_equals_the_plain_conversion(device, kb, vb, asym):
+    """The PTX byte-to-code conversion (``codes_asm``) gives the plain conversion's output, paged
+    and token-major; it is CUDA-only, refused by name elsewhere."""
+    gen = torch.Generator().manual_seed(kb * 5 + vb)
+    d, page, hq, hkv, lens = 128, 64, 7, 1, [130, 64, 1, 77]
+    kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 64, asym)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    b, ms = len(lens), 4
+    q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(v, asm):
+        o = torch.zeros((b, hq, d), dtype=torch.float32, device=device)
+        lg = torch.zeros((b, hq, ms, d), dtype=torch.float32, device=device)
+        lse = torch.zeros((b, hq, ms), dtype=torch.float32, device=device)
+        nsplit = torch.tensor([2, 1, 1, 3], dtype=torch.int32, device=device)
+        return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, lg, lse, nsplit, ms, d**-0.5,
+                                codes_asm=asm)
+
+    if device == "cpu":
+        with pytest.raises(ValueError, match="needs CUDA"):
+            run(vc, True)
+        return
+    for v in (vc.to_paged(page), vc):
+        assert_close(run(v, True), run(v, False), atol=1e-5, rtol=1e-5)

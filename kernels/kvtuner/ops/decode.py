@@ -258,6 +258,46 @@ def _codes(raw, BITS: tl.constexpr, F: tl.constexpr):
     return ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
+def _codes_ptx(mask: int) -> tl.constexpr:
+    """PTX of :func:`_codes_asm` for one field mask: each pair of bytes spread into the halves of a
+    32-bit register (``prmt``), masked and given the exponent of 1024 (``and`` + ``or``: one LOP3)."""
+    m2 = mask | (mask << 16)
+    return tl.constexpr(
+        "{\n.reg .b32 t0, t1, m, c;\n"
+        f"mov.b32 m, {m2};\nmov.b32 c, 0x64006400;\n"
+        "prmt.b32 t0, $2, 0, 0x4140;\nprmt.b32 t1, $2, 0, 0x4342;\n"
+        "lop3.b32 $0, t0, m, c, 0xEA;\nlop3.b32 $1, t1, m, c, 0xEA;\n}"  # (t & m) | c
+    )
+
+
+_PTX_FF = _codes_ptx(0xFF)
+_PTX_0F, _PTX_F0 = _codes_ptx(0x0F), _codes_ptx(0xF0)
+_PTX_03, _PTX_0C, _PTX_30, _PTX_C0 = _codes_ptx(0x03), _codes_ptx(0x0C), _codes_ptx(0x30), _codes_ptx(0xC0)
+
+
+@triton.jit
+def _codes_asm(raw, BITS: tl.constexpr, F: tl.constexpr):
+    """:func:`_codes` in PTX, four bytes at a time (CUDA only; the interpreter takes ``_codes``)."""
+    if BITS == 8:
+        ptx: tl.constexpr = _PTX_FF
+    elif BITS == 4:
+        if F == 0:
+            ptx: tl.constexpr = _PTX_0F
+        else:
+            ptx: tl.constexpr = _PTX_F0
+    else:
+        if F == 0:
+            ptx: tl.constexpr = _PTX_03
+        elif F == 1:
+            ptx: tl.constexpr = _PTX_0C
+        elif F == 2:
+            ptx: tl.constexpr = _PTX_30
+        else:
+            ptx: tl.constexpr = _PTX_C0
+    return tl.inline_asm_elementwise(asm=ptx, constraints="=r,=r,r", args=[raw], dtype=tl.float16,
+                                     is_pure=True, pack=4)
+
+
 @triton.jit
 def _load_chunks(data_ptr, row, mask_n, NC: tl.constexpr, C: tl.constexpr, TRANS: tl.constexpr):
     """The NC byte chunks of one tile: ``uint8 [C, N]`` (TRANS) or ``[N, C]`` each."""
@@ -300,7 +340,7 @@ def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
 
 @triton.jit
 def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
-                      V_ASYM: tl.constexpr, V_QMIN: tl.constexpr):
+                      V_ASYM: tl.constexpr, V_QMIN: tl.constexpr, CODES_ASM: tl.constexpr):
     """The value side of one tile on the chunked path: each output chunk's accumulator is
     rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the codes of its chunk, plus
     the correction for the code offset (from the same rounded probabilities).  ``v_raw`` and
@@ -321,7 +361,11 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
         else:
             corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
         a = accs[k] * re_scale[:, None] + corr[:, None]
-        new_accs = new_accs + (tl.dot(ps, _codes(v_raw[k % VNC], V_BITS, k // VNC), a),)
+        if CODES_ASM:
+            vcodes = _codes_asm(v_raw[k % VNC], V_BITS, k // VNC)
+        else:
+            vcodes = _codes(v_raw[k % VNC], V_BITS, k // VNC)
+        new_accs = new_accs + (tl.dot(ps, vcodes, a),)
     return new_accs
 
 
@@ -338,6 +382,7 @@ def _decode_stage1_packed(
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
+    CODES_ASM: tl.constexpr = False,
 ):
     if V_PAGE > 0:
         # whole pages a tile: splits over the whole request, pages below the window skipped and
@@ -460,15 +505,18 @@ def _decode_stage1_packed(
                 dg = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
                 for j in tl.static_range(KCPG):
                     # chunk g * KCPG + j: bytes chunk (..) % KNC, bit field (..) // KNC
-                    dg = tl.dot(qs[g * KCPG + j],
-                                _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC), dg)
+                    if CODES_ASM:
+                        kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+                    else:
+                        kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+                    dg = tl.dot(qs[g * KCPG + j], kcodes, dg)
                 t = k_mt[g][None, :] * (dg - kconst[g][:, None])
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
             p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
-            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN, CODES_ASM)
             if PREFETCH == 1 and V_PAGE == 0:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
@@ -511,17 +559,19 @@ def _packed_defaults(kf, vf) -> tuple[int, int]:
 
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
-    configuration without a code change: ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages"``
-    (empty fields keep the default).  Read once."""
+    configuration without a code change:
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm"`` (empty fields keep the
+    default; ``codes_asm`` 1: the PTX code conversion, see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
-        keys = ("block_n", "prefetch", "num_warps", "num_stages")
+        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
-            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages (integers)")
+            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm "
+                             "(integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -562,6 +612,7 @@ def decode_attention(
     maxnreg: int | None = None,
     v_page: int = 0,
     v_t: torch.Tensor | None = None,
+    codes_asm: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -581,6 +632,10 @@ def decode_attention(
       a tile, so the P x V operand needs no transpose.  Needs packed K and V and every
       request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
       as SGLang's paged allocator lays them out).
+    * ``codes_asm`` (packed path, CUDA only; default off, or ``KVTUNER_DECODE``'s fifth field):
+      bytes to float16 codes in PTX, four bytes at a time (one ``prmt`` per two bytes shared by
+      the bit fields, one LOP3 per pair); compiled for sm_90 it cuts the paged form's loop by
+      9-13% of its instructions (``bench/NOTES-decode.md``), and lengthens the token-major one.
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -615,6 +670,9 @@ def decode_attention(
         num_stages = num_stages if num_stages is not None else env.get("num_stages")
         block_n = block_n if block_n > 0 else bn
         prefetch = pf if prefetch is None else prefetch
+        codes_asm = bool(env.get("codes_asm", 0)) if codes_asm is None else codes_asm
+        if codes_asm and not q.is_cuda:
+            raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -643,7 +701,8 @@ def decode_attention(
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-            PREFETCH=int(prefetch), V_PAGE=int(v_page), num_warps=num_warps, num_stages=num_stages,
+            PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm),
+            num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
     else:

@@ -476,7 +476,7 @@ def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, 
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VP // VC, VC, False)
     v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
-    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN, False)
 
 
 @triton.jit
