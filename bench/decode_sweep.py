@@ -181,12 +181,14 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001
                     row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             if vt_variants:  # V transposed within pages: timed, and checked against the default form
-                from kvtuner.ops.decode import transpose_pages
+                from kvtuner.ops.decode import PAGED_TILE, transpose_pages
 
                 vt = transpose_pages(vc, args.paged)
                 ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
+                tile = min(args.paged, PAGED_TILE)  # tokens a tile: the page, or 64 of a larger one
                 for w, st, asm in vt_variants:
-                    key = f"vt{args.paged}_w{w}_s{st}" + ("_asm" if asm else "")
+                    key = f"vt{args.paged}" + (f"t{tile}" if tile != args.paged else "") + f"_w{w}_s{st}" \
+                        + ("_asm" if asm else "")
                     run = lambda n, w=w, st=st, asm=asm: decode_attention(  # noqa: E731
                         q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
                         v_page=args.paged, v_t=vt, codes_asm=bool(asm))

@@ -51,6 +51,16 @@ def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnr
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
+def tile_of(block_n: int, v_page: int) -> int:
+    """Tokens a tile: ``block_n``, or in the paged form ``block_n`` tokens of a page (0: the
+    kernel's default, ``min(v_page, PAGED_TILE)``)."""
+    if not v_page:
+        return block_n
+    from kvtuner.ops.decode import PAGED_TILE
+
+    return min(block_n, v_page) if block_n > 0 else min(v_page, PAGED_TILE)
+
+
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
                    prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0,
                    codes_asm: bool = False):
@@ -60,8 +70,9 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
     from kvtuner.ops._common import fmt_constexprs, qmin_of
 
     kf, vf = TensorFormat(kb, head_dim, group, asym), TensorFormat(vb, head_dim, group, asym)
-    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=v_page or block_n,
-                  MIN_BLOCK=v_page or D.MIN_BLOCK_KV, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
+    tile = tile_of(block_n, v_page)
+    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=tile,
+                  MIN_BLOCK=tile if v_page else D.MIN_BLOCK_KV, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
@@ -174,7 +185,7 @@ def main(argv=None) -> int:
             s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
-        row = {"block_n": vp or bn, "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
+        row = {"block_n": tile_of(bn, vp), "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
                "codes_asm": bool(asm), **s}
         rows.append(row)
         print(json.dumps(row), flush=True)

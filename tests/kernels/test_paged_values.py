@@ -84,6 +84,10 @@ def test_store_writes_the_transposed_page(device, kb, vb, asym, page):
     # sliding window: pages below it skipped, its first page masked below its start
     (4, 4, True, 16, 4, 1, [70, 20, 5, 47], [3, 2, 1, 4], 20),
     (8, 8, False, 16, 8, 2, [64, 33], [4, 1], 31),
+    # pages larger than the tile: 64-token tiles inside pages of 128, 16-token tiles in pages of 32
+    (4, 4, True, 128, 7, 1, [200, 64, 1, 129], [2, 1, 1, 3], -1),
+    (4, 2, False, 32, 4, 2, [70, 31], [3, 2], -1),
+    (8, 4, True, 128, 4, 1, [190, 20], [2, 1], 70),
 ])
 def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, splits, window):
     gen = torch.Generator().manual_seed(3 + page + sum(lens))
@@ -99,7 +103,7 @@ def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, sp
         lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
         nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
         return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, logits, lse, nsplit, ms, d**-0.5,
-                                sliding_window=window)
+                                sliding_window=window, block_n=16 if page == 32 else 0)
 
     o = run(vc.to_paged(page))
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,

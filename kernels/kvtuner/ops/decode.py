@@ -313,15 +313,16 @@ def _load_chunks(data_ptr, row, mask_n, NC: tl.constexpr, C: tl.constexpr, TRANS
 
 
 @triton.jit
-def _load_chunks_paged(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.constexpr):
-    """The NC byte chunks of one page of a pool stored transposed within pages (``base``: the
-    page's and head's offset; byte ``j`` of the page's token ``t`` at ``base + j * PAGE + t``):
-    ``uint8 [PAGE, C]`` each, tokens contiguous, so the P x V operand streams without a transpose.
-    Whole pages, unmasked (a request's last page is allocated whole, and the bytes of its unused
-    slots decode to finite codes that the zero probability and the masked scales cancel), so the
-    loads vectorize along the tokens."""
+def _load_chunks_paged(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.constexpr,
+                       TILE: tl.constexpr):
+    """The NC byte chunks of TILE slots of one page of a pool stored transposed within pages
+    (``base``: the page's, head's and tile's offset; byte ``j`` of the page's token ``t`` at
+    ``j * PAGE + t``): ``uint8 [TILE, C]`` each, tokens contiguous, so the P x V operand streams
+    without a transpose.  Whole tiles, unmasked (a request's last page is allocated whole, and the
+    bytes of its unused slots decode to finite codes that the zero probability and the masked
+    scales cancel), so the loads vectorize along the tokens."""
     offs = tl.arange(0, C)
-    offs_t = tl.arange(0, PAGE)
+    offs_t = tl.arange(0, TILE)
     out = ()
     for c in tl.static_range(NC):
         t = tl.load(data_ptr + base + (c * C + offs)[None, :] * PAGE + offs_t[:, None])
@@ -393,7 +394,7 @@ def _decode_stage1_packed(
         if SLIDING_WINDOW > 0:
             seq_len = (tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)).to(tl.int32)
             lo = tl.maximum(seq_len - (SLIDING_WINDOW + 1), 0)
-            s0 = tl.maximum(s0, lo - lo % V_PAGE)
+            s0 = tl.maximum(s0, lo - lo % BLOCK_N)
     else:
         b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
             kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, SLIDING_WINDOW)
@@ -468,15 +469,21 @@ def _decode_stage1_packed(
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
             if V_PAGE > 0:
-                # one page a tile (BLOCK_N == V_PAGE, splits page-aligned): its slots are known
-                # contiguous from the first, and V sits transposed within the page
+                # a tile of BLOCK_N slots inside one page (BLOCK_N divides V_PAGE, splits
+                # tile-aligned): its slots are known contiguous from the first, and V sits
+                # transposed within the page
                 if SLIDING_WINDOW > 0:
                     mask_n = mask_n & ((n0 + offs_b) >= lo)
-                pg = tl.load(kv_indices + start + n0).to(tl.int64) // V_PAGE
-                loc = pg * V_PAGE + offs_b
-                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)  # whole page
+                first = tl.load(kv_indices + start + n0).to(tl.int64)
+                pg = first // V_PAGE
+                if BLOCK_N == V_PAGE:
+                    t0 = 0
+                else:  # the tile's offset in its page, a multiple of BLOCK_N the compiler can see
+                    t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+                loc = pg * V_PAGE + t0 + offs_b
+                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)  # whole tile
                 k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
-                v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + v_head_d, VNC, VC, V_PAGE)
+                v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
                 v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
             elif PREFETCH == 2:
                 loc = loc_n
@@ -544,6 +551,12 @@ def transpose_pages(v: QuantKV, page: int) -> torch.Tensor:
     if s % page:
         raise ValueError(f"{s} slots are not whole pages of {page}")
     return v.data.view(s // page, page, h, p).permute(0, 2, 3, 1).contiguous()
+
+
+# tokens a tile of the paged form (values page-transposed): pages of 64 timed fastest as 64-token
+# tiles, and 128-token tiles lost on pages of 128 (bench/NOTES-decode.md), so larger pages are read
+# 64 tokens at a time
+PAGED_TILE = 64
 
 
 def _packed_defaults(kf, vf) -> tuple[int, int]:
@@ -626,11 +639,11 @@ def decode_attention(
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
       bytes left to the compiler's pipeliner), ``maxnreg``.
-    * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's
-      ``KVTUNER_V_LAYOUT=page``; or, for benchmarks, ``v_page`` P with
-      ``v_t = transpose_pages(v_cache, P)`` next to a token-major ``v_cache``): V is read one page
-      a tile, so the P x V operand needs no transpose.  Needs packed K and V and every
-      request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
+    * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's default with
+      ``--page-size 64``; or, for benchmarks, ``v_page`` P with ``v_t = transpose_pages(v_cache, P)``
+      next to a token-major ``v_cache``): V is read a tile of ``block_n`` tokens of one page at a
+      time (default ``min(P, 64)``), so the P x V operand needs no transpose.  Needs packed K and
+      V and every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
       as SGLang's paged allocator lays them out).
     * ``codes_asm`` (packed path, CUDA only; default off, or ``KVTUNER_DECODE``'s fifth field):
       bytes to float16 codes in PTX, four bytes at a time (one ``prmt`` per two bytes shared by
@@ -640,6 +653,7 @@ def decode_attention(
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
     dv = v_cache.fmt.head_dim
+    tile = block_n  # the caller's tile, before the packed defaults fill it in
     if dk != k_cache.fmt.head_dim:
         raise ValueError(f"q head_dim {dk} != K head_dim {k_cache.fmt.head_dim}")
     if v_cache.num_heads != hkv or hq % hkv:
@@ -681,7 +695,10 @@ def decode_attention(
         want = (v_cache.data.shape[0] // v_page, hkv, v_cache.fmt.packed_dim, v_page)
         if v_t is None or tuple(v_t.shape) != want or v_t.stride(-1) != 1 or v_t.stride(-2) != v_page:
             raise ValueError(f"v_page {v_page}: v_t must be transpose_pages(v_cache, {v_page}), shape {want}")
-        block_n, prefetch = v_page, 0
+        tile = tile if tile > 0 else min(v_page, PAGED_TILE)  # (KVTUNER_DECODE's block_n: token-major only)
+        if tile < 16 or v_page % tile:
+            raise ValueError(f"v_page {v_page}: the tile (block_n {tile}) must divide the page and be >= 16")
+        block_n, prefetch = tile, 0
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
@@ -697,7 +714,7 @@ def decode_attention(
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
             attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
             attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=v_page or MIN_BLOCK_KV,
+            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=block_n if v_page else MIN_BLOCK_KV,
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
