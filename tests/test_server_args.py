@@ -278,3 +278,26 @@ def test_value_layout_env_page(monkeypatch, model_dir):
     assert page_of("--page-size", "16") == 16 and page_of("--page-size", "128") == 128
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")
     assert page_of("--page-size", "64") == 0
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--kv-cache-dtype", "int4", "--kvtuner-v-layout", "page"],
+     "--kvtuner-v-layout page stores values transposed within pages: --page-size 1 must be a power of two"),
+    (["--kvtuner-v-layout", "page"], "--kvtuner-v-layout needs quantized KV: add --kv-cache-dtype"),
+    (["--kv-cache-dtype", "int4", "--kvtuner-v-layout", "pages"], "invalid choice: 'pages'"),
+])
+def test_value_layout_flag_refusals(capsys, monkeypatch, model_dir, extra, expect):
+    monkeypatch.delenv("KVTUNER_V_LAYOUT", raising=False)
+    line = refused(capsys, model_dir, *extra)
+    assert expect in line, line
+
+
+def test_value_layout_flag_wins_over_the_environment(monkeypatch, model_dir):
+    from kvtuner.sglang_glue import v_layout_page
+
+    monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--attention-backend", "triton", "--page-size", "32",
+                   "--kvtuner-v-layout", "page")
+    assert a.kvtuner_v_layout == "page" and v_layout_page(a) == 32
+    a = serve_args(model_dir, "--kv-cache-dtype", "int4", "--attention-backend", "triton", "--page-size", "64")
+    assert v_layout_page(a) == 0  # no flag: the environment's token

@@ -91,6 +91,11 @@ def resolve_server_args(server_args: Any) -> Optional[KVQuantConfig]:
     """
     cfg = config_from_server_args(server_args)
     if cfg is None:
+        if getattr(server_args, "kvtuner_v_layout", None):
+            raise KVTunerConfigError(
+                "--kvtuner-v-layout needs quantized KV: add --kv-cache-dtype int8/int4/int2/kvtuner "
+                f"(--kv-cache-dtype is {getattr(server_args, 'kv_cache_dtype', 'auto')})"
+            )
         return None
     for name, value in cfg.to_flags().items():
         setattr(server_args, name, value)
@@ -182,13 +187,14 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
     In that layout each page of ``--page-size`` slots keeps its values byte-transposed, so the
     decode kernel streams the P x V operand without a transpose, one page a tile (decode-heavy
     serving on an H200 with pages of 64: +5% to +17% output tok/s, ``bench/NOTES-decode.md``).
-    ``KVTUNER_V_LAYOUT``: unset or ``auto`` (default): on where it was measured to win,
-    ``--page-size 64`` with per-token keys; ``page``: on for any power-of-two page size from 16 to
-    128 (not timed except 128, where int4 gained nothing), refusing settings it cannot serve;
-    ``token``: off."""
+    ``--kvtuner-v-layout`` (or, when the flag is not given, ``KVTUNER_V_LAYOUT``): ``auto``
+    (default): on where it was measured to win, ``--page-size 64`` with per-token keys; ``page``: on
+    for any power-of-two page size from 16 to 128, refusing settings it cannot serve; ``token``: off."""
     import os
 
-    layout = os.environ.get(V_LAYOUT_ENV, "").strip().lower() or "auto"
+    flag = getattr(server_args, "kvtuner_v_layout", None)
+    src = "--kvtuner-v-layout" if flag else V_LAYOUT_ENV
+    layout = (flag or os.environ.get(V_LAYOUT_ENV, "")).strip().lower() or "auto"
     if layout not in ("auto", "page", "token"):
         raise KVTunerConfigError(f"{V_LAYOUT_ENV}={layout!r}: expected 'auto', 'page' or 'token'")
     if layout == "token":
@@ -199,13 +205,14 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
     kivi = cfg is not None and cfg.axis_key == 1
     if layout == "auto":
         return page if page == AUTO_V_PAGE and not kivi else 0
+    said = f"{src} page" if flag else f"{src}=page"
     if not page_ok:
         raise KVTunerConfigError(
-            f"{V_LAYOUT_ENV}=page stores values transposed within pages: --page-size {page} must be a "
+            f"{said} stores values transposed within pages: --page-size {page} must be a "
             "power of two from 16 to 128 (e.g. --page-size 64)"
         )
     if kivi:
-        raise KVTunerConfigError(f"{V_LAYOUT_ENV}=page is not supported with --kvtuner-axis-key 1 yet")
+        raise KVTunerConfigError(f"{said} is not supported with --kvtuner-axis-key 1 yet")
     return page
 
 

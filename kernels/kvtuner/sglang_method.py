@@ -23,7 +23,7 @@ request pool's size).  Keys of such layers are stored by the hook (it needs each
 request and position, which the pool's ``set_kv_buffer`` does not get).
 
 Values in the transposed-page layout (``kvtuner.sglang_glue.v_layout_page``: ``--page-size 64``
-with per-token keys unless ``KVTUNER_V_LAYOUT=token``; any P of 16..128 with ``=page``): ``v_buffer[i]`` keeps its
+with per-token keys unless ``--kvtuner-v-layout token``; any P of 16..128 with ``page``): ``v_buffer[i]`` keeps its
 ``[slots, heads, bytes]`` shape and size, but holds each page of P slots as ``[heads, bytes, P]``
 (``QuantKV.page``) for layers with packed K and V.  Row-wise copies of such a buffer (slot moves,
 host copies) would move the wrong bytes; with int KV nothing calls them (they serve hybrid SWA
@@ -112,7 +112,8 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
         )
         if self.v_page:
             logger.info("kvtuner pool: values of %d of %d layers transposed within pages of %d slots "
-                        "(KVTUNER_V_LAYOUT=page)", sum(1 for p in self.v_pages if p), layer_num, self.v_page)
+                        "(--kvtuner-v-layout token: token-major)", sum(1 for p in self.v_pages if p), layer_num,
+                        self.v_page)
         return {
             "k_buffer": k_data,
             "v_buffer": v_data,

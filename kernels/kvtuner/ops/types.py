@@ -20,7 +20,7 @@ class QuantKV:
     ``data`` and ``meta`` may be strided views (e.g. into a larger buffer) as long as
     the last dimension is contiguous.
 
-    ``page`` > 0 (values of a paged pool, ``KVTUNER_V_LAYOUT=page``): the same ``data`` buffer,
+    ``page`` > 0 (values of a paged pool, ``--kvtuner-v-layout``): the same ``data`` buffer,
     contiguous, holds each page of ``page`` slots transposed, ``[S // page, H, packed_dim, page]``
     (byte ``j`` of slot ``s``, head ``h`` at ``[s // page, h, j, s % page]``; :meth:`paged_view`),
     so the decode kernel's P x V operand streams tokens without a transpose.  Quantized,
