@@ -1,5 +1,5 @@
 """Validate patches/: every patch file is listed in series, every listed patch exists,
-none is listed twice, and each carries a DEP-3 header (Description, Author, Forwarded: no)
+none is listed twice, no other file lies there (quilt backups), and each carries a DEP-3 header (Description, Author, Forwarded: no)
 above a diff in ``-p ab`` form with no timestamps and no ``Index:`` lines.
 
 Exit 0 when all is well; otherwise print one line per problem and exit 1.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 REQUIRED = ("Description", "Author", "Forwarded")
+KEEP = ("series", "quiltrc")  # the files of patches/ besides the patches
 
 
 def read_series(series: Path) -> list[str]:
@@ -74,6 +75,11 @@ def validate(patch_dir: Path) -> list[str]:
     for name in present:
         if name not in seen:
             problems.append(f"{patch_dir / name}: not listed in {series}")
+    # nothing else lives here: a quilt backup (``*.patch~``, ``*.orig``) would be committed by mistake
+    for p in sorted(patch_dir.rglob("*")):
+        rel = p.relative_to(patch_dir).as_posix()
+        if p.is_file() and rel not in KEEP and not rel.endswith(".patch"):
+            problems.append(f"{p}: not a patch of the series (a quilt backup? delete it)")
     for name in listed:
         if (patch_dir / name).is_file():
             problems += check_patch(patch_dir / name)

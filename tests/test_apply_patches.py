@@ -80,9 +80,11 @@ def test_validator_catches_problems(tmp_path):
     (d / "stray.patch").write_text("Description: x\nAuthor: y\nForwarded: no\n\n--- a/f\n+++ b/f\n")
     (d / "series").write_text((d / "series").read_text() + "missing.patch\n")
     first = d / listed[0]
+    (d / (listed[0] + "~")).write_text(first.read_text())  # what `quilt refresh --backup` leaves
     first.write_text(first.read_text().replace("Forwarded: no", "Forwarded: yes"))
     problems = "\n".join(validate_series.validate(d))
     assert "stray.patch: not listed" in problems
+    assert f"{listed[0]}~: not a patch of the series" in problems
     assert "lists missing.patch, which does not exist" in problems
     assert "Forwarded must be 'no'" in problems
 
