@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from kvtuner import reference as R  # noqa: E402
 from kvtuner.format import TensorFormat  # noqa: E402
 from kvtuner.ops import QuantKV, decode_attention  # noqa: E402
-from kernels_bench import fill_pool, git_sha, hbm_peak, try_sglang  # noqa: E402
+from kernels_bench import fill_pool, git_sha, hbm_peak, slot_order, try_sglang  # noqa: E402
 
 CFGS = {  # name: (k bits, v bits, group, asym)
     "int8": (8, 8, 64, False),
@@ -46,11 +46,7 @@ def make(batch, ctx, hkv, d, kb, vb, g, asym, device, shuffle=True, page=0):
     kc = QuantKV.empty(s, hkv, kf, device=device)
     vc = QuantKV.empty(s, hkv, vf, device=device)
     fill_pool(kc, vc)
-    if page:  # whole pages in shuffled order, as SGLang's paged allocator hands them out
-        pages = torch.randperm(s // page, device=device) if shuffle else torch.arange(s // page, device=device)
-        idx = (pages[:, None] * page + torch.arange(page, device=device)).flatten()
-    else:
-        idx = torch.randperm(s, device=device) if shuffle else torch.arange(s, device=device)
+    idx = slot_order(s, device, page, shuffle)  # with page: whole pages, as SGLang's paged allocator
     indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
     return kc, vc, idx, indptr
 
@@ -100,7 +96,7 @@ def main() -> int:
     ap.add_argument("--paged", type=int, default=0,
                     help="slots in whole pages of this many tokens (shuffled page order) for every row")
     ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm];...' variants of the form that "
-                    "reads V transposed within pages (decode_attention(v_page=...)); asm 1: codes_asm")
+                    "reads V transposed within pages (QuantKV.to_paged); asm 1: codes_asm")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")
@@ -181,24 +177,24 @@ def main() -> int:
                 except Exception as e:  # noqa: BLE001
                     row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
             if vt_variants:  # V transposed within pages: timed, and checked against the default form
-                from kvtuner.ops.decode import PAGED_TILE, transpose_pages
+                from kvtuner.ops.decode import PAGED_TILE
 
-                vt = transpose_pages(vc, args.paged)
+                pv = vc.to_paged(args.paged)
                 ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
                 tile = min(args.paged, PAGED_TILE)  # tokens a tile: the page, or 64 of a larger one
                 for w, st, asm in vt_variants:
                     key = f"vt{args.paged}" + (f"t{tile}" if tile != args.paged else "") + f"_w{w}_s{st}" \
                         + ("_asm" if asm else "")
                     run = lambda n, w=w, st=st, asm=asm: decode_attention(  # noqa: E731
-                        q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
-                        v_page=args.paged, v_t=vt, codes_asm=bool(asm))
+                        q, kc, pv, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
+                        codes_asm=bool(asm))
                     try:
                         row["variants"][key] = {n: bench(lambda n=n: run(n)) for n in splits}
                         run(splits[-1])
                         row.setdefault("vt_rel_err", {})[key] = rel_err(o, ref)
                     except Exception as e:  # noqa: BLE001
                         row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                del vt
+                del pv
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)
             row["best"] = best
             res["timings"].append(row)

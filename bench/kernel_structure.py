@@ -12,8 +12,9 @@ float16 code tiles make a round trip through shared memory (what ncu showed limi
 
 A variant is ``block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm]]`` (prefetch 0: none, 1: the
 next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within
-pages, one page a tile; codes_asm 1: bytes to codes in PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs,
-barriers and shared-memory loads.  The integer arguments are declared multiples
+pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1: bytes to codes in
+PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
+and shared-memory loads.  The integer arguments are declared multiples
 of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
 """
 

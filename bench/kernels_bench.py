@@ -112,13 +112,14 @@ def with_page(args, vc: QuantKV, kf: TensorFormat) -> QuantKV:
     return vc
 
 
-def slot_order(args, s: int, device) -> torch.Tensor:
-    """Every request's slots: shuffled (default), contiguous (``--no-shuffle``), or with ``--page P``
-    whole aligned pages in shuffled page order (SGLang's paged allocator)."""
-    if args.page:
-        pages = torch.randperm(s // args.page, device=device)
-        return (pages[:, None] * args.page + torch.arange(args.page, device=device)).flatten()
-    return torch.randperm(s, device=device) if args.shuffle else torch.arange(s, device=device)
+def slot_order(s: int, device, page: int = 0, shuffle: bool = True) -> torch.Tensor:
+    """The slots of ``s`` tokens (requests back to back): shuffled or contiguous, or with ``page``
+    whole aligned pages, in shuffled or contiguous page order (SGLang's paged allocator)."""
+    n = s // page if page else s
+    order = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
+    if page:
+        return (order[:, None] * page + torch.arange(page, device=device)).flatten()
+    return order
 
 
 def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
@@ -134,7 +135,7 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     kc = QuantKV.empty(s, hkv, kf, device=device)
     vc = with_page(args, QuantKV.empty(s, hkv, vf, device=device), kf)
     fill_pool(kc, vc)
-    idx = slot_order(args, s, device)
+    idx = slot_order(s, device, args.page, args.shuffle)
     indptr = torch.arange(0, s + 1, ctx, dtype=torch.int32, device=device)
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
     o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)

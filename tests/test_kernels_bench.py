@@ -49,7 +49,7 @@ def test_page_option_lays_out_slots_and_values_as_served():
     from kvtuner.ops import QuantKV
 
     args = types.SimpleNamespace(page=16, shuffle=True)
-    idx = KB.slot_order(args, 64, "cpu")
+    idx = KB.slot_order(64, "cpu", args.page, args.shuffle)
     pages = idx.view(4, 16)
     assert sorted(idx.tolist()) == list(range(64))
     assert all((p - p[0] == torch.arange(16)).all() and p[0] % 16 == 0 for p in pages)

@@ -32,6 +32,19 @@ def make_cache(s: int, h: int, f: TensorFormat, device, gen, dtype=torch.bfloat1
     return QuantKV(data.contiguous(), meta.contiguous(), f)
 
 
+def paged_slots(lens, page: int, gen: torch.Generator, spare: int = 2) -> tuple[torch.Tensor, int]:
+    """Slots of requests of ``lens`` tokens in whole aligned pages, pages shuffled (SGLang's paged
+    allocator), and the pool size in slots (``spare`` pages more)."""
+    pages = [-(-n // page) for n in lens]
+    n_pages = sum(pages) + spare
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    idx = []
+    for n, npg in zip(lens, pages):
+        mine, order = order[:npg], order[npg:]
+        idx += [mine[i // page] * page + i % page for i in range(n)]
+    return torch.tensor(idx, dtype=torch.int64), n_pages * page
+
+
 def indptr_of(lens, device) -> torch.Tensor:
     ip = torch.zeros(len(lens) + 1, dtype=torch.int32)
     if lens:

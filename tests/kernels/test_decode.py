@@ -9,7 +9,7 @@ import torch
 
 from kvtuner import reference as R
 from kvtuner.ops import decode_attention
-from kvt_helpers import assert_close, fmt, indptr_of, make_cache
+from kvt_helpers import assert_close, fmt, indptr_of, make_cache, paged_slots
 
 # kb, kg, vb, vg, asym, d, hq, hkv, lens, cap, window
 CASES = [
@@ -145,23 +145,15 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     (2, 64, 2, 32, True, 16, 4, 4, [33], [4]),
 ])
 def test_decode_v_transposed_pages(device, kb, kg, vb, vg, asym, page, hq, hkv, lens, splits):
-    """The experimental paged form (``v_page``): V read transposed within pages, one page a tile,
-    requests in whole aligned pages in shuffled page order, splits page-aligned."""
-    from kvtuner.ops.decode import transpose_pages
-
+    """The paged form (values in the transposed-page layout, ``QuantKV.to_paged``): V read one page
+    a tile, requests in whole aligned pages in shuffled page order, splits page-aligned."""
     gen = torch.Generator().manual_seed(7 + page + sum(lens))
     d = 128
     kf, vf = fmt(kb, d, kg, asym), fmt(vb, d, vg, asym)
-    pages = [-(-n // page) for n in lens]
-    n_pages = sum(pages) + 3
-    kc = make_cache(n_pages * page, hkv, kf, device, gen)
-    vc = make_cache(n_pages * page, hkv, vf, device, gen)
-    order = torch.randperm(n_pages, generator=gen).tolist()
-    idx = []
-    for n, npg in zip(lens, pages):
-        mine, order = order[:npg], order[npg:]
-        idx += [mine[i // page] * page + i % page for i in range(n)]
-    idx = torch.tensor(idx, dtype=torch.int64, device=device)
+    idx, s = paged_slots(lens, page, gen, spare=3)
+    idx = idx.to(device)
+    kc = make_cache(s, hkv, kf, device, gen)
+    vc = make_cache(s, hkv, vf, device, gen)
     indptr = indptr_of(lens, device)
     b, ms = len(lens), 4
     q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
@@ -169,25 +161,25 @@ def test_decode_v_transposed_pages(device, kb, kg, vb, vg, asym, page, hq, hkv, 
     logits = torch.full((b, hq, ms, d), float("nan"), dtype=torch.float32, device=device)
     lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
     nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
-    decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, d**-0.5,
-                     v_page=page, v_t=transpose_pages(vc, page))
+    decode_attention(q, kc, vc.to_paged(page), o, indptr, idx, logits, lse, nsplit, ms, d**-0.5)
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr, idx, d**-0.5)
     assert_close(o, ref)
     assert (o[lens.index(0)] == 0).all() if 0 in lens else True
 
 
 def test_decode_v_transposed_pages_refuses_what_it_cannot_read(device):
-    from kvtuner.ops.decode import transpose_pages
-
     gen = torch.Generator().manual_seed(1)
     kf = fmt(4, 64, 32, False)
     kc = make_cache(64, 1, kf, device, gen)
     vc = make_cache(64, 1, kf, device, gen)
     q = torch.zeros(1, 2, 64, dtype=torch.bfloat16, device=device)
-    args = (q, kc, vc, torch.zeros(1, 2, 64, device=device), indptr_of([16], device),
+    args = (torch.zeros(1, 2, 64, device=device), indptr_of([16], device),
             torch.arange(16, device=device), torch.zeros(1, 2, 1, 64, device=device), torch.zeros(1, 2, 1, device=device),
             torch.ones(1, dtype=torch.int32, device=device), 1, 0.125)
-    with pytest.raises(ValueError, match="transpose_pages"):
-        decode_attention(*args, v_page=16, v_t=vc.data)
+    k16 = make_cache(64, 1, fmt(16, 64), device, gen)
+    with pytest.raises(ValueError, match="need packed K and V"):
+        decode_attention(q, k16, vc.to_paged(16), *args)
+    with pytest.raises(ValueError, match="must divide the page"):
+        decode_attention(q, kc, vc.to_paged(16), *args, block_n=32)
     with pytest.raises(ValueError, match="whole pages"):
-        transpose_pages(make_cache(40, 1, kf, device, gen), 16)
+        make_cache(40, 1, kf, device, gen).to_paged(16)

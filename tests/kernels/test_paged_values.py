@@ -7,24 +7,12 @@ import torch
 
 from kvtuner import reference as R
 from kvtuner.ops import QuantKV, decode_attention, extend_attention, gather_dequant, prefix_attention, quantize_store
-from kvt_helpers import assert_close, fmt, indptr_of, make_cache, rand_kv
-
-
-def _paged_slots(lens, page, gen, spare=2):
-    """Slots of requests in whole aligned pages, pages shuffled (SGLang's paged allocator)."""
-    pages = [-(-n // page) for n in lens]
-    n_pages = sum(pages) + spare
-    order = torch.randperm(n_pages, generator=gen).tolist()
-    idx = []
-    for n, npg in zip(lens, pages):
-        mine, order = order[:npg], order[npg:]
-        idx += [mine[i // page] * page + i % page for i in range(n)]
-    return torch.tensor(idx, dtype=torch.int64), n_pages * page
+from kvt_helpers import assert_close, fmt, indptr_of, make_cache, paged_slots, rand_kv
 
 
 def _paged_pools(lens, page, kf, vf, hkv, device, gen):
     """Slots of ``lens`` in whole pages and token-major K/V pools over them (random codes)."""
-    idx, s = _paged_slots(lens, page, gen)
+    idx, s = paged_slots(lens, page, gen)
     return idx.to(device), make_cache(s, hkv, kf, device, gen), make_cache(s, hkv, vf, device, gen)
 
 

@@ -386,8 +386,8 @@ def _decode_stage1_packed(
     CODES_ASM: tl.constexpr = False,
 ):
     if V_PAGE > 0:
-        # whole pages a tile: splits over the whole request, pages below the window skipped and
-        # the window's first page masked below its start (token lo)
+        # tiles of one page each: splits over the whole request, tiles below the window skipped
+        # and the window's first tile masked below its start (token lo)
         b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
             kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, MIN_BLOCK, MAX_SPLITS, -1)
         lo = 0
@@ -544,15 +544,6 @@ def _decode_stage1_packed(
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
 
-def transpose_pages(v: QuantKV, page: int) -> torch.Tensor:
-    """A packed pool's data transposed within pages of ``page`` slots: ``[S // page, H, P, page]``
-    (byte j of slot ``pg * page + t`` at ``[pg, h, j, t]``), for ``decode_attention(v_page=...)``."""
-    s, h, p = v.data.shape
-    if s % page:
-        raise ValueError(f"{s} slots are not whole pages of {page}")
-    return v.data.view(s // page, page, h, p).permute(0, 2, 3, 1).contiguous()
-
-
 # tokens a tile of the paged form (values page-transposed): pages of 64 timed fastest as 64-token
 # tiles, and 128-token tiles lost on pages of 128 (bench/NOTES-decode.md), so larger pages are read
 # 64 tokens at a time
@@ -623,8 +614,6 @@ def decode_attention(
     prefetch: int | None = None,
     packed_path: bool | None = None,
     maxnreg: int | None = None,
-    v_page: int = 0,
-    v_t: torch.Tensor | None = None,
     codes_asm: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
@@ -640,9 +629,8 @@ def decode_attention(
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
       bytes left to the compiler's pipeliner), ``maxnreg``.
     * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's default with
-      ``--page-size 64``; or, for benchmarks, ``v_page`` P with ``v_t = transpose_pages(v_cache, P)``
-      next to a token-major ``v_cache``): V is read a tile of ``block_n`` tokens of one page at a
-      time (default ``min(P, 64)``), so the P x V operand needs no transpose.  Needs packed K and
+      ``--page-size 64``; ``QuantKV.to_paged`` for benchmarks): V is read a tile of ``block_n``
+      tokens of one page at a time (default ``min(P, 64)``), so the P x V operand needs no transpose.  Needs packed K and
       V and every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
       as SGLang's paged allocator lays them out).
     * ``codes_asm`` (packed path, CUDA only; default off, or ``KVTUNER_DECODE``'s fifth field):
@@ -669,8 +657,7 @@ def decode_attention(
     if bsz == 0:
         return o
     require_token_major("keys (only values take pages)", k_cache)
-    if v_cache.page:  # a paged pool's values (QuantKV.page)
-        v_page, v_t = v_cache.page, v_cache.paged_view()
+    v_page = v_cache.page  # values transposed within pages (QuantKV.page)
     group = hq // hkv
     block_h = 16
     packed = k_cache.fmt.quantized and v_cache.fmt.quantized
@@ -691,10 +678,7 @@ def decode_attention(
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
         if not packed:
-            raise ValueError("v_page needs packed K and V")
-        want = (v_cache.data.shape[0] // v_page, hkv, v_cache.fmt.packed_dim, v_page)
-        if v_t is None or tuple(v_t.shape) != want or v_t.stride(-1) != 1 or v_t.stride(-2) != v_page:
-            raise ValueError(f"v_page {v_page}: v_t must be transpose_pages(v_cache, {v_page}), shape {want}")
+            raise ValueError("values in the transposed-page layout need packed K and V")
         tile = tile if tile > 0 else min(v_page, PAGED_TILE)  # (KVTUNER_DECODE's block_n: token-major only)
         if tile < 16 or v_page % tile:
             raise ValueError(f"v_page {v_page}: the tile (block_n {tile}) must divide the page and be >= 16")
@@ -703,13 +687,11 @@ def decode_attention(
     num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
     kds, kdh, kms, kmh = row_strides(k_cache)
-    vds, vdh, vms, vmh = row_strides(v_cache)
-    if v_page:
-        vds, vdh = v_t.stride(0), v_t.stride(1)
+    vds, vdh, vms, vmh = row_strides(v_cache)  # (paged values: page and head strides)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
     if packed:
         _decode_stage1_packed[grid](
-            q, k_cache.data, k_cache.meta, v_t if v_page else v_cache.data, v_cache.meta, kv_indptr, kv_indices,
+            q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
             attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
