@@ -29,6 +29,11 @@ def load(name):
 QWEN_RUNS = {  # summary key -> raw files (later files fill configurations the earlier lacked)
     "qwen2.5-7b_dummy_h100": ("integration_qwen_h100_a.json", "integration_qwen_h100_b.json"),
     "qwen2.5-7b_dummy_h200_packed_decode": ("integration_qwen_h200.json",),
+    # --page-size 64 (values page-transposed for the int dtypes): one e2e file per configuration,
+    # written side by side on one 4x H200 machine; "bf16_p64" is read as bf16, and so on
+    "qwen2.5-7b_dummy_h200_page64": tuple(
+        f"session22_h200x4/call{c}/e2e_{cfg}_p64.json"
+        for c, cfgs in ((1, ("bf16", "int4")), (2, ("fp8_e4m3", "int8", "K8V4", "int2"))) for cfg in cfgs),
 }
 
 
@@ -38,6 +43,7 @@ def qwen_rows(names):
         d = load(name)
         meta[name] = {k: d.get(k) for k in ("device", "torch", "sglang", "git_sha", "argv")}
         for cfg, r in d["results"].items():
+            cfg = cfg.removesuffix("_p64")
             if r.get("ok") or cfg not in rows:
                 rows[cfg] = dict(r, source=name)
     base = rows.get("bf16", {})
@@ -185,7 +191,7 @@ def main() -> int:
     for key, (qwen, qmeta) in qwen_all.items():
         devs = sorted({m.get("device") or "" for m in qmeta.values()})
         shas = sorted({(m.get("git_sha") or "")[:7] for m in qmeta.values()})
-        lines += [f"## Qwen2.5-7B shape, dummy weights, {', '.join(devs)}, triton backend (git {', '.join(shas)}; "
+        lines += [f"## Qwen2.5-7B shape, dummy weights ({key}), {', '.join(devs)}, triton backend (git {', '.join(shas)}; "
                   f"{', '.join(qmeta)})", "",
                   "| kv cache | tokens | vs bf16 | TTFT 8k (s) | decode tok/s (bs 64, 8k) | vs bf16 | vs fp8 |",
                   "|---|---|---|---|---|---|---|"]
