@@ -42,27 +42,36 @@ def test_layout_refuses_what_it_cannot_hold(device):
         gather_dequant(p, torch.arange(4, device=device), torch.empty(4, 1, 64, device=device))
 
 
-@pytest.mark.parametrize("kb,vb,asym,page", [(4, 4, True, 16), (8, 4, False, 32), (4, 2, False, 16)])
-def test_store_writes_the_transposed_page(device, kb, vb, asym, page):
+@pytest.mark.parametrize("kb,vb,asym,page,d,n,contiguous", [
+    (4, 4, True, 16, 64, 37, False), (8, 4, False, 32, 64, 37, False), (4, 2, False, 16, 64, 37, False),
+    # a prefill's slots (whole runs of a page, several tiles of the store and a partial one)
+    (8, 8, True, 64, 128, 101, True), (2, 4, False, 32, 128, 70, True), (16, 4, True, 16, 64, 45, True),
+])
+def test_store_writes_the_transposed_page(device, kb, vb, asym, page, d, n, contiguous):
     """Codes and meta equal the token-major store's, at their transposed places."""
-    gen = torch.Generator().manual_seed(kb * 7 + vb + page)
-    h, d, s = 2, 64, 4 * page
+    gen = torch.Generator().manual_seed(kb * 7 + vb + page + n)
+    h, s = 2, 4 * page * (1 + n // (2 * page))
     kf, vf = fmt(kb, d, 32, asym), fmt(vb, d, 32, asym)
-    k_new, v_new = rand_kv(37, h, d, device, gen), rand_kv(37, h, d, device, gen)
-    slots = torch.randperm(s, generator=gen)[:37].to(device)
+    k_new, v_new = rand_kv(n, h, d, device, gen), rand_kv(n, h, d, device, gen)
+    slots = (torch.arange(n) + page) if contiguous else torch.randperm(s, generator=gen)[:n]
+    slots = slots.to(device)
     ref_k, ref_v = QuantKV.empty(s, h, kf, device=device), QuantKV.empty(s, h, vf, device=device)
     for t in (ref_k.data, ref_k.meta, ref_v.data, ref_v.meta):
-        t.zero_()
+        if t is not None:
+            t.zero_()
     quantize_store(k_new, v_new, slots, ref_k, ref_v)
     pk = QuantKV.empty(s, h, kf, device=device)
     pv = QuantKV(torch.zeros_like(ref_v.data), torch.zeros_like(ref_v.meta), vf, page)
-    pk.data.zero_(), pk.meta.zero_()
+    for t in (pk.data, pk.meta):
+        if t is not None:
+            t.zero_()
     quantize_store(k_new, v_new, slots, pk, pv)
-    assert torch.equal(pk.data, ref_k.data) and torch.equal(pk.meta, ref_k.meta)
+    assert torch.equal(pk.data, ref_k.data) and (kb == 16 or torch.equal(pk.meta, ref_k.meta))
     assert torch.equal(pv.token_major().data, ref_v.data)
     assert torch.equal(pv.meta, ref_v.meta)
-    with pytest.raises(ValueError, match="only values take pages"):
-        quantize_store(k_new, v_new, slots, pk.to_paged(page), pv)
+    if kb != 16:
+        with pytest.raises(ValueError, match="only values take pages"):
+            quantize_store(k_new, v_new, slots, pk.to_paged(page), pv)
 
 
 @pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits,window", [

@@ -246,7 +246,9 @@ def _decode_stage2(
 # k = f * (P // C) + c, all in one scale group.  Each chunk is turned into float16 codes
 # ``1024 + u * 2**(f*bits)`` (the field masked in place, no shift) and fed to the tensor cores
 # as is: for K the per-field factor is folded into the query chunk and the scale into the
-# [heads, tokens] score tile; for V the scale and factor are folded into the probabilities.
+# [heads, tokens] score tile; for V the scale and factor are folded into the probabilities and
+# the codes made signed first (one packed half subtraction, :func:`_vcodes`), so that no sum of
+# probabilities over the tile is needed per chunk (each such sum crosses the warps).
 # No tile is ever permuted or joined back into head_dim order: the output is stored by chunk.
 # ---------------------------------------------------------------------------------------------
 
@@ -340,32 +342,52 @@ def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
 
 
 @triton.jit
+def _vcodes(raw, BITS: tl.constexpr, F: tl.constexpr, ASYM: tl.constexpr, CODES_ASM: tl.constexpr):
+    """Value codes of bit field F as float16 ready for P x V with no correction afterwards:
+    ``u * 2**(F*BITS)`` (asym: the offset is added per group) or ``(u + qmin) * 2**(F*BITS)``
+    (sym).  Exact: both operands of the subtraction lie in [1024, 2048)."""
+    if ASYM:
+        C: tl.constexpr = 1024.0
+    else:
+        C: tl.constexpr = 1024.0 + (1 << (BITS - 1 + F * BITS))  # 1024 - qmin * 2**(F*BITS)
+    if CODES_ASM:
+        c = _codes_asm(raw, BITS, F)
+    else:
+        c = _codes(raw, BITS, F)
+    return c - tl.full([1, 1], C, tl.float16)
+
+
+@triton.jit
 def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
-                      V_ASYM: tl.constexpr, V_QMIN: tl.constexpr, CODES_ASM: tl.constexpr):
+                      V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr):
     """The value side of one tile on the chunked path: each output chunk's accumulator is
-    rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the codes of its chunk, plus
-    the correction for the code offset (from the same rounded probabilities).  ``v_raw`` and
-    ``v_mt`` are the tile's loaded byte chunks and meta (see ``_load_chunks``/``_load_meta``)."""
+    rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the signed codes of its chunk
+    (:func:`_vcodes`), plus, when asymmetric, the offsets weighted by ``p`` (one sum per scale
+    group).  No per-chunk sum over the tile's tokens: each would cross the warps (shared memory
+    and barriers).  ``v_raw`` and ``v_mt`` are the tile's loaded byte chunks and meta (see
+    ``_load_chunks``/``_load_meta``)."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNC: tl.constexpr = VP // VC
     VNF: tl.constexpr = 8 // V_BITS
     VCPG: tl.constexpr = V_G // VC
     VNG: tl.constexpr = V_D // V_G
+    corrs = ()  # asym: the offsets' share, once per scale group (sum over the tile's tokens)
+    if V_ASYM:
+        if VNG == 2:  # one reduction for both groups: a single exchange across the warps
+            c2 = tl.sum(tl.join(p * v_mt[2][None, :], p * v_mt[3][None, :]), 1)  # [H, 2]
+            corrs = tl.split(c2)
+        else:
+            for g in tl.static_range(VNG):
+                corrs = corrs + (tl.sum(p * v_mt[VNG + g][None, :], 1),)
     new_accs = ()
     for k in tl.static_range(VNF * VNC):
         # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
         ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
-        psum = tl.sum(ps.to(tl.float32), 1)
+        a = accs[k] * re_scale[:, None]
         if V_ASYM:
-            corr = tl.sum(p * v_mt[VNG + k // VCPG][None, :], 1) - 1024.0 * psum
-        else:
-            corr = (V_QMIN * (1 << (k // VNC * V_BITS)) - 1024.0) * psum
-        a = accs[k] * re_scale[:, None] + corr[:, None]
-        if CODES_ASM:
-            vcodes = _codes_asm(v_raw[k % VNC], V_BITS, k // VNC)
-        else:
-            vcodes = _codes(v_raw[k % VNC], V_BITS, k // VNC)
+            a = a + corrs[k // VCPG][:, None]
+        vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
         new_accs = new_accs + (tl.dot(ps, vcodes, a),)
     return new_accs
 
@@ -523,7 +545,7 @@ def _decode_stage1_packed(
                 qk += t
             p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
-            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN, CODES_ASM)
+            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
             if PREFETCH == 1 and V_PAGE == 0:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
@@ -565,7 +587,7 @@ def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
     ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm"`` (empty fields keep the
-    default; ``codes_asm`` 1: the PTX code conversion, see :func:`decode_attention`).  Read once."""
+    default; ``codes_asm`` 1 or 0: the PTX code conversion on or off, see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
@@ -633,10 +655,11 @@ def decode_attention(
       tokens of one page at a time (default ``min(P, 64)``), so the P x V operand needs no transpose.  Needs packed K and
       V and every request's slots in whole aligned pages (token i at ``page[i // P] * P + i % P``,
       as SGLang's paged allocator lays them out).
-    * ``codes_asm`` (packed path, CUDA only; default off, or ``KVTUNER_DECODE``'s fifth field):
-      bytes to float16 codes in PTX, four bytes at a time (one ``prmt`` per two bytes shared by
-      the bit fields, one LOP3 per pair); compiled for sm_90 it cuts the paged form's loop by
-      9-13% of its instructions (``bench/NOTES-decode.md``), and lengthens the token-major one.
+    * ``codes_asm`` (packed path, NVIDIA only; ``KVTUNER_DECODE``'s fifth field overrides the
+      default): bytes to float16 codes in PTX, four bytes at a time (one ``prmt`` per two bytes
+      shared by the bit fields, one LOP3 per pair).  On by default for the paged form on CUDA: it
+      cuts that loop by 9-13% of its instructions and timed 1-4% faster on an H200 (served int4
+      decode-heavy +2%; ``bench/NOTES-decode.md``); off for the token-major form, which it lengthens.
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -671,7 +694,8 @@ def decode_attention(
         num_stages = num_stages if num_stages is not None else env.get("num_stages")
         block_n = block_n if block_n > 0 else bn
         prefetch = pf if prefetch is None else prefetch
-        codes_asm = bool(env.get("codes_asm", 0)) if codes_asm is None else codes_asm
+        if codes_asm is None:  # measured default: on for the paged form on NVIDIA GPUs
+            codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
     elif block_n <= 0:

@@ -170,7 +170,7 @@ def _kivi_token_kernel(
         t = t0 + i
         slot = tl.load(slots + t).to(tl.int64)
         _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot * stride_vd_s + h * stride_vd_h,
-                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, 1)
+                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM)
         if (i + R >= m) & (slot >= G):
             p = tl.load(prefix_lens + b).to(tl.int64) + i
             ring = tl.load(req_idx + b).to(tl.int64)
@@ -476,7 +476,7 @@ def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, 
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VP // VC, VC, False)
     v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
-    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, V_QMIN, False)
+    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, False)
 
 
 @triton.jit
