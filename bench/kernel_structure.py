@@ -10,7 +10,7 @@ float16 code tiles make a round trip through shared memory (what ncu showed limi
 
     PYTHONPATH=kernels python bench/kernel_structure.py --kv 4,4 --asym --variants 128,1,4,2 64,2,4,3 64,2,4,4
 
-A variant is ``block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm]]`` (prefetch 0: none, 1: the
+A variant is ``block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later]]]`` (prefetch 0: none, 1: the
 next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within
 pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1: bytes to codes in
 PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
@@ -64,7 +64,7 @@ def tile_of(block_n: int, v_page: int) -> int:
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
                    prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0,
-                   codes_asm: bool = False):
+                   codes_asm: bool = False, sum_later: bool = True):
     """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode as D
@@ -77,7 +77,7 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
-                  CODES_ASM=bool(codes_asm))
+                  CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later))
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch)
 
 
@@ -167,27 +167,28 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
-                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm]] (v_page > 0: V read transposed "
-                         "within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in PTX; "
-                         "per-token kernel only)")
+                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later]]] (v_page > 0: V read "
+                         "transposed within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in "
+                         "PTX; sum_later 0: softmax sums every tile; per-token kernel only)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
     kb, vb = (int(x) for x in args.kv.split(","))
     rows = []
     for v in args.variants:
-        bn, pf, w, st, vp, asm = ([int(x) for x in v.split(",")] + [0, 0])[:6]
+        f = [int(x) for x in v.split(",")]
+        bn, pf, w, st, vp, asm, later = f + [0, 0, 1][len(f) - 4:]
         try:
             if args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch)
             else:
                 k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp,
-                                   bool(asm))
+                                   bool(asm), bool(later))
             s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
         row = {"block_n": tile_of(bn, vp), "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
-               "codes_asm": bool(asm), **s}
+               "codes_asm": bool(asm), "sum_later": bool(later), **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

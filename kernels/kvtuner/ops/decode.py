@@ -58,9 +58,12 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 
 @triton.jit
-def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr):
+def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr,
+                  SUM_LATER: tl.constexpr = False):
     """One tile of the online softmax: scale (and cap) the raw scores, mask them, and return
-    the probabilities, the factor to rescale earlier partial sums by, and the new max / sum."""
+    the probabilities, the factor to rescale earlier partial sums by, and the new max / sum.
+    ``SUM_LATER``: ``e_sum`` is a ``[heads, tokens]`` tile of running sums, reduced over the
+    tokens once after the loop (no exchange across the warps each tile)."""
     qk = qk * sm_scale
     if LOGIT_CAP > 0:
         qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
@@ -69,7 +72,10 @@ def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.cons
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     re_scale = tl.exp(e_max - m_safe)
     p = tl.exp(qk - m_safe[:, None])
-    return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
+    if SUM_LATER:
+        return p, re_scale, m_new, e_sum * re_scale[:, None] + p
+    else:
+        return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
 
 
 @triton.jit
@@ -358,14 +364,25 @@ def _vcodes(raw, BITS: tl.constexpr, F: tl.constexpr, ASYM: tl.constexpr, CODES_
 
 
 @triton.jit
+def _offset_rows(o_rows, p, re_scale, v_mt, VNG: tl.constexpr):
+    """Running ``[heads, tokens]`` tiles of ``p * offset`` per value scale group (asym), rescaled
+    like the accumulators and summed over the tokens once after the loop."""
+    out = ()
+    for g in tl.static_range(VNG):
+        out = out + (o_rows[g] * re_scale[:, None] + p * v_mt[VNG + g][None, :],)
+    return out
+
+
+@triton.jit
 def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
-                      V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr):
+                      V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, OFFSETS_LATER: tl.constexpr = False):
     """The value side of one tile on the chunked path: each output chunk's accumulator is
     rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the signed codes of its chunk
     (:func:`_vcodes`), plus, when asymmetric, the offsets weighted by ``p`` (one sum per scale
     group).  No per-chunk sum over the tile's tokens: each would cross the warps (shared memory
     and barriers).  ``v_raw`` and ``v_mt`` are the tile's loaded byte chunks and meta (see
-    ``_load_chunks``/``_load_meta``)."""
+    ``_load_chunks``/``_load_meta``).  ``OFFSETS_LATER``: the caller sums the offsets' share
+    (:func:`_offset_rows`)."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNC: tl.constexpr = VP // VC
@@ -373,7 +390,7 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
     VCPG: tl.constexpr = V_G // VC
     VNG: tl.constexpr = V_D // V_G
     corrs = ()  # asym: the offsets' share, once per scale group (sum over the tile's tokens)
-    if V_ASYM:
+    if V_ASYM and not OFFSETS_LATER:
         if VNG == 2:  # one reduction for both groups: a single exchange across the warps
             c2 = tl.sum(tl.join(p * v_mt[2][None, :], p * v_mt[3][None, :]), 1)  # [H, 2]
             corrs = tl.split(c2)
@@ -385,7 +402,7 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
         # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
         ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
         a = accs[k] * re_scale[:, None]
-        if V_ASYM:
+        if V_ASYM and not OFFSETS_LATER:
             a = a + corrs[k // VCPG][:, None]
         vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
         new_accs = new_accs + (tl.dot(ps, vcodes, a),)
@@ -405,7 +422,7 @@ def _decode_stage1_packed(
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
-    CODES_ASM: tl.constexpr = False,
+    CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True,
 ):
     if V_PAGE > 0:
         # tiles of one page each: splits over the whole request, tiles below the window skipped
@@ -440,7 +457,16 @@ def _decode_stage1_packed(
     offs_kc = tl.arange(0, KC)
     offs_vc = tl.arange(0, VC)
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # SUM_LATER: the softmax sums (and asym values' p * offset per scale group) kept as running
+    # [heads, tokens] tiles and summed over the tokens once after the loop, not every tile
+    if SUM_LATER:
+        e_rows = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    else:
+        e_rows = tl.zeros([BLOCK_H], dtype=tl.float32)
+    o_rows = ()
+    if V_ASYM and SUM_LATER:
+        for g in tl.static_range(VNG):
+            o_rows = o_rows + (tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32),)
     accs = ()
     for k in tl.static_range(VNF * VNC):
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
@@ -543,9 +569,13 @@ def _decode_stage1_packed(
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
-            p, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
+            p, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
+                                                       SUM_LATER)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
-            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+            accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
+                                     SUM_LATER)
+            if V_ASYM and SUM_LATER:
+                o_rows = _offset_rows(o_rows, p, re_scale, v_mt, VNG)
             if PREFETCH == 1 and V_PAGE == 0:
                 k_raw = k_raw_x
                 k_mt = k_mt_x
@@ -554,12 +584,19 @@ def _decode_stage1_packed(
                 loc_x = loc_xx
                 mask_nx = mask_nxx
 
+    if SUM_LATER:
+        e_sum = tl.sum(e_rows, 1)
+    else:
+        e_sum = e_rows
     has = e_sum > 0
     inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
     for k in tl.static_range(VNF * VNC):
+        acc = accs[k]
+        if V_ASYM and SUM_LATER:
+            acc = acc + tl.sum(o_rows[k // VCPG], 1)[:, None]
         tl.store(
             Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
-            accs[k] * inv[:, None],
+            acc * inv[:, None],
             mask=mask_h[:, None],
         )
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
@@ -586,17 +623,17 @@ def _packed_defaults(kf, vf) -> tuple[int, int]:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm"`` (empty fields keep the
-    default; ``codes_asm`` 1 or 0: the PTX code conversion on or off, see :func:`decode_attention`).  Read once."""
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later"`` (empty fields keep
+    the default; ``codes_asm`` / ``sum_later`` 1 or 0: on or off, see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
-        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm")
+        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
-            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm "
+            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,sum_later "
                              "(integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
@@ -637,6 +674,7 @@ def decode_attention(
     packed_path: bool | None = None,
     maxnreg: int | None = None,
     codes_asm: bool | None = None,
+    sum_later: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -660,6 +698,10 @@ def decode_attention(
       shared by the bit fields, one LOP3 per pair).  On by default for the paged form on CUDA: it
       cuts that loop by 9-13% of its instructions and timed 1-4% faster on an H200 (served int4
       decode-heavy +2%; ``bench/NOTES-decode.md``); off for the token-major form, which it lengthens.
+    * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
+      and the asymmetric values' offset shares are kept per token and summed once after the loop,
+      instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
+      loop, 8-16 more registers a thread).
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
@@ -696,6 +738,7 @@ def decode_attention(
         prefetch = pf if prefetch is None else prefetch
         if codes_asm is None:  # measured default: on for the paged form on NVIDIA GPUs
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
+        sum_later = bool(env.get("sum_later", 1)) if sum_later is None else sum_later
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
     elif block_n <= 0:
@@ -724,7 +767,7 @@ def decode_attention(
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
             K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
-            PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm),
+            PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
