@@ -191,8 +191,9 @@ def _store_tile_kernel(
                    BLOCK_T, V_BITS, V_D, V_G, V_ASYM, V_PAGE)
 
 
-# tokens a program of the transposed-page store (a warp's byte stores then cover 32 slots of a page)
-STORE_TILE = 32
+# tokens a program of the transposed-page store: a warp's byte stores then cover runs of 16 slots of
+# a page; 32 tokens compiled to ~250 registers a thread for int8 (sm_90), 16 to 106-128
+STORE_TILE = 16
 
 
 def _with_prefix(d: dict, p: str) -> dict:
