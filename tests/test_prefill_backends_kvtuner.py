@@ -79,16 +79,19 @@ def merge_state_base2(v_a, s_a, v_b, s_b):
     return ref.merge_by_lse(v_a, s_a * ln2, v_b, s_b * ln2).to(v_a.dtype), None
 
 
-def _batch(dtype, kw, cap):
+def _batch(dtype, kw, cap, page=0):
     """A real pool with cached prefixes (37, 0 and 5 tokens, written quantized) and an extend
-    batch of 9, 4 and 1 new tokens: (pool, method, hook, layer, forward batch, q, k, v)."""
+    batch of 9, 4 and 1 new tokens: (pool, method, hook, layer, forward batch, q, k, v).
+    ``page``: pages of that many slots (shuffled), values transposed within them (the pool's
+    layout with --page-size 64), each request's tokens at its pages as SGLang allocates them."""
     cfg = KVQuantConfig.from_flags(dtype, **kw) if dtype != "kvtuner" else KVQuantConfig.from_flags(
         enable_kvtuner_quant=True, **kw)
-    method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16)
+    method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16, v_page=page)
     size = 256
-    pool = MHATokenToKVPool(size, page_size=1, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=1,
+    pool = MHATokenToKVPool(size, page_size=page or 1, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=1,
                             device=DEVICE, enable_memory_saver=False, start_layer=0, end_layer=0,
                             quant_method=method, enable_kv_cache_copy=False)
+    assert method.v_pages == [page]  # (0: token-major)
     req_to_token = torch.zeros(4, 128, dtype=torch.int32, device=DEVICE)
     runner = types.SimpleNamespace(token_to_kv_pool=pool,
                                    req_to_token_pool=types.SimpleNamespace(req_to_token=req_to_token))
@@ -100,15 +103,24 @@ def _batch(dtype, kw, cap):
     def rnd(*shape):
         return (torch.randn(*shape, generator=gen) * 2).to(DEVICE, torch.bfloat16)
 
-    slots = torch.randperm(size - 1, generator=gen)[:64].to(DEVICE) + 1
     prefix = {1: 37, 2: 0, 3: 5}
+    new = {1: 9, 2: 4, 3: 1}
+    if page:  # [prefixes..., new tokens...] in the order used below, each request in its own pages
+        pages = (torch.randperm(size // page - 1, generator=gen) + 1).tolist()
+        own = {}
+        for r in prefix:
+            mine = [pages.pop() for _ in range(-(-(prefix[r] + new[r]) // page))]
+            own[r] = [mine[i // page] * page + i % page for i in range(prefix[r] + new[r])]
+        slots = torch.tensor([own[r][i] for r in prefix for i in range(prefix[r])]
+                             + [own[r][prefix[r] + i] for r in new for i in range(new[r])], device=DEVICE)
+    else:
+        slots = torch.randperm(size - 1, generator=gen)[:64].to(DEVICE) + 1
     used = 0
     for r, p in prefix.items():
         req_to_token[r, :p] = slots[used:used + p].int()
         if p:
             pool.set_kv_buffer(layer, slots[used:used + p], rnd(p, H_KV, D), rnd(p, H_KV, D))
         used += p
-    new = {1: 9, 2: 4, 3: 1}
     reqs = list(prefix)
     ne = sum(new.values())
     q, k, v = rnd(ne, H_Q * D), rnd(ne, H_KV, D), rnd(ne, H_KV, D)
@@ -129,6 +141,10 @@ def _check(o, pool, method, hook, layer, fb, q, k, v):
     ne = q.shape[0]
     kf, vf = method.layer_formats(0)
     kd, vd, km, vm = pool.get_raw_kv_buffer(0)
+    if method.v_pages and method.v_pages[0]:  # values transposed within pages: read them token-major
+        from kvtuner.ops import QuantKV
+
+        vd = QuantKV(vd, vm, vf, method.v_pages[0]).token_major().data
     qo_indptr, kv_indptr, kv_indices = hook.plan[:3]
     want = ref.extend_attention_ref(q.view(ne, H_Q, D), k, v, kd, km, kf, vd, vm, vf, qo_indptr, kv_indptr,
                                     kv_indices, layer.scaling, logit_cap=layer.logit_cap)
@@ -138,13 +154,14 @@ def _check(o, pool, method, hook, layer, fb, q, k, v):
     torch.testing.assert_close(ref.dequantize(kd[loc], km[loc], kf), ref.dequantize(*ref.quantize(k, kf), kf))
 
 
-CASES = [("int4", dict(asym=True, q_group_size=32), 0.0), ("int8", {}, 30.0),
-         ("kvtuner", dict(nbits_key=8, nbits_value=2, asym=True), 0.0)]
+CASES = [("int4", dict(asym=True, q_group_size=32), 0.0, 0), ("int8", {}, 30.0, 0),
+         ("kvtuner", dict(nbits_key=8, nbits_value=2, asym=True), 0.0, 0),
+         ("int4", dict(asym=True, q_group_size=32), 0.0, 16)]  # values page-transposed
 
 
-@pytest.mark.parametrize("dtype,kw,cap", CASES)
-def test_patched_flashinfer_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
-    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap)
+@pytest.mark.parametrize("dtype,kw,cap,page", CASES)
+def test_patched_flashinfer_forward_extend_equals_reference(monkeypatch, dtype, kw, cap, page):
+    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap, page)
     ragged = Ragged(hook.plan[0])
     fake = types.SimpleNamespace(
         forward_metadata=fib.PrefillMetadata([None], True, False), token_to_kv_pool=pool, kvtuner=hook,
@@ -171,10 +188,10 @@ def merge_state_natural(v_a, s_a, v_b, s_b):
     return ref.merge_by_lse(v_a, s_a, v_b, s_b).to(v_a.dtype), None
 
 
-@pytest.mark.parametrize("dtype,kw,cap", CASES)
-def test_patched_fa3_forward_extend_equals_reference(monkeypatch, dtype, kw, cap):
+@pytest.mark.parametrize("dtype,kw,cap,page", CASES)
+def test_patched_fa3_forward_extend_equals_reference(monkeypatch, dtype, kw, cap, page):
     fab = _fa3_module(monkeypatch)
-    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap)
+    pool, method, hook, layer, fb, q, k, v = _batch(dtype, kw, cap, page)
     md = types.SimpleNamespace(cu_seqlens_q=hook.plan[0], max_seq_len_q=9, swa_out_cache_loc=None)
     fake = types.SimpleNamespace(
         fa_impl_ver=3, attn_cp_size=1, fa_skip_kv_cache=False, use_mla=False, kv_cache_is_mxfp8=False,
