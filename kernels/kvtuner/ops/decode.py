@@ -701,7 +701,7 @@ def decode_attention(
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
-      loop, 8-16 more registers a thread).
+      loop; more registers a thread, up to ~40 with asymmetric values: ``bench/NOTES-decode.md``).
     """
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
