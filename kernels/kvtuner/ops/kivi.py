@@ -469,8 +469,7 @@ def _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, strid
 
 @triton.jit
 def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-               V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
-               V_QMIN: tl.constexpr):
+               V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr):
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
@@ -543,7 +542,7 @@ def _kivi_decode_stage1_packed(
                                    BLOCK_H, BLOCK_N, K_D, K_BITS, K_ASYM, K_QMIN, SPLIT_Q)
             pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
-                              mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+                              mask_ld, V_D, V_G, V_BITS, V_ASYM)
         if nq < s1:
             RC: tl.constexpr = 32 if K_D >= 32 else K_D
             offs_rc = tl.arange(0, RC)
@@ -560,7 +559,7 @@ def _kivi_decode_stage1_packed(
                                           K_D // RC, DOT_F32)
                 pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
                 accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
-                                  mask_ld, V_D, V_G, V_BITS, V_ASYM, V_QMIN)
+                                  mask_ld, V_D, V_G, V_BITS, V_ASYM)
 
     has = e_sum > 0
     inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)

@@ -86,7 +86,7 @@ def _quantize_tile(
     """Quantize ``BLOCK_T`` head rows (element offsets ``src_rows``, packed rows ``dst_rows`` with
     bytes ``BYTE_STRIDE`` apart, meta rows ``meta_rows``; ``mask_t`` the valid ones).  Strided
     (transposed-page) rows are stored byte-major (``[P, BLOCK_T]``): consecutive tokens of a page
-    land side by side, so a warp writes whole sectors instead of one byte each."""
+    land side by side, so a warp's byte stores cover runs of neighbouring slots, not one byte each."""
     if BITS == 16:
         offs_d = tl.arange(0, D)
         x = tl.load(src_ptr + src_rows[:, None] + offs_d[None, :], mask=mask_t[:, None])
