@@ -99,7 +99,7 @@ def main() -> int:
                     help="slots in whole pages of this many tokens (shuffled page order) for every row")
     ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm[,later[,maxnreg]]];...' variants of "
                     "the form that reads V transposed within pages (QuantKV.to_paged); asm 1: codes_asm; later 0: "
-                    "the softmax sums every tile (sum_later off; default on); maxnreg: a register cap (0: none)")
+                    "the softmax sums every tile (sum_later off; default on); maxnreg: a register cap (0: none; -1: decode_attention's measured default)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")
@@ -187,10 +187,10 @@ def main() -> int:
                 tile = min(args.paged, PAGED_TILE)  # tokens a tile: the page, or 64 of a larger one
                 for w, st, asm, later, mx in vt_variants:
                     key = f"vt{args.paged}" + (f"t{tile}" if tile != args.paged else "") + f"_w{w}_s{st}" \
-                        + ("_asm" if asm else "") + ("" if later else "_sumeach") + (f"_r{mx}" if mx else "")
+                        + ("_asm" if asm else "") + ("" if later else "_sumeach") + (f"_r{mx}" if mx > 0 else "_rdefault" if mx < 0 else "")
                     run = lambda n, w=w, st=st, asm=asm, later=later, mx=mx: decode_attention(  # noqa: E731
                         q, kc, pv, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
-                        codes_asm=bool(asm), sum_later=bool(later), maxnreg=mx or None)
+                        codes_asm=bool(asm), sum_later=bool(later), maxnreg=mx if mx >= 0 else None)
                     try:
                         row["variants"][key] = {n: bench(lambda n=n: run(n)) for n in splits}
                         run(splits[-1])

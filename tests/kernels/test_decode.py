@@ -133,8 +133,8 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,1")
     assert D._env_tuning() == {"codes_asm": 1}
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,0")
-    assert D._env_tuning() == {"sum_later": 0}
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,0,0")
+    assert D._env_tuning() == {"sum_later": 0, "maxnreg": 0}
     o, ref, _ = _run(device, 4, 64, 4, 64, True, 128, 7, 1, [70, 3], 0.0, -1)
     assert_close(o, ref)
     monkeypatch.setattr(D, "_ENV_TUNING", None)

@@ -165,3 +165,20 @@ def test_codes_asm_equals_the_plain_conversion(device, kb, vb, asym):
         return
     for v in (vc.to_paged(page), vc):
         assert_close(run(v, True), run(v, False), atol=1e-5, rtol=1e-5)
+
+
+def test_paged_launch_defaults():
+    """The paged form's measured launch (H200 sweep, bench/NOTES-decode.md): a register cap of 128
+    for asymmetric or 2-bit values, 2 warps for 2-bit asymmetric K and V, uncapped otherwise."""
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops.decode import _paged_launch
+
+    def f(bits, asym):
+        return TensorFormat(bits=bits, head_dim=128, group=64, asym=asym)
+
+    assert _paged_launch(f(4, False), f(4, False)) == (4, 0)
+    assert _paged_launch(f(8, False), f(4, False)) == (4, 0)
+    assert _paged_launch(f(4, True), f(4, True)) == (4, 128)
+    assert _paged_launch(f(8, True), f(8, True)) == (4, 128)
+    assert _paged_launch(f(2, False), f(2, False)) == (4, 128)
+    assert _paged_launch(f(2, True), f(2, True)) == (2, 0)

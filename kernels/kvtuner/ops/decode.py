@@ -620,21 +620,37 @@ def _packed_defaults(kf, vf) -> tuple[int, int]:
     return 128, 1
 
 
+def _paged_launch(kf, vf) -> tuple[int, int]:
+    """(num_warps, maxnreg) of the paged form with ``sum_later`` (0: no register cap), from
+    ``bench/results/raw/session23_h200x4/call1/decode_sweep_paged64.json`` (H200, 28/4 heads,
+    d=128, 256 x 3k and 64 x 8k): keeping the sums per token costs registers, up to ~40 a thread
+    with asymmetric values, and uncapped those forms ran slower than summing every tile (int4
+    asym 0.333 vs 0.230 ms at 64 x 8k); capped at 128 they ran fastest (0.212), as did int8 asym
+    and 2-bit values.  K and V both 2-bit asymmetric: 2 warps (0.224 vs 0.244 capped).  Symmetric
+    4/8-bit values (int4 sym, K8V4) timed best uncapped."""
+    if kf.bits == 2 and vf.bits == 2 and vf.asym:
+        return 2, 0
+    if vf.asym or vf.bits == 2:
+        return 4, 128
+    return 4, 0
+
+
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later"`` (empty fields keep
-    the default; ``codes_asm`` / ``sum_later`` 1 or 0: on or off, see :func:`decode_attention`).  Read once."""
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg"`` (empty
+    fields keep the default; ``codes_asm`` / ``sum_later`` 1 or 0: on or off; ``maxnreg`` 0: no
+    register cap; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
-        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later")
+        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
-            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,sum_later "
-                             "(integers)")
+            raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
+                             "sum_later,maxnreg (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -687,7 +703,9 @@ def decode_attention(
     * K and V both packed take the chunked fast path; a 16-bit K or V takes the general
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
-      bytes left to the compiler's pipeliner), ``maxnreg``.
+      bytes left to the compiler's pipeliner), ``maxnreg`` (a register cap a thread; None: the
+      measured default, 128 for the paged form's asymmetric or 2-bit values (:func:`_paged_launch`);
+      0: none).
     * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's default with
       ``--page-size 64``; ``QuantKV.to_paged`` for benchmarks): V is read a tile of ``block_n``
       tokens of one page at a time (default ``min(P, 64)``), so the P x V operand needs no transpose.  Needs packed K and
@@ -739,6 +757,7 @@ def decode_attention(
         if codes_asm is None:  # measured default: on for the paged form on NVIDIA GPUs
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
         sum_later = bool(env.get("sum_later", 1)) if sum_later is None else sum_later
+        maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
     elif block_n <= 0:
@@ -750,6 +769,10 @@ def decode_attention(
         if tile < 16 or v_page % tile:
             raise ValueError(f"v_page {v_page}: the tile (block_n {tile}) must divide the page and be >= 16")
         block_n, prefetch = tile, 0
+        if sum_later:  # measured launch of the paged form (_paged_launch)
+            w, mr = _paged_launch(k_cache.fmt, v_cache.fmt)
+            num_warps = w if num_warps is None else num_warps
+            maxnreg = mr if maxnreg is None else maxnreg
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
