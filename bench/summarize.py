@@ -34,6 +34,13 @@ QWEN_RUNS = {  # summary key -> raw files (later files fill configurations the e
     "qwen2.5-7b_dummy_h200_page64": tuple(
         f"session22_h200x4/call{c}/e2e_{cfg}_p64.json"
         for c, cfgs in ((1, ("bf16", "int4")), (2, ("fp8_e4m3", "int8", "K8V4", "int2"))) for cfg in cfgs),
+    # stop 23: the packed decode's measured launch (sum_later, 128-register cap for asymmetric
+    # values; git 83cb14f) for int4 and int8, next to bf16 of the call before (git f843240, a
+    # machine of the same kind); fp8_e4m3, K8V4 and int2 from stop 22 (not rerun)
+    "qwen2.5-7b_dummy_h200_page64_s23": (
+        "session23_h200x4/call2/e2e_bf16_p64.json", "session23_h200x4/call3/e2e_int4_p64.json",
+        "session23_h200x4/call3/e2e_int8_p64.json",
+        *(f"session22_h200x4/call2/e2e_{cfg}_p64.json" for cfg in ("fp8_e4m3", "K8V4", "int2"))),
 }
 
 

@@ -11,31 +11,6 @@ from kvtuner.ops.types import QuantKV, require_token_major
 
 
 @triton.jit
-def _group_codes(x, BITS: tl.constexpr, ASYM: tl.constexpr):
-    """Unsigned codes, scale and (asym) offset of float32 groups ``x [..., G]`` (last axis a group;
-    KVTuner's vanilla rounding, :mod:`kvtuner.reference`)."""
-    QMIN: tl.constexpr = -(1 << (BITS - 1))
-    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if ASYM:
-        mx = tl.max(x, axis=-1)
-        mn = tl.min(x, axis=-1)
-        scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
-        zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
-        q = rint_half_even(tl.math.div_rn(x, tl.expand_dims(scale, -1)) - tl.expand_dims(zero, -1))
-        offset = (zero + QMIN) * scale
-    else:
-        absmax = tl.max(tl.abs(x), axis=-1)
-        scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
-        q = rint_half_even(tl.math.div_rn(x, tl.expand_dims(scale, -1)))
-        offset = scale  # (unused)
-    q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
-    q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite group) -> code 0
-    u = (q - QMIN).to(tl.int32) & MASK
-    return u, scale, offset
-
-
-@triton.jit
 def _quantize_head(
     src_ptr,
     dst_ptr,
@@ -44,8 +19,10 @@ def _quantize_head(
     D: tl.constexpr,
     G: tl.constexpr,
     ASYM: tl.constexpr,
+    BYTE_STRIDE: tl.constexpr,
 ):
-    """Quantize one head row (D elements at src_ptr) into its packed row and meta row."""
+    """Quantize one head row (D elements at src_ptr) into its packed row and meta row (the
+    row's bytes ``BYTE_STRIDE`` apart: 1, or the page of the transposed-page layout)."""
     if BITS == 16:
         offs = tl.arange(0, D)
         x = tl.load(src_ptr + offs)
@@ -54,64 +31,33 @@ def _quantize_head(
         NG: tl.constexpr = D // G
         P: tl.constexpr = D * BITS // 8
         F: tl.constexpr = 8 // BITS
+        QMIN: tl.constexpr = -(1 << (BITS - 1))
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        MASK: tl.constexpr = (1 << BITS) - 1
         offs_g = tl.arange(0, NG)
         offs_i = tl.arange(0, G)
         x = tl.load(src_ptr + offs_g[:, None] * G + offs_i[None, :]).to(tl.float32)  # [NG, G]
-        u, scale, offset = _group_codes(x, BITS, ASYM)
+        if ASYM:
+            mx = tl.max(x, axis=1)
+            mn = tl.min(x, axis=1)
+            scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
+            zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
+            q = rint_half_even(tl.math.div_rn(x, scale[:, None]) - zero[:, None])
+            offset = (zero + QMIN) * scale
+        else:
+            absmax = tl.max(tl.abs(x), axis=1)
+            scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
+            q = rint_half_even(tl.math.div_rn(x, scale[:, None]))
+        q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
+        q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite group) -> code 0
+        u = (q - QMIN).to(tl.int32) & MASK
         u2 = tl.reshape(u, [F, P])  # row f = elements [f*P, (f+1)*P) = bit field f
         shifts = tl.arange(0, F) * BITS
         packed = tl.sum(u2 << shifts[:, None], axis=0)  # fields do not overlap: sum == or
-        tl.store(dst_ptr + tl.arange(0, P), packed.to(tl.uint8))
+        tl.store(dst_ptr + tl.arange(0, P) * BYTE_STRIDE, packed.to(tl.uint8))
         tl.store(meta_ptr + offs_g, scale.to(tl.float16))
         if ASYM:
             tl.store(meta_ptr + NG + offs_g, offset.to(tl.float16))
-
-
-@triton.jit
-def _quantize_tile(
-    src_rows,
-    dst_rows,
-    meta_rows,
-    mask_t,
-    src_ptr,
-    dst_ptr,
-    meta_ptr,
-    BLOCK_T: tl.constexpr,
-    BITS: tl.constexpr,
-    D: tl.constexpr,
-    G: tl.constexpr,
-    ASYM: tl.constexpr,
-    BYTE_STRIDE: tl.constexpr,
-):
-    """Quantize ``BLOCK_T`` head rows (element offsets ``src_rows``, packed rows ``dst_rows`` with
-    bytes ``BYTE_STRIDE`` apart, meta rows ``meta_rows``; ``mask_t`` the valid ones).  Strided
-    (transposed-page) rows are stored byte-major (``[P, BLOCK_T]``): consecutive tokens of a page
-    land side by side, so a warp's byte stores cover runs of neighbouring slots, not one byte each."""
-    if BITS == 16:
-        offs_d = tl.arange(0, D)
-        x = tl.load(src_ptr + src_rows[:, None] + offs_d[None, :], mask=mask_t[:, None])
-        tl.store(dst_ptr + dst_rows[:, None] + offs_d[None, :], x.to(dst_ptr.dtype.element_ty), mask=mask_t[:, None])
-    else:
-        NG: tl.constexpr = D // G
-        P: tl.constexpr = D * BITS // 8
-        F: tl.constexpr = 8 // BITS
-        offs_g = tl.arange(0, NG)
-        offs_i = tl.arange(0, G)
-        src = src_rows[:, None, None] + (offs_g[:, None] * G + offs_i[None, :])[None, :, :]
-        x = tl.load(src_ptr + src, mask=mask_t[:, None, None], other=0.0).to(tl.float32)  # [BLOCK_T, NG, G]
-        u, scale, offset = _group_codes(x, BITS, ASYM)
-        u3 = tl.reshape(u, [BLOCK_T, F, P])  # field f of a row = its elements [f*P, (f+1)*P)
-        shifts = tl.arange(0, F) * BITS
-        packed = tl.sum(u3 << shifts[None, :, None], axis=1).to(tl.uint8)  # [BLOCK_T, P]
-        offs_p = tl.arange(0, P)
-        if BYTE_STRIDE == 1:  # token-major rows: each row's bytes side by side
-            tl.store(dst_ptr + dst_rows[:, None] + offs_p[None, :], packed, mask=mask_t[:, None])
-        else:  # [P, BLOCK_T]: consecutive slots of a page side by side
-            tl.store(dst_ptr + offs_p[:, None] * BYTE_STRIDE + dst_rows[None, :], tl.trans(packed), mask=mask_t[None, :])
-        meta = meta_rows[:, None] + offs_g[None, :]
-        tl.store(meta_ptr + meta, scale.to(tl.float16), mask=mask_t[:, None])
-        if ASYM:
-            tl.store(meta_ptr + meta + NG, offset.to(tl.float16), mask=mask_t[:, None])
 
 
 @triton.jit
@@ -143,6 +89,8 @@ def _store_kernel(
     V_D: tl.constexpr,
     V_G: tl.constexpr,
     V_ASYM: tl.constexpr,
+    V_PAGE: tl.constexpr,
+    V_BYTE_STRIDE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -155,45 +103,18 @@ def _store_kernel(
         K_D,
         K_G,
         K_ASYM,
+        1,
     )
     _quantize_head(
         V_new + t * stride_vn_t + h * stride_vn_h,
-        Vd + slot * stride_vd_s + h * stride_vd_h,
+        Vd + slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
         Vm + slot * stride_vm_s + h * stride_vm_h,
         V_BITS,
         V_D,
         V_G,
         V_ASYM,
+        V_BYTE_STRIDE,
     )
-
-
-@triton.jit
-def _store_tile_kernel(
-    K_new, V_new, slots, Kd, Km, Vd, Vm, n_tokens,
-    stride_kn_t, stride_kn_h, stride_vn_t, stride_vn_h,
-    stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
-    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
-    K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
-    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    V_PAGE: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """``BLOCK_T`` tokens of one head a program, for values in the transposed-page layout
-    (both K and V packed there; keys token-major)."""
-    t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.program_id(1).to(tl.int64)
-    mask_t = t < n_tokens
-    slot = tl.load(slots + t, mask=mask_t, other=0).to(tl.int64)
-    _quantize_tile(t * stride_kn_t + h * stride_kn_h, slot * stride_kd_s + h * stride_kd_h,
-                   slot * stride_km_s + h * stride_km_h, mask_t, K_new, Kd, Km,
-                   BLOCK_T, K_BITS, K_D, K_G, K_ASYM, 1)
-    _quantize_tile(t * stride_vn_t + h * stride_vn_h, slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
-                   slot * stride_vm_s + h * stride_vm_h, mask_t, V_new, Vd, Vm,
-                   BLOCK_T, V_BITS, V_D, V_G, V_ASYM, V_PAGE)
-
-
-# tokens a program of the transposed-page store: a warp's byte stores then cover runs of 16 slots of
-# a page; 32 tokens compiled to ~250 registers a thread for int8 (sm_90), 16 to 106-128
-STORE_TILE = 16
 
 
 def _with_prefix(d: dict, p: str) -> dict:
@@ -209,9 +130,7 @@ def quantize_store(
 ) -> None:
     """Quantize ``k_new``/``v_new`` ``[T, H, D]`` and write them (data + meta) at ``slots [T]``.
 
-    One launch for K and V.  bits=16 caches get a plain (dtype-converting) copy.  With values in
-    the transposed-page layout a program takes ``STORE_TILE`` tokens of a head (their bytes written
-    slot-major within the page), otherwise one token of a head.
+    One launch for K and V.  bits=16 caches get a plain (dtype-converting) copy.
     Codes and meta are bit-identical to :func:`kvtuner.reference.quantize` for finite
     inputs.  Slots must be distinct (duplicate slots race, as in any scatter).  ``v_cache``
     may be in the transposed-page layout (``v_cache.page``).
@@ -229,13 +148,33 @@ def quantize_store(
     require_token_major("keys (only values take pages)", k_cache)
     if t == 0:
         return
-    args = (k_cache.data, meta_arg(k_cache), v_cache.data, meta_arg(v_cache))
-    strides = (k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
-               *row_strides(k_cache), *row_strides(v_cache))
-    consts = {**_with_prefix(fmt_constexprs(k_cache.fmt), "K_"), **_with_prefix(fmt_constexprs(v_cache.fmt), "V_")}
-    if v_cache.page:  # (QuantKV: a paged cache is packed; keys are token-major, checked above)
-        _store_tile_kernel[(triton.cdiv(t, STORE_TILE), h)](
-            k_new, v_new, slots, *args, t, *strides, **consts,
-            V_PAGE=int(v_cache.page), BLOCK_T=STORE_TILE, num_warps=4)
-    else:
-        _store_kernel[(t, h)](k_new, v_new, slots, *args, *strides, **consts, num_warps=1)
+    kc = fmt_constexprs(k_cache.fmt)
+    vc = fmt_constexprs(v_cache.fmt)
+    kds, kdh, kms, kmh = row_strides(k_cache)
+    vds, vdh, vms, vmh = row_strides(v_cache)
+    _store_kernel[(t, h)](
+        k_new,
+        v_new,
+        slots,
+        k_cache.data,
+        meta_arg(k_cache),
+        v_cache.data,
+        meta_arg(v_cache),
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new.stride(0),
+        v_new.stride(1),
+        kds,
+        kdh,
+        kms,
+        kmh,
+        vds,
+        vdh,
+        vms,
+        vmh,
+        **_with_prefix(kc, "K_"),
+        **_with_prefix(vc, "V_"),
+        V_PAGE=int(v_cache.page),
+        V_BYTE_STRIDE=int(v_cache.page) or 1,
+        num_warps=1,
+    )
