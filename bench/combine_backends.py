@@ -19,14 +19,14 @@ import sys
 from pathlib import Path
 
 BACKENDS = ("triton", "flashinfer", "fa3")
-DTYPES = ("bf16", "fp8_e4m3", "int8", "int4", "int2_asym", "K8V4")
+DTYPES = ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2_asym", "K8V4")
 
 
-def _name(dtype: str, backend: str) -> str:
-    return dtype if backend == "triton" else f"{dtype}@{backend}"
+def _name(dtype: str, backend: str, suffix: str = "") -> str:
+    return dtype + suffix + ("" if backend == "triton" else f"@{backend}")
 
 
-def build(run_dir: Path) -> dict:
+def build(run_dir: Path, suffix: str = "") -> dict:
     runs, meta = {}, {}
     for f in sorted(run_dir.glob("e2e_*.json")):
         d = json.loads(f.read_text())
@@ -36,7 +36,7 @@ def build(run_dir: Path) -> dict:
     rows, not_run = [], []
     for backend in BACKENDS:
         for dtype in DTYPES:
-            n = _name(dtype, backend)
+            n = _name(dtype, backend, suffix)
             r = runs.get(n)
             if r is None:
                 not_run.append(n)
@@ -69,7 +69,7 @@ def build(run_dir: Path) -> dict:
         if t:
             targets[backend] = t
     devices = sorted({m["device"] for m in meta.values() if m.get("device")})
-    return {"issue": 5, "dir": str(run_dir), "devices": devices,
+    return {"issue": 5, "dir": str(run_dir), "devices": devices, "page_size": 64 if suffix else 1,
             "git_shas": sorted({m["git_sha"] for m in meta.values() if m.get("git_sha")}),
             "shape": "Qwen2.5-7B (28 layers, 28/4 heads, d 128), --load-format dummy, --mem-fraction-static 0.7",
             "rows": rows, "targets": targets, "not_run": not_run}
@@ -94,12 +94,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--command", action="append", default=[], help="how the files were made (repeatable)")
     ap.add_argument("--md", help="also write the markdown table here")
+    ap.add_argument("--page64", action="store_true",
+                    help="the configurations in pages of 64 (e2e_server's NAME_p64[@backend]) instead of page 1")
     a = ap.parse_args(argv)
     run_dir = Path(a.dir)
     if not any(run_dir.glob("e2e_*.json")):
         print(f"combine_backends: error: no e2e_*.json in {run_dir}", file=sys.stderr)
         return 2
-    out = build(run_dir)
+    out = build(run_dir, "_p64" if a.page64 else "")
     if len(out["devices"]) > 1:
         print(f"combine_backends: error: one run per table, found devices {out['devices']}", file=sys.stderr)
         return 2

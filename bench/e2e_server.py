@@ -51,6 +51,7 @@ QWEN = {
     "fp8_e4m3": ["--kv-cache-dtype", "fp8_e4m3"],
     "int8": ["--kv-cache-dtype", "int8"],
     "int4": ["--kv-cache-dtype", "int4", "--kvtuner-asym"],
+    "int4_sym": ["--kv-cache-dtype", "int4"],  # (the suite's KV4: symmetric, the flag's default)
     "int2": ["--kv-cache-dtype", "int2"],
     "K8V4": ["--enable-kvtuner-quant", "--kvtuner-nbits-key", "8", "--kvtuner-nbits-value", "4"],
     "fp4_mx_block16": ["--kv-cache-dtype", "fp4_mx_block16"],
@@ -69,13 +70,14 @@ for _suite in (EMBEDDED, QWEN):
                               "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
 # --page-size 64: with int KV the values are then page-transposed (kvtuner.sglang_glue.v_layout_page)
 for _suite in (EMBEDDED, QWEN):
-    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "K8V4", "mixed")]:
+    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2", "K8V4", "mixed")]:
         _suite[f"{_name}_p64"] = [*_suite[_name], "--page-size", "64"]
 # Issue 5: the same configurations with --attention-backend flashinfer / fa3 (upstream dtypes:
 # both phases in that backend; int KV: its prefill + kvtuner prefix, triton decode; fa3 needs
-# flash_ops on the host: make fa3-parts, bench/fa3_host.sh).
+# flash_ops on the host: make fa3-parts, bench/fa3_host.sh); and in pages of 64 ("int4_p64@fa3").
 for _suite in (EMBEDDED, QWEN):
-    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int2", "int2_asym", "K8V4", "mixed")]:
+    for _name in [n for n in _suite if n.removesuffix("_p64") in
+                  ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2", "int2_asym", "K8V4", "mixed")]:
         for _backend in ("flashinfer", "fa3"):
             _suite[f"{_name}@{_backend}"] = [*_suite[_name], "--attention-backend", _backend]
 PROMPTS = [
@@ -243,9 +245,10 @@ class ByteTokenizer:
 
 
 def reference_name(name: str) -> str:
-    """The configuration a result is compared with: bf16 on the same attention backend
-    ("int4@fa3" -> "bf16@fa3", "int4" -> "bf16")."""
-    return "bf16" + name[name.index("@"):] if "@" in name else "bf16"
+    """The configuration a result is compared with: bf16 on the same attention backend and page
+    size ("int4@fa3" -> "bf16@fa3", "int4" -> "bf16", "int4_p64@fa3" -> "bf16_p64@fa3")."""
+    base, at, backend = name.partition("@")
+    return ("bf16_p64" if base.endswith("_p64") else "bf16") + at + backend
 
 
 def prompt_ids(tok, chat: bool = False) -> list[list[int]]:

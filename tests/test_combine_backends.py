@@ -51,3 +51,19 @@ def test_committed_table_is_regenerated_and_quoted():
     assert {k: fresh[k] for k in ("rows", "targets", "not_run", "devices")} == \
         {k: committed[k] for k in ("rows", "targets", "not_run", "devices")}
     assert CB.markdown(committed) in (ROOT / "README.md").read_text()
+
+
+def test_pages_of_64(tmp_path):
+    """--page64 reads the NAME_p64[@backend] configurations and compares them among themselves."""
+    _write(tmp_path, "bf16", 100, 0.200, 1000.0)  # page 1: ignored
+    _write(tmp_path, "bf16_p64", 100, 0.200, 1000.0)
+    _write(tmp_path, "int4_p64", 355, 0.200, 1500.0)
+    _write(tmp_path, "bf16_p64@fa3", 100, 0.180, 1300.0)
+    _write(tmp_path, "int4_p64@fa3", 355, 0.185, 1520.0)
+    out = tmp_path / "b.json"
+    assert CB.main(["--dir", str(tmp_path), "--out", str(out), "--page64"]) == 0
+    b = json.loads(out.read_text())
+    assert b["page_size"] == 64 and {r["config"] for r in b["rows"]} == {"bf16_p64", "int4_p64", "bf16_p64@fa3", "int4_p64@fa3"}
+    assert b["targets"]["fa3"]["int4_decode_over_triton_int4"] == 1.013
+    assert b["targets"]["fa3"]["decode_at_least_triton_int4"] is True
+    assert "int4_sym_p64@flashinfer" in b["not_run"]

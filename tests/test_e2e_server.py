@@ -14,6 +14,8 @@ def test_reference_is_bf16_on_the_same_backend():
     assert e2e.reference_name("K8V4@flashinfer") == "bf16@flashinfer"
     assert e2e.reference_name("int4") == "bf16"
     assert e2e.reference_name("bf16") == "bf16"
+    assert e2e.reference_name("int4_p64@fa3") == "bf16_p64@fa3"
+    assert e2e.reference_name("int4_sym_p64") == "bf16_p64"
 
 
 def test_byte_tokens_are_deterministic_and_small():
