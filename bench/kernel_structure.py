@@ -64,8 +64,9 @@ def tile_of(block_n: int, v_page: int) -> int:
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
                    prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0,
-                   codes_asm: bool = False, sum_later: bool = True):
-    """Compile ``_decode_stage1_packed`` for ``sm_{arch}``; returns Triton's compiled kernel."""
+                   codes_asm: bool = False, sum_later: bool = True, maxnreg: int = 0):
+    """Compile ``_decode_stage1_packed`` for ``sm_{arch}`` (``maxnreg`` > 0: that register cap a
+    thread); returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode as D
     from kvtuner.ops._common import fmt_constexprs, qmin_of
@@ -78,7 +79,7 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_QMIN=qmin_of(vf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
                   CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later))
-    return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch)
+    return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
 def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
@@ -167,9 +168,10 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
-                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later]]] (v_page > 0: V read "
+                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later[,maxnreg]]]] (v_page > 0: V read "
                          "transposed within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in "
-                         "PTX; sum_later 0: softmax sums every tile; per-token kernel only)")
+                         "PTX; sum_later 0: softmax sums every tile; maxnreg: a register cap a thread, 0 none; "
+                         "per-token kernel only)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
@@ -177,18 +179,18 @@ def main(argv=None) -> int:
     rows = []
     for v in args.variants:
         f = [int(x) for x in v.split(",")]
-        bn, pf, w, st, vp, asm, later = f + [0, 0, 1][len(f) - 4:]
+        bn, pf, w, st, vp, asm, later, mx = f + [0, 0, 1, 0][len(f) - 4:]
         try:
             if args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch)
             else:
                 k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp,
-                                   bool(asm), bool(later))
+                                   bool(asm), bool(later), mx)
             s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
         row = {"block_n": tile_of(bn, vp), "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
-               "codes_asm": bool(asm), "sum_later": bool(later), **s}
+               "codes_asm": bool(asm), "sum_later": bool(later), "maxnreg": mx, **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -101,12 +101,12 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
             --out $OUT/decode_sweep_serving.json") ;;
-        # the form reading V transposed within pages (QuantKV.page), pages of 64 (with and
-        # without the PTX code conversion, codes_asm) and 128 (64-token tiles), against the default
+        # the form reading V transposed within pages (QuantKV.page), pages of 64 (sums every tile; the
+        # measured default launch, -1; register caps of 96 / 80 = 5 / 6 programs an SM) and 128 (64-token tiles), against the default
         # forms on the same paged slots
         paged) jobs+=("kbench-paged64=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int4_sym,int8,k8v4,int2,int2_asym --paged 64 --variants '1,4,128,0,2' \
-            --vt '4,2,0,0;4,2,1,0;4,2,1;4,2,1,1,128;4,3,1;2,2,1' \
+            --vt '4,2,1,0;4,2,1,1,-1;4,2,1,1,96;4,2,1,1,80;2,2,1,1,-1;2,2,1,1,96' \
             --out $OUT/decode_sweep_paged64.json"
             "kbench-paged128=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128.json") ;;
