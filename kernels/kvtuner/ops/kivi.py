@@ -170,7 +170,7 @@ def _kivi_token_kernel(
         t = t0 + i
         slot = tl.load(slots + t).to(tl.int64)
         _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot * stride_vd_s + h * stride_vd_h,
-                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM)
+                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, 1)
         if (i + R >= m) & (slot >= G):
             p = tl.load(prefix_lens + b).to(tl.int64) + i
             ring = tl.load(req_idx + b).to(tl.int64)
