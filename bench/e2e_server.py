@@ -64,6 +64,8 @@ for _suite in (EMBEDDED, QWEN):
     _suite["int2_asym"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym"]
     _suite["int2_kivi"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", *KIVI]
     _suite["int4_kivi"] = ["--kv-cache-dtype", "int4", "--kvtuner-asym", *KIVI]
+    # values transposed within the key pages (on request for per-channel keys)
+    _suite["int2_kivi_vpage"] = [*_suite["int2_kivi"], "--kvtuner-v-layout", "page"]
     # the capacity target's setting: key groups = pages of 128 tokens, residual 128
     _suite["int2_kivi128"] = ["--kv-cache-dtype", "int2", "--kvtuner-asym", "--kvtuner-axis-key", "1",
                               "--kvtuner-q-group-size", "128", "--page-size", "128",

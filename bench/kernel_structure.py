@@ -83,9 +83,11 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
 
 
 def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
-                        prefetch: int, num_warps: int, num_stages: int, arch: int = 90, maxnreg: int = 128):
+                        prefetch: int, num_warps: int, num_stages: int, arch: int = 90, maxnreg: int = 128,
+                        v_page: int = 0, codes_asm: bool = False, sum_later: bool = False):
     """The per-channel-keys packed stage 1 (``kivi._kivi_decode_stage1_packed``): keys grouped over
-    pages of ``group`` tokens with a residual window of one page, values per token."""
+    pages of ``group`` tokens with a residual window of one page, values per token (``v_page``:
+    transposed within those pages)."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import kivi as K
     from kvtuner.ops._common import qmin_of
@@ -94,7 +96,8 @@ def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int,
     vf = TensorFormat(vb, head_dim, group, asym)
     consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=16, BLOCK_N=block_n, MAX_SPLITS=16, LOGIT_CAP=0.0,
                   SLIDING_WINDOW=-1, R=group, K_BITS=kb, K_D=head_dim, K_G=group, K_ASYM=bool(asym),
-                  K_QMIN=qmin_of(kf), **K._v_constexprs(vf), DOT_F32=False, SPLIT_Q=kb == 8, PREFETCH=int(prefetch))
+                  K_QMIN=qmin_of(kf), **K._v_constexprs(vf), DOT_F32=False, SPLIT_Q=kb == 8, PREFETCH=int(prefetch),
+                  V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later))
     return _compile(K._kivi_decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
@@ -170,8 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
                     help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later[,maxnreg]]]] (v_page > 0: V read "
                          "transposed within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in "
-                         "PTX; sum_later 0: softmax sums every tile; maxnreg: a register cap a thread, 0 none; "
-                         "per-token kernel only)")
+                         "PTX; sum_later 0: softmax sums every tile; maxnreg: a register cap a thread, 0 none (the "
+                         "per-channel kernel: 128); with --kernel kivi v_page must be the group, sum_later "
+                         "defaults on too)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
@@ -182,7 +186,8 @@ def main(argv=None) -> int:
         bn, pf, w, st, vp, asm, later, mx = f + [0, 0, 1, 0][len(f) - 4:]
         try:
             if args.kernel == "kivi":
-                k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch)
+                k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch,
+                                        mx or 128, vp, bool(asm), bool(later))
             else:
                 k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp,
                                    bool(asm), bool(later), mx)

@@ -41,9 +41,9 @@ def layer_ns(layer_id=0, cap=0.0):
 
 
 class Harness:
-    def __init__(self, cfg, page, n_pages=12, reqs=4, ctx=256):
+    def __init__(self, cfg, page, n_pages=12, reqs=4, ctx=256, v_page=0):
         self.g = page
-        self.method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16)
+        self.method = KVTunerKVCacheMethod(cfg, 0, torch.bfloat16, v_page=v_page)
         self.pool = MHATokenToKVPool(
             n_pages * page, page_size=page, dtype=torch.bfloat16, head_num=H_KV, head_dim=D, layer_num=1,
             device=DEVICE, enable_memory_saver=False, start_layer=0, end_layer=0, quant_method=self.method,
@@ -104,15 +104,24 @@ def _i32(xs):
     return torch.tensor(xs, dtype=torch.int32, device=DEVICE)
 
 
-@pytest.mark.parametrize("kw,cap", [(dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32), 0.0),
-                                    (dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64), 0.0),
-                                    (dict(enable_kvtuner_quant=True, nbits_key=2, nbits_value=4, q_group_size=32,
-                                          residual_length=32), 30.0)])
-def test_backend_kivi_extend_decode(kw, cap):
+@pytest.mark.parametrize("kw,cap,vpage", [
+    (dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32), 0.0, False),
+    (dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64), 0.0, False),
+    (dict(enable_kvtuner_quant=True, nbits_key=2, nbits_value=4, q_group_size=32, residual_length=32), 30.0, False),
+    # values transposed within the (key) pages: --kvtuner-v-layout page
+    (dict(kv_cache_dtype="int2", asym=True, q_group_size=32, residual_length=32), 0.0, True),
+    (dict(kv_cache_dtype="int4", q_group_size=32, residual_length=64), 0.0, True)])
+def test_backend_kivi_extend_decode(kw, cap, vpage):
+    from kvtuner.ops import QuantKV
+
     cfg = KVQuantConfig.from_flags(axis_key=1, **kw)
     g = cfg.group_size
-    hx = Harness(cfg, g)
+    hx = Harness(cfg, g, v_page=g if vpage else 0)
+    assert hx.method.v_pages == [g if vpage else 0]
     kd, vd, km, vm = hx.pool.get_raw_kv_buffer(0)
+
+    def vt():  # the values as the reference reads them: token-major
+        return QuantKV(vd, vm, hx.method.layer_formats(0)[1], hx.method.v_pages[0]).token_major().data
     assert km.shape[0] == kd.shape[0] // g and hx.method.rings[0].shape == (5 * cfg.residual_length, H_KV, D)
     layer = layer_ns(cap=cap)  # a logit cap (Gemma-2 style) on the last case
     gen = torch.Generator().manual_seed(g + cfg.residual_length)
@@ -144,7 +153,7 @@ def test_backend_kivi_extend_decode(kw, cap):
         hx.check_state()
         kf, vf = hx.method.layer_formats(0)
         want = ref.extend_attention_kivi_ref(q.view(ne, H_Q, D), k, v, kd, km, kf, hx.method.rings[0],
-                                             cfg.residual_length, vd, vm, vf, qo, kv_indptr, kv_idx,
+                                             cfg.residual_length, vt(), vm, vf, qo, kv_indptr, kv_idx,
                                              fb.req_pool_indices, layer.scaling, logit_cap=cap)
         torch.testing.assert_close(o.view(ne, H_Q, D).float(), want, atol=2e-2, rtol=2e-2)
 
@@ -167,7 +176,7 @@ def test_backend_kivi_extend_decode(kw, cap):
             hx.check_state()
             kf, vf = hx.method.layer_formats(0)
             want = ref.decode_attention_kivi_ref(qd.view(4, H_Q, D), kd, km, kf, hx.method.rings[0],
-                                                 cfg.residual_length, vd, vm, vf, kv_indptr, kv_idx,
+                                                 cfg.residual_length, vt(), vm, vf, kv_indptr, kv_idx,
                                                  fb.req_pool_indices, layer.scaling, logit_cap=cap)
             torch.testing.assert_close(o.view(4, H_Q, D)[1:].float(), want[1:], atol=2e-2, rtol=2e-2)
     hx.check_state()

@@ -248,9 +248,6 @@ def test_no_backend_named_picks_and_splits(monkeypatch):
     ("page", ["--kv-cache-dtype", "int4", "--page-size", "256"], "--page-size 256 must be a power of two from 16"),
     ("pages", ["--kv-cache-dtype", "int4", "--page-size", "64"],
      "KVTUNER_V_LAYOUT='pages': expected 'auto', 'page' or 'token'"),
-    ("page", ["--kv-cache-dtype", "int4", "--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size",
-              "64", "--kvtuner-residual-length", "64", "--max-running-requests", "8"],
-     "KVTUNER_V_LAYOUT=page is not supported with --kvtuner-axis-key 1"),
 ])
 def test_value_layout_env_refusals(capsys, monkeypatch, model_dir, layout, extra, expect):
     monkeypatch.setenv("KVTUNER_V_LAYOUT", layout)
@@ -276,6 +273,9 @@ def test_value_layout_env_page(monkeypatch, model_dir):
     assert page_of("--page-size", "128") == 0
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "page")
     assert page_of("--page-size", "16") == 16 and page_of("--page-size", "128") == 128
+    # per-channel keys: on request only (their page is the key group)
+    assert page_of("--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size", "64",
+                   "--kvtuner-residual-length", "64", "--max-running-requests", "8") == 64
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")
     assert page_of("--page-size", "64") == 0
 

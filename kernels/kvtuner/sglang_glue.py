@@ -189,7 +189,8 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
     serving on an H200 with pages of 64: +5% to +17% output tok/s, ``bench/NOTES-decode.md``).
     ``--kvtuner-v-layout`` (or, when the flag is not given, ``KVTUNER_V_LAYOUT``): ``auto``
     (default): on where it was measured to win, ``--page-size 64`` with per-token keys; ``page``: on
-    for any power-of-two page size from 16 to 128, refusing settings it cannot serve; ``token``: off."""
+    for any power-of-two page size from 16 to 128 (per-channel keys too: their page is the key
+    group), refusing settings it cannot serve; ``token``: off."""
     import os
 
     flag = getattr(server_args, "kvtuner_v_layout", None)
@@ -211,8 +212,6 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
             f"{said} stores values transposed within pages: --page-size {page} must be a "
             "power of two from 16 to 128 (e.g. --page-size 64)"
         )
-    if kivi:
-        raise KVTunerConfigError(f"{said} is not supported with --kvtuner-axis-key 1 yet")
     return page
 
 

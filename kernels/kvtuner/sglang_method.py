@@ -96,10 +96,10 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
                 rows = -(-size // fmt.group) if fmt.per_channel else size  # per page for per-channel keys
                 meta.append(torch.zeros((rows, head_num, fmt.n_meta), dtype=torch.float16, device=device))
         self._k_data = k_data
-        # the transposed-page layout needs packed K and V with per-token groups (the decode
-        # kernel's paged form); other layers keep token-major values
-        self.v_pages = [self.v_page if fk.quantized and fv.quantized and not fk.per_channel else 0
-                        for fk, fv in self.formats]
+        # the transposed-page layout needs packed K and V (the decode kernels' paged forms; with
+        # per-channel keys the value page is the key page); other layers keep token-major values
+        self.v_pages = [self.v_page if fk.quantized and fv.quantized and (not fk.per_channel or fk.group == self.v_page)
+                        else 0 for fk, fv in self.formats]
         if self.v_page and size % self.v_page:
             raise RuntimeError(f"kvtuner: {size} pool slots are not whole pages of {self.v_page}")
         self._v_page_at = {t.data_ptr(): p for t, p in zip(v_data, self.v_pages)}

@@ -21,7 +21,8 @@ from kvt_helpers import assert_close, indptr_of, rand_kv
 
 
 class Pool:
-    def __init__(self, device, gen, kbits, g, r, asym, d, hkv, vbits=4, vg=32, n_pages=24, rings=4, ctx=512):
+    def __init__(self, device, gen, kbits, g, r, asym, d, hkv, vbits=4, vg=32, n_pages=24, rings=4, ctx=512,
+                 vpage=False):
         self.device, self.gen = device, gen
         self.kf = TensorFormat(kbits, d, g, asym, axis=1)
         self.vf = TensorFormat(vbits, d, vg if vbits != 16 else d, asym)
@@ -36,6 +37,8 @@ class Pool:
             self.v.meta.fill_(-5.0)
         else:
             self.v.data.fill_(-5.0)
+        if vpage:  # values transposed within the (key) pages
+            self.v = self.v.to_paged(g)
         self.resid = torch.full((rings * r, hkv, d), -3.0, dtype=torch.bfloat16, device=device)
         self.free = (torch.randperm(n_pages, generator=gen) + 1).tolist()
         self.table = torch.zeros(rings, ctx, dtype=torch.int32, device=device)
@@ -43,7 +46,8 @@ class Pool:
         self.hist = [torch.empty(0, hkv, d, dtype=torch.bfloat16, device=device) for _ in range(rings)]
 
     def clone_buffers(self):
-        return [t.clone() for t in (self.k.data, self.k.meta, self.resid, self.v.data, self.v.meta)]
+        """Copies of every buffer, values token-major (the reference's layout)."""
+        return [t.clone() for t in (self.k.data, self.k.meta, self.resid, self.v.token_major().data, self.v.meta)]
 
     def _slots(self, ring, m):
         out = []
@@ -147,10 +151,15 @@ def _history(pool: Pool):
     pool.check_semantics()
 
 
-@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", CFGS)
-def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
+# values transposed within the pages (--kvtuner-v-layout page) for three of them
+PAGED = [pytest.param(*CFGS[i].values, True, id=CFGS[i].id + "-vpage") for i in (0, 2, 5)]
+
+
+@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage", [pytest.param(*c.values, False, id=c.id) for c in CFGS]
+                         + PAGED)
+def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage):
     gen = torch.Generator().manual_seed(kbits * 100 + g + rg + d + hq)
-    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=2 if kbits == 2 else 4)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=2 if kbits == 2 else 4, vpage=vpage)
     _history(pool)
     rings = [0, 1, 2, 3]
     indptr, idx, ridx = pool.requests(rings)
@@ -177,10 +186,13 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
              ("window+cap general", g + 5, 20.0, [2, 1, 4, 3], False, True, 1e-2),
              # the next tile's slot indices a step ahead (prefetch 2), deeper pipelining
              ("plain fast prefetch", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, 2, 3),
-             ("window+cap fast split prefetch", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, 2, 4))
+             ("window+cap fast split prefetch", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, 2, 4),
+             # the softmax sums kept per token (sum_later) and summed every tile, whatever the default
+             ("window+cap fast sum_later", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, True),
+             ("plain fast sums every tile", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages = tuned or (None, None)
+        pf, stages, later = (tuned + [None, None, None])[:3]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if path is False and g < 32:
             # the general kernel refuses tiles of 16 tokens (wrong on CUDA; pages are >= 32 in the server)
@@ -197,8 +209,8 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
-                              prefetch=pf, num_stages=stages)
-        ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
+                              prefetch=pf, num_stages=stages, sum_later=later)
+        ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.token_major().data,
                                           pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
                                           sliding_window=window)
         try:
@@ -208,14 +220,15 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv):
     assert not failed, "; ".join(failed)
 
 
-@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv", [CFGS[0], CFGS[1], CFGS[2], CFGS[3], CFGS[5]])
-def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv):
+@pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",
+                         [pytest.param(*CFGS[i].values, False, id=CFGS[i].id) for i in (0, 1, 2, 3, 5)] + PAGED[:2])
+def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv, vpage):
     """A chunked prefill, then an extend batch: a continuing chunk (prefix ending inside a
     page, in the residual), a new request sharing a cached whole-page prefix of another
     (radix-cache hit: quantized pages only; R == G) or with its own prefix (R > G), and a
     fresh request."""
     gen = torch.Generator().manual_seed(7 + kbits + g + d)
-    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=16 if kbits == 8 else 4)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=16 if kbits == 8 else 4, vpage=vpage)
     pool.run([(0, 2 * g + 5), (1, g + 3)])
     pool.run([(0, 1), (1, 1)])
     shared = (pool.lens[0] // g) * g
@@ -240,7 +253,7 @@ def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv):
         kivi_extend_attention(q, k_new, v_new, o, pool.k, pool.resid, pool.v, qo, kv_indptr, kv_idx, ridx, pool.r,
                               mx, sm, logit_cap=cap, sliding_window=window)
         ref = R.extend_attention_kivi_ref(q, k_new, v_new, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
-                                          pool.v.data, pool.v.meta, pool.vf, qo, kv_indptr, kv_idx, ridx, sm,
+                                          pool.v.token_major().data, pool.v.meta, pool.vf, qo, kv_indptr, kv_idx, ridx, sm,
                                           logit_cap=cap, sliding_window=window)
         assert_close(o, ref)
 
@@ -296,10 +309,14 @@ def test_kivi_padding_page_skipped(device):
 @pytest.mark.parametrize("path,split_q,atol,prefetch", [(None, None, 4e-2, None), (None, True, 1e-2, None),
                                                        (False, True, 1e-2, None), (None, None, 4e-2, 2)])
 @pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 16, False)])
-def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, prefetch):
+@pytest.mark.parametrize("vpage", [False, True], ids=["vtoken", "vpage"])
+def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, prefetch, vpage):
+    if vpage and vbits == 16:
+        pytest.skip("16-bit values stay token-major")
     gen = torch.Generator().manual_seed(kbits + vbits)
     g, d, hkv, hq = 64, 128, 8, 32
-    pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096)
+    pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096,
+                vpage=vpage)
     pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
     for _ in range(70):
         pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
@@ -316,6 +333,6 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, p
         pytest.skip("prefetch 2 is a form of the fast path (packed values)")
     kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5,
                           packed_path=path, split_q=split_q, prefetch=prefetch, num_stages=3 if prefetch else None)
-    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.data,
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.token_major().data,
                                       pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
     assert_close(o, ref, atol=atol)

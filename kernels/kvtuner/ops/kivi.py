@@ -7,7 +7,8 @@ channel).  Each request ring ``r`` owns ``R = residual_length`` rows of the full
 residual ``k_resid [rings * R, H, D]``; position ``p`` of the request lives at row
 ``r * R + p % R``.  A request of ``n`` tokens reads positions below
 ``kivi_quantized_len(n, G, R)`` (whole pages) from the packed pool and the others from its
-ring.  Values are per token, exactly as in the per-token kernels.
+ring.  Values are per token, exactly as in the per-token kernels, token-major or transposed
+within the pages (``v_cache.page`` == G: the pool's ``--kvtuner-v-layout page``).
 
 * :func:`kivi_store`            append new tokens: quantize the pages that leave the residual
                                 window (one pass per page), copy new keys to the ring,
@@ -31,12 +32,13 @@ import triton
 import triton.language as tl
 
 from kvtuner.format import TensorFormat
-from kvtuner.ops._common import codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even, tanh_f32
-from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_meta, _program_heads,
-                                _pv_chunks_loaded, _softmax_step)
+from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
+                                row_strides, slot_rows, tanh_f32)
+from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
+                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
-from kvtuner.ops.types import QuantKV, require_token_major
+from kvtuner.ops.types import QuantKV
 
 
 def _is_pow2(n: int) -> bool:
@@ -71,12 +73,16 @@ def _v_constexprs(fmt: TensorFormat) -> dict:
                 V_QMIN=qmin_of(fmt))
 
 
-def _meta_strides(kv: QuantKV) -> tuple[int, int]:
-    return (kv.meta.stride(0), kv.meta.stride(1)) if kv.fmt.quantized else (0, 0)
-
-
 def _meta_arg(kv: QuantKV) -> torch.Tensor:
     return kv.meta if kv.fmt.quantized else kv.data
+
+
+def _check_v_page(v_cache: QuantKV, group: int) -> None:
+    """Values transposed within pages must use the key pages (``page == group``): tiles then
+    never straddle a value page either."""
+    if v_cache.page and v_cache.page != group:
+        raise ValueError(f"values transposed within pages of {v_cache.page} slots: per-channel keys need "
+                         f"the value page to be the key page ({group})")
 
 
 # --------------------------------------------------------------------------------- store
@@ -158,9 +164,11 @@ def _kivi_token_kernel(
     stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
     R: tl.constexpr, G: tl.constexpr, K_D: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    V_PAGE: tl.constexpr, V_BYTE_STRIDE: tl.constexpr,
 ):
-    """Program (b, h, i): token i of request b: value quantized per token at its slot; key
-    copied to the ring when it is among the last R positions of the batch."""
+    """Program (b, h, i): token i of request b: value quantized per token at its slot (its bytes
+    ``V_BYTE_STRIDE`` apart: 1, or the page of the transposed-page layout); key copied to the
+    ring when it is among the last R positions of the batch."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     i = tl.program_id(2)
@@ -169,8 +177,8 @@ def _kivi_token_kernel(
     if i < m:
         t = t0 + i
         slot = tl.load(slots + t).to(tl.int64)
-        _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot * stride_vd_s + h * stride_vd_h,
-                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, 1)
+        _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
+                       Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, V_BYTE_STRIDE)
         if (i + R >= m) & (slot >= G):
             p = tl.load(prefix_lens + b).to(tl.int64) + i
             ring = tl.load(req_idx + b).to(tl.int64)
@@ -207,7 +215,7 @@ def kivi_store(
     Keys written at page 0 (SGLang's padding slot 0) are skipped.
     """
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("values of per-channel-key layers", v_cache)
+    _check_v_page(v_cache, kf.group)
     vf = v_cache.fmt
     t, h = k_new.shape[0], k_new.shape[1]
     bsz = qo_indptr.shape[0] - 1
@@ -236,13 +244,13 @@ def kivi_store(
         num_warps=8 if g * kf.head_dim >= 8192 else 4,  # sm_90 AOT: [64, 128] page, 4 warps spill, 8 do not
     )
     vc = _v_constexprs(vf)
-    vms, vmh = _meta_strides(v_cache)
+    vds, vdh, vms, vmh = row_strides(v_cache)
     _kivi_token_kernel[(bsz, h, max_new)](
         k_new, v_new, slots, qo_indptr, prefix_lens, req_idx, k_resid, v_cache.data, _meta_arg(v_cache),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), k_resid.stride(0),
-        k_resid.stride(1), v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        k_resid.stride(1), vds, vdh, vms, vmh,
         R=r, G=g, K_D=kf.head_dim, V_BITS=vc["V_BITS"], V_D=vc["V_D"], V_G=vc["V_G"], V_ASYM=vc["V_ASYM"],
-        num_warps=1,
+        V_PAGE=int(v_cache.page), V_BYTE_STRIDE=int(v_cache.page) or 1, num_warps=1,
     )
 
 
@@ -302,14 +310,15 @@ def _scores_resid(q, Kr, ring, pos, kv_head, mask_ld, offs_dk, stride_kr_s, stri
 @triton.jit
 def _pv(acc, p, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
         BLOCK_N: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr,
-        V_ASYM: tl.constexpr, V_QMIN: tl.constexpr, DOT_F32: tl.constexpr, DTYPE: tl.constexpr):
+        V_ASYM: tl.constexpr, V_QMIN: tl.constexpr, DOT_F32: tl.constexpr, DTYPE: tl.constexpr,
+        V_PAGE: tl.constexpr):
     if V_BITS == 16:
         VNM: tl.constexpr = 1
     else:
         VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
-    v_raw, v_mt = fetch_rows(Vd, Vm, loc * stride_vd_s + kv_head * stride_vd_h,
+    v_raw, v_mt = fetch_rows(Vd, Vm, slot_rows(loc, kv_head * stride_vd_h, stride_vd_s, V_PAGE),
                              loc * stride_vm_s + kv_head * stride_vm_h, mask_ld, BLOCK_N,
-                             V_BITS, V_D, VNM, False, 0)
+                             V_BITS, V_D, VNM, False, V_PAGE)
     if V_BITS == 16:
         acc += mma(p, v_raw, DOT_F32, DTYPE)
     else:
@@ -351,7 +360,7 @@ def _kivi_decode_stage1(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr = 0,
 ):
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
@@ -380,7 +389,7 @@ def _kivi_decode_stage1(
             pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
-                      DOT_F32, q.dtype)
+                      DOT_F32, q.dtype, V_PAGE)
         # ---- the residual window, full precision from the ring (32 channels per dot: small staging)
         RC: tl.constexpr = 32 if K_D >= 32 else K_D
         offs_rc = tl.arange(0, RC)
@@ -398,7 +407,7 @@ def _kivi_decode_stage1(
             pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
-                      DOT_F32, q.dtype)
+                      DOT_F32, q.dtype, V_PAGE)
 
     has = e_sum > 0
     out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
@@ -468,14 +477,23 @@ def _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, strid
 
 
 @triton.jit
-def _pv_chunks(accs, p, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-               V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr):
+def _v_tile(Vd, Vm, loc, first, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+            V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
+            V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The packed value chunks and meta of one tile (slots ``loc``, the first ``first``).  With
+    ``V_PAGE`` the tile's slots are consecutive in one page (tiles never straddle a page), read
+    transposed: whole tiles, as in decode.py's paged form."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
-    v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VP // VC, VC, False)
+    if V_PAGE > 0:
+        pg = first // V_PAGE
+        t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+        v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VP // VC, VC, V_PAGE, BLOCK_N)
+    else:
+        v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_ld, VP // VC, VC, False)
     v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
-    return _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, False)
+    return v_raw, v_mt
 
 
 @triton.jit
@@ -489,7 +507,8 @@ def _kivi_decode_stage1_packed(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
+    CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = False,
 ):
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
@@ -505,8 +524,19 @@ def _kivi_decode_stage1_packed(
     offs_vc = tl.arange(0, VC)
     offs_dk = tl.arange(0, K_D)
     offs_b = tl.arange(0, BLOCK_N)
+    VNG: tl.constexpr = V_D // V_G
+    VCPG: tl.constexpr = V_G // VC
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    # SUM_LATER (as decode.py's packed kernel): the softmax sums (and asym values' p * offset per
+    # scale group) kept per token and summed once after the loops
+    if SUM_LATER:
+        e_rows = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    else:
+        e_rows = tl.zeros([BLOCK_H], dtype=tl.float32)
+    o_rows = ()
+    if V_ASYM and SUM_LATER:
+        for g in tl.static_range(VNG):
+            o_rows = o_rows + (tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32),)
     accs = ()
     for k in tl.static_range(VNF * VNC):
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
@@ -540,9 +570,14 @@ def _kivi_decode_stage1_packed(
                 page = tl.load(kv_indices + start + p).to(tl.int64) // K_G
             qk = _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, stride_km_p, mask_ld,
                                    BLOCK_H, BLOCK_N, K_D, K_BITS, K_ASYM, K_QMIN, SPLIT_Q)
-            pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
-            accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
-                              mask_ld, V_D, V_G, V_BITS, V_ASYM)
+            pr, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
+                                                       SUM_LATER)
+            # (key pages are value pages: the tile's first slot is page * K_G + its offset there)
+            v_raw, v_mt = _v_tile(Vd, Vm, loc, page * K_G + p % K_G, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
+                                  mask_ld, V_D, V_G, V_BITS, V_ASYM, V_PAGE, BLOCK_N)
+            accs = _pv_chunks_loaded(accs, pr, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, SUM_LATER)
+            if V_ASYM and SUM_LATER:
+                o_rows = _offset_rows(o_rows, pr, re_scale, v_mt, VNG)
         if nq < s1:
             RC: tl.constexpr = 32 if K_D >= 32 else K_D
             offs_rc = tl.arange(0, RC)
@@ -557,15 +592,28 @@ def _kivi_decode_stage1_packed(
                 loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
                 qk = _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, stride_kr_h, R, RC,
                                           K_D // RC, DOT_F32)
-                pr, re_scale, e_max, e_sum = _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP)
-                accs = _pv_chunks(accs, pr, re_scale, Vd, Vm, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
-                                  mask_ld, V_D, V_G, V_BITS, V_ASYM)
+                pr, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
+                                                           SUM_LATER)
+                first = tl.load(kv_indices + start + p).to(tl.int64)  # (read by the paged form only)
+                v_raw, v_mt = _v_tile(Vd, Vm, loc, first, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+                                      V_D, V_G, V_BITS, V_ASYM, V_PAGE, BLOCK_N)
+                accs = _pv_chunks_loaded(accs, pr, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
+                                         SUM_LATER)
+                if V_ASYM and SUM_LATER:
+                    o_rows = _offset_rows(o_rows, pr, re_scale, v_mt, VNG)
 
+    if SUM_LATER:
+        e_sum = tl.sum(e_rows, 1)
+    else:
+        e_sum = e_rows
     has = e_sum > 0
     inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
     for k in tl.static_range(VNF * VNC):
+        acc = accs[k]
+        if V_ASYM and SUM_LATER:
+            acc = acc + tl.sum(o_rows[k // VCPG], 1)[:, None]
         tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
-                 accs[k] * inv[:, None], mask=mask_h[:, None])
+                 acc * inv[:, None], mask=mask_h[:, None])
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
@@ -594,6 +642,8 @@ def kivi_decode_attention(
     packed_path: bool | None = None,
     maxnreg: int | None = None,
     prefetch: int | None = None,
+    codes_asm: bool | None = None,
+    sum_later: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -611,9 +661,14 @@ def kivi_decode_attention(
     ``bench/results/kivi_decode_h200.json``); 0 leaves it to the compiler.  ``prefetch=2`` (fast
     path): the next tile's slot indices a step ahead, so the compiler streams the packed tiles
     (``num_stages - 1`` in flight).  ``KVTUNER_DECODE`` sets block_n / prefetch / warps / stages
-    of the fast path as for :func:`kvtuner.ops.decode_attention`; explicit arguments win."""
+    of the fast path as for :func:`kvtuner.ops.decode_attention`; explicit arguments win.
+    Values may be transposed within the key pages (``v_cache.page`` == the key group; the fast
+    path then reads a tile's values without a byte gather, as decode.py's paged form, and
+    ``codes_asm`` defaults on on CUDA).  ``sum_later`` (fast path; ``KVTUNER_DECODE``'s sixth
+    field): the softmax sums kept per token, summed after the loops; default on where the
+    register cap applies (it costs registers; measured for the per-token kernel)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("values of per-channel-key layers", v_cache)
+    _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
     hkv = k_cache.num_heads
     dv = v_cache.fmt.head_dim
@@ -644,7 +699,7 @@ def kivi_decode_attention(
     group = hq // hkv
     block_h = 16
     valid_h = min(block_h, group)
-    vms, vmh = _meta_strides(v_cache)
+    vds, vdh, vms, vmh = row_strides(v_cache)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
     packed = v_cache.fmt.quantized if packed_path is None else (packed_path and v_cache.fmt.quantized)
     if not packed and block_n < 32:
@@ -655,21 +710,32 @@ def kivi_decode_attention(
                          f"(page group {g})")
     kernel = _kivi_decode_stage1_packed if packed else _kivi_decode_stage1
     if maxnreg is None:
-        maxnreg = 128 if packed and not split_q and kf.bits <= 4 else 0  # measured: K2V2, K4V4, K4V2
+        maxnreg = env.get("maxnreg", 128 if packed and not split_q and kf.bits <= 4 else 0)  # measured: K2V2, K4V4, K4V2
+    v_page = v_cache.page
+    if v_page and v_page % block_n:
+        raise ValueError(f"block_n {block_n} must divide the value page {v_page}")
+    fast = {}
+    if packed:
+        if codes_asm is None:  # as decode.py: on for the paged form on NVIDIA GPUs
+            codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
+        if codes_asm and not q.is_cuda:
+            raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
+        if sum_later is None:
+            sum_later = bool(env.get("sum_later", maxnreg == 128))
+        fast = {"PREFETCH": int(prefetch), "CODES_ASM": bool(codes_asm), "SUM_LATER": bool(sum_later)}
     kernel[grid](
         q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
         attn_logits, attn_lse, num_kv_splits, float(sm_scale),
         q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
         k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
-        v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        vds, vdh, vms, vmh,
         attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
         KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
         LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
         K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
-        **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
-        **({"PREFETCH": int(prefetch)} if packed else {}),
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q), V_PAGE=int(v_page),
+        **fast, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
     )
     _decode_stage2[(bsz, hq)](
         attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
@@ -699,7 +765,7 @@ def _kivi_extend_kernel(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
-    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr,
+    DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr = 0,
 ):
     seq, head, mb, kv_head, q_start, len_ext, kv_start, len_pre = _extend_program(qo_indptr, kv_indptr, KV_GROUP)
 
@@ -739,7 +805,7 @@ def _kivi_extend_kernel(
             pr, re_scale, e_max, e_sum = _online(qk, e_max, e_sum)
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
-                      DOT_F32, q.dtype)
+                      DOT_F32, q.dtype, V_PAGE)
         # ---- prefix: residual window from the ring
         for p in range(tl.maximum(p_begin, nq), len_pre, BLOCK_N):
             pos = p + offs_b
@@ -756,7 +822,7 @@ def _kivi_extend_kernel(
             pr, re_scale, e_max, e_sum = _online(qk, e_max, e_sum)
             acc = _pv(acc * re_scale[:, None], pr, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s,
                       stride_vd_h, stride_vm_s, stride_vm_h, BLOCK_N, V_BITS, V_D, V_G, V_ASYM, V_QMIN,
-                      DOT_F32, q.dtype)
+                      DOT_F32, q.dtype, V_PAGE)
         # ---- new tokens, full precision
         e_end = len_ext
         if IS_CAUSAL:
@@ -814,9 +880,10 @@ def kivi_extend_attention(
 ) -> torch.Tensor:
     """Extend attention with per-channel keys; same convention as
     :func:`kvtuner.ops.extend_attention` plus the ring of each request (``req_idx [B]``).
-    Call it after :func:`kivi_store` of the same new tokens (as SGLang stores, then attends)."""
+    Call it after :func:`kivi_store` of the same new tokens (as SGLang stores, then attends).
+    Values may be transposed within the key pages (``v_cache.page``)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
-    require_token_major("values of per-channel-key layers", v_cache)
+    _check_v_page(v_cache, kf.group)
     ne, hq, dk = q_extend.shape
     hkv = k_extend.shape[1]
     dv = v_extend.shape[-1]
@@ -837,7 +904,7 @@ def kivi_extend_attention(
     if g % block_n or block_n < 16:
         raise ValueError(f"block_n {block_n} must divide the page group {g} and be >= 16")
     num_warps = num_warps if num_warps > 0 else 8  # sm_90 AOT: 4 warps spill 1.5 KB at d=128, 8 warps 0.5 KB
-    vms, vmh = _meta_strides(v_cache)
+    vds, vdh, vms, vmh = row_strides(v_cache)
     grid = (bsz, hq, triton.cdiv(max_len_extend, block_m))
     _kivi_extend_kernel[grid](
         q_extend, k_extend, v_extend, o_extend, k_cache.data, k_cache.meta, k_resid, v_cache.data,
@@ -845,12 +912,12 @@ def kivi_extend_attention(
         q_extend.stride(0), q_extend.stride(1), k_extend.stride(0), k_extend.stride(1),
         v_extend.stride(0), v_extend.stride(1), o_extend.stride(0), o_extend.stride(1),
         k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0), k_cache.meta.stride(1),
-        k_resid.stride(0), k_resid.stride(1), v_cache.data.stride(0), v_cache.data.stride(1), vms, vmh,
+        k_resid.stride(0), k_resid.stride(1), vds, vdh, vms, vmh,
         KV_GROUP=hq // hkv, BLOCK_M=block_m, BLOCK_N=block_n, LOGIT_CAP=float(logit_cap),
         SLIDING_WINDOW=int(sliding_window), IS_CAUSAL=bool(is_causal), R=int(residual_length),
         K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
         **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q_extend.dtype), SPLIT_Q=bool(split_q),
-        num_warps=num_warps, num_stages=1,
+        V_PAGE=int(v_cache.page), num_warps=num_warps, num_stages=1,
     )
     return o_extend
 
