@@ -364,6 +364,23 @@ def _vcodes(raw, BITS: tl.constexpr, F: tl.constexpr, ASYM: tl.constexpr, CODES_
 
 
 @triton.jit
+def _sums_init(BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, VNG: tl.constexpr, V_ASYM: tl.constexpr,
+               SUM_LATER: tl.constexpr):
+    """The softmax sums' start: ``[heads]``, or with SUM_LATER running ``[heads, tokens]`` tiles
+    summed over the tokens once after the loop (no exchange across the warps every tile), plus,
+    for asymmetric values, one such tile of ``p * offset`` per value scale group (:func:`_offset_rows`)."""
+    if SUM_LATER:
+        e_rows = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+    else:
+        e_rows = tl.zeros([BLOCK_H], dtype=tl.float32)
+    o_rows = ()
+    if V_ASYM and SUM_LATER:
+        for g in tl.static_range(VNG):
+            o_rows = o_rows + (tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32),)
+    return e_rows, o_rows
+
+
+@triton.jit
 def _offset_rows(o_rows, p, re_scale, v_mt, VNG: tl.constexpr):
     """Running ``[heads, tokens]`` tiles of ``p * offset`` per value scale group (asym), rescaled
     like the accumulators and summed over the tokens once after the loop."""
@@ -457,16 +474,7 @@ def _decode_stage1_packed(
     offs_kc = tl.arange(0, KC)
     offs_vc = tl.arange(0, VC)
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    # SUM_LATER: the softmax sums (and asym values' p * offset per scale group) kept as running
-    # [heads, tokens] tiles and summed over the tokens once after the loop, not every tile
-    if SUM_LATER:
-        e_rows = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    else:
-        e_rows = tl.zeros([BLOCK_H], dtype=tl.float32)
-    o_rows = ()
-    if V_ASYM and SUM_LATER:
-        for g in tl.static_range(VNG):
-            o_rows = o_rows + (tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32),)
+    e_rows, o_rows = _sums_init(BLOCK_H, BLOCK_N, VNG, V_ASYM, SUM_LATER)
     accs = ()
     for k in tl.static_range(VNF * VNC):
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)

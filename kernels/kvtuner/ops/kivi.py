@@ -35,7 +35,7 @@ from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
-                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step)
+                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step, _sums_init)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -527,16 +527,7 @@ def _kivi_decode_stage1_packed(
     VNG: tl.constexpr = V_D // V_G
     VCPG: tl.constexpr = V_G // VC
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    # SUM_LATER (as decode.py's packed kernel): the softmax sums (and asym values' p * offset per
-    # scale group) kept per token and summed once after the loops
-    if SUM_LATER:
-        e_rows = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    else:
-        e_rows = tl.zeros([BLOCK_H], dtype=tl.float32)
-    o_rows = ()
-    if V_ASYM and SUM_LATER:
-        for g in tl.static_range(VNG):
-            o_rows = o_rows + (tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32),)
+    e_rows, o_rows = _sums_init(BLOCK_H, BLOCK_N, VNG, V_ASYM, SUM_LATER)  # (as decode.py's packed kernel)
     accs = ()
     for k in tl.static_range(VNF * VNC):
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)

@@ -148,33 +148,10 @@ def quantize_store(
     require_token_major("keys (only values take pages)", k_cache)
     if t == 0:
         return
-    kc = fmt_constexprs(k_cache.fmt)
-    vc = fmt_constexprs(v_cache.fmt)
-    kds, kdh, kms, kmh = row_strides(k_cache)
-    vds, vdh, vms, vmh = row_strides(v_cache)
     _store_kernel[(t, h)](
-        k_new,
-        v_new,
-        slots,
-        k_cache.data,
-        meta_arg(k_cache),
-        v_cache.data,
-        meta_arg(v_cache),
-        k_new.stride(0),
-        k_new.stride(1),
-        v_new.stride(0),
-        v_new.stride(1),
-        kds,
-        kdh,
-        kms,
-        kmh,
-        vds,
-        vdh,
-        vms,
-        vmh,
-        **_with_prefix(kc, "K_"),
-        **_with_prefix(vc, "V_"),
-        V_PAGE=int(v_cache.page),
-        V_BYTE_STRIDE=int(v_cache.page) or 1,
+        k_new, v_new, slots, k_cache.data, meta_arg(k_cache), v_cache.data, meta_arg(v_cache),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), *row_strides(k_cache), *row_strides(v_cache),
+        **_with_prefix(fmt_constexprs(k_cache.fmt), "K_"), **_with_prefix(fmt_constexprs(v_cache.fmt), "V_"),
+        V_PAGE=int(v_cache.page), V_BYTE_STRIDE=int(v_cache.page) or 1,
         num_warps=1,
     )
