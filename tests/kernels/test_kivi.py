@@ -210,8 +210,9 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
                               prefetch=pf, num_stages=stages, sum_later=later)
-        ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.token_major().data,
-                                          pool.v.meta, pool.vf, indptr, idx, ridx, sm, logit_cap=cap,
+        ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                          pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
+                                          logit_cap=cap,
                                           sliding_window=window)
         try:
             assert_close(o, ref, atol=atol)
@@ -253,7 +254,8 @@ def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv, 
         kivi_extend_attention(q, k_new, v_new, o, pool.k, pool.resid, pool.v, qo, kv_indptr, kv_idx, ridx, pool.r,
                               mx, sm, logit_cap=cap, sliding_window=window)
         ref = R.extend_attention_kivi_ref(q, k_new, v_new, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
-                                          pool.v.token_major().data, pool.v.meta, pool.vf, qo, kv_indptr, kv_idx, ridx, sm,
+                                          pool.v.token_major().data, pool.v.meta, pool.vf, qo, kv_indptr, kv_idx,
+                                          ridx, sm,
                                           logit_cap=cap, sliding_window=window)
         assert_close(o, ref)
 
@@ -333,6 +335,6 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, p
         pytest.skip("prefetch 2 is a form of the fast path (packed values)")
     kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, d**-0.5,
                           packed_path=path, split_q=split_q, prefetch=prefetch, num_stages=3 if prefetch else None)
-    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r, pool.v.token_major().data,
-                                      pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
     assert_close(o, ref, atol=atol)

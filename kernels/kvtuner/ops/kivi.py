@@ -177,7 +177,8 @@ def _kivi_token_kernel(
     if i < m:
         t = t0 + i
         slot = tl.load(slots + t).to(tl.int64)
-        _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h, Vd + slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
+        _quantize_head(V_new + t * stride_vn_t + h * stride_vn_h,
+                       Vd + slot_rows(slot, h * stride_vd_h, stride_vd_s, V_PAGE),
                        Vm + slot * stride_vm_s + h * stride_vm_h, V_BITS, V_D, V_G, V_ASYM, V_BYTE_STRIDE)
         if (i + R >= m) & (slot >= G):
             p = tl.load(prefix_lens + b).to(tl.int64) + i
@@ -701,7 +702,8 @@ def kivi_decode_attention(
                          f"(page group {g})")
     kernel = _kivi_decode_stage1_packed if packed else _kivi_decode_stage1
     if maxnreg is None:
-        maxnreg = env.get("maxnreg", 128 if packed and not split_q and kf.bits <= 4 else 0)  # measured: K2V2, K4V4, K4V2
+        # measured: K2V2, K4V4, K4V2
+        maxnreg = env.get("maxnreg", 128 if packed and not split_q and kf.bits <= 4 else 0)
     v_page = v_cache.page
     if v_page and v_page % block_n:
         raise ValueError(f"block_n {block_n} must divide the value page {v_page}")
@@ -726,7 +728,8 @@ def kivi_decode_attention(
         LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
         K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
         **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q), V_PAGE=int(v_page),
-        **fast, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        **fast, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
     )
     _decode_stage2[(bsz, hq)](
         attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),

@@ -150,7 +150,8 @@ def quantize_store(
         return
     _store_kernel[(t, h)](
         k_new, v_new, slots, k_cache.data, meta_arg(k_cache), v_cache.data, meta_arg(v_cache),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), *row_strides(k_cache), *row_strides(v_cache),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        *row_strides(k_cache), *row_strides(v_cache),
         **_with_prefix(fmt_constexprs(k_cache.fmt), "K_"), **_with_prefix(fmt_constexprs(v_cache.fmt), "V_"),
         V_PAGE=int(v_cache.page), V_BYTE_STRIDE=int(v_cache.page) or 1,
         num_warps=1,
