@@ -242,6 +242,26 @@ def test_no_backend_named_picks_and_splits(monkeypatch):
     assert a.disable_prefill_cuda_graph
 
 
+def test_page_size_hint_is_logged(caplog):
+    """Int KV at SGLang's default page size: one info line names --page-size 64 (the faster layout)."""
+    import logging
+    import types
+
+    import kvtuner.sglang_glue as G
+
+    def hint(**kw):
+        a = types.SimpleNamespace(kv_cache_dtype="int4", attention_backend="triton", prefill_attention_backend=None,
+                                  decode_attention_backend=None, device=None, **kw)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger=G.logger.name):
+            G.resolve_server_args(a)
+        return [r.getMessage() for r in caplog.records if "--page-size 64" in r.getMessage()]
+
+    assert hint(page_size=None) == ["kvtuner: --page-size 1; with --page-size 64 values are stored transposed "
+                                    "within pages and decode is faster (README, Value layout)"]
+    assert hint(page_size=64) == []
+
+
 @pytest.mark.parametrize("layout,extra,expect", [
     ("page", ["--kv-cache-dtype", "int4"], "--page-size 1 must be a power of two from 16 to 128"),
     ("page", ["--kv-cache-dtype", "int4", "--page-size", "48"], "--page-size 48 must be a power of two from 16 to 128"),

@@ -111,6 +111,11 @@ def resolve_server_args(server_args: Any) -> Optional[KVQuantConfig]:
                     "" if backend == DEFAULT_BACKEND else " for prefill, triton for decode")
     _split_prefill_backend(server_args, cfg)
     logger.info("kvtuner: quantized KV cache %s", cfg.describe())
+    page = getattr(server_args, "page_size", None) or 1
+    if cfg.axis_key != 1 and page != AUTO_V_PAGE:
+        # SGLang's default page size is 1: say where decode is faster (values page-transposed)
+        logger.info("kvtuner: --page-size %d; with --page-size %d values are stored transposed within pages and "
+                    "decode is faster (README, Value layout)", page, AUTO_V_PAGE)
     return cfg
 
 
