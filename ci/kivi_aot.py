@@ -61,34 +61,50 @@ def compile_one(fn, cons: dict, over: dict | None = None, warps: int = 4, maxnre
     return info
 
 
+def _general(c: dict) -> dict:
+    """The general decode kernel's constexprs (no fast-path knobs)."""
+    return {k: v for k, v in c.items() if k not in ("CODES_ASM", "SUM_LATER")}
+
+
 def cases():
     qmin = lambda b: float(-(1 << (b - 1)))  # noqa: E731
     dec = dict(KV_GROUP=4, HQ=32, BLOCK_H=16, BLOCK_N=64, MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1, R=64,
-               K_D=128, K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=False)
+               K_D=128, K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=False, V_PAGE=0, CODES_ASM=False,
+               SUM_LATER=False)
     for kb, vb, asym in ((2, 2, True), (4, 4, False), (4, 2, True), (8, 4, False)):
         c = dict(dec, K_BITS=kb, K_ASYM=asym, K_QMIN=qmin(kb), V_BITS=vb, V_ASYM=asym, V_QMIN=qmin(vb))
         # kivi_decode_attention's default register cap (keys of 2 or 4 bits)
-        yield f"decode packed K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=0), None, (128 if kb <= 4 else None)
+        cap = 128 if kb <= 4 else None
+        yield f"decode packed K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=0), None, cap
+        # values transposed within the key pages (--kvtuner-v-layout page): PTX code conversion on, as on CUDA;
+        # and with the softmax sums kept per token (sum_later)
+        yield f"decode packed vpage K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=0, V_PAGE=64,
+                                                                                   CODES_ASM=True), None, cap
+        yield f"decode packed vpage sum_later K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(
+            c, PREFETCH=0, V_PAGE=64, CODES_ASM=True, SUM_LATER=True), None, cap
         yield f"decode packed split K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, SPLIT_Q=True, PREFETCH=0), None
         # the next tile's slot indices a step ahead (KVTUNER_DECODE=...,2,...)
         yield f"decode packed prefetch K{kb}V{vb}", K._kivi_decode_stage1_packed, dict(c, PREFETCH=2), None
-        yield f"decode general K{kb}V{vb}", K._kivi_decode_stage1, c, None
+        yield f"decode general K{kb}V{vb}", K._kivi_decode_stage1, _general(c), None
     yield ("decode general K4V16", K._kivi_decode_stage1,
-           dict(dec, K_BITS=4, K_ASYM=True, K_QMIN=-8.0, V_BITS=16, V_ASYM=False, V_QMIN=0.0, V_G=128), {"Vd": "*bf16"})
+           dict(_general(dec), K_BITS=4, K_ASYM=True, K_QMIN=-8.0, V_BITS=16, V_ASYM=False, V_QMIN=0.0, V_G=128), {"Vd": "*bf16"})
     yield ("decode packed K2V2 window cap g32", K._kivi_decode_stage1_packed,
            dict(dec, BLOCK_N=32, K_G=32, V_G=32, LOGIT_CAP=30.0, SLIDING_WINDOW=100, K_BITS=2, K_ASYM=True,
                 K_QMIN=-2.0, V_BITS=2, V_ASYM=True, V_QMIN=-2.0, PREFETCH=0), None)
     ext = dict(KV_GROUP=4, BLOCK_M=64, BLOCK_N=64, LOGIT_CAP=0.0, SLIDING_WINDOW=-1, IS_CAUSAL=True, R=64, K_D=128,
                K_G=64, V_D=128, V_G=64, DOT_F32=False, SPLIT_Q=True)
     for kb, vb, asym in ((2, 2, True), (4, 2, False)):
-        yield (f"extend K{kb}V{vb}", K._kivi_extend_kernel,
-               dict(ext, K_BITS=kb, K_ASYM=asym, K_QMIN=qmin(kb), V_BITS=vb, V_ASYM=asym, V_QMIN=qmin(vb)), None)
+        for vp in (0, 64):
+            yield (f"extend K{kb}V{vb}" + (" vpage" if vp else ""), K._kivi_extend_kernel,
+                   dict(ext, K_BITS=kb, K_ASYM=asym, K_QMIN=qmin(kb), V_BITS=vb, V_ASYM=asym, V_QMIN=qmin(vb), V_PAGE=vp),
+                   None)
     for kb, asym, table in ((2, True, False), (4, False, True), (8, True, False)):
         yield (f"store pages K{kb} table={table}", K._kivi_page_kernel,
                dict(R=128 if table else 64, G=64, BITS=kb, D=128, ASYM=asym, USE_TABLE=table),
                {"req_to_token": "*i32" if table else "*i64"})
-    yield ("store tokens V2", K._kivi_token_kernel, dict(R=64, G=64, K_D=128, V_BITS=2, V_D=128, V_G=64, V_ASYM=True),
-           None)
+    for vp in (0, 64):
+        yield ("store tokens V2" + (" vpage" if vp else ""), K._kivi_token_kernel,
+               dict(R=64, G=64, K_D=128, V_BITS=2, V_D=128, V_G=64, V_ASYM=True, V_PAGE=vp, V_BYTE_STRIDE=vp or 1), None)
     yield "gather K2", K._kivi_gather_kernel, dict(R=64, BLOCK_N=32, BITS=2, D=128, G=64, ASYM=True), None
 
 
