@@ -381,6 +381,34 @@ def _sums_init(BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, VNG: tl.constexpr, 
 
 
 @triton.jit
+def _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
+                 stride_os, stride_lb, stride_lh, stride_ls, NK: tl.constexpr, VC: tl.constexpr, VCPG: tl.constexpr,
+                 VNG: tl.constexpr, V_ASYM: tl.constexpr, SUM_LATER: tl.constexpr):
+    """The chunked kernels' stage-1 result of one split: each of the NK value chunks' accumulator
+    (plus, with SUM_LATER and asymmetric values, its scale group's offset share, summed once a
+    group) over the softmax sum, and the log-sum-exp (:func:`_sums_init` for the sums)."""
+    if SUM_LATER:
+        e_sum = tl.sum(e_rows, 1)
+    else:
+        e_sum = e_rows
+    osums = ()
+    if V_ASYM and SUM_LATER:
+        for g in tl.static_range(VNG):
+            osums = osums + (tl.sum(o_rows[g], 1),)
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    offs_vc = tl.arange(0, VC)
+    for k in tl.static_range(NK):
+        acc = accs[k]
+        if V_ASYM and SUM_LATER:
+            acc = acc + osums[k // VCPG][:, None]
+        tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
+                 acc * inv[:, None], mask=mask_h[:, None])
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+@triton.jit
 def _offset_rows(o_rows, p, re_scale, v_mt, VNG: tl.constexpr):
     """Running ``[heads, tokens]`` tiles of ``p * offset`` per value scale group (asym), rescaled
     like the accumulators and summed over the tokens once after the loop."""
@@ -438,7 +466,7 @@ def _decode_stage1_packed(
     SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
+    K_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True,
 ):
     if V_PAGE > 0:
@@ -472,7 +500,6 @@ def _decode_stage1_packed(
     VNG: tl.constexpr = V_D // V_G
 
     offs_kc = tl.arange(0, KC)
-    offs_vc = tl.arange(0, VC)
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     e_rows, o_rows = _sums_init(BLOCK_H, BLOCK_N, VNG, V_ASYM, SUM_LATER)
     accs = ()
@@ -592,23 +619,8 @@ def _decode_stage1_packed(
                 loc_x = loc_xx
                 mask_nx = mask_nxx
 
-    if SUM_LATER:
-        e_sum = tl.sum(e_rows, 1)
-    else:
-        e_sum = e_rows
-    has = e_sum > 0
-    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
-    for k in tl.static_range(VNF * VNC):
-        acc = accs[k]
-        if V_ASYM and SUM_LATER:
-            acc = acc + tl.sum(o_rows[k // VCPG], 1)[:, None]
-        tl.store(
-            Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
-            acc * inv[:, None],
-            mask=mask_h[:, None],
-        )
-    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
-    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+    _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
+                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER)
 
 
 # tokens a tile of the paged form (values page-transposed): pages of 64 timed fastest as 64-token
@@ -797,7 +809,7 @@ def decode_attention(
             KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MIN_BLOCK=block_n if v_page else MIN_BLOCK_KV,
             MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"),
-            K_QMIN=qmin_of(k_cache.fmt), V_QMIN=qmin_of(v_cache.fmt),
+            K_QMIN=qmin_of(k_cache.fmt),
             PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),

@@ -35,7 +35,8 @@ from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
-                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step, _sums_init)
+                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step, _store_split,
+                                _sums_init)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -522,7 +523,6 @@ def _kivi_decode_stage1_packed(
     VNC: tl.constexpr = VP // VC
     VNF: tl.constexpr = 8 // V_BITS
     offs_kc = tl.arange(0, KC)
-    offs_vc = tl.arange(0, VC)
     offs_dk = tl.arange(0, K_D)
     offs_b = tl.arange(0, BLOCK_N)
     VNG: tl.constexpr = V_D // V_G
@@ -594,20 +594,8 @@ def _kivi_decode_stage1_packed(
                 if V_ASYM and SUM_LATER:
                     o_rows = _offset_rows(o_rows, pr, re_scale, v_mt, VNG)
 
-    if SUM_LATER:
-        e_sum = tl.sum(e_rows, 1)
-    else:
-        e_sum = e_rows
-    has = e_sum > 0
-    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
-    for k in tl.static_range(VNF * VNC):
-        acc = accs[k]
-        if V_ASYM and SUM_LATER:
-            acc = acc + tl.sum(o_rows[k // VCPG], 1)[:, None]
-        tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
-                 acc * inv[:, None], mask=mask_h[:, None])
-    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
-    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+    _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
+                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER)
 
 
 def kivi_decode_attention(
