@@ -20,6 +20,8 @@ from pathlib import Path
 
 BACKENDS = ("triton", "flashinfer", "fa3")
 DTYPES = ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2_asym", "K8V4")
+# in pages of 64 the 2-bit row is the suite's KV2 (symmetric, the flag's default)
+DTYPES_P64 = ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2", "K8V4")
 
 
 def _name(dtype: str, backend: str, suffix: str = "") -> str:
@@ -35,7 +37,7 @@ def build(run_dir: Path, suffix: str = "") -> dict:
             meta[name] = {k: d.get(k) for k in ("device", "torch", "sglang", "git_sha")}
     rows, not_run = [], []
     for backend in BACKENDS:
-        for dtype in DTYPES:
+        for dtype in DTYPES_P64 if suffix else DTYPES:
             n = _name(dtype, backend, suffix)
             r = runs.get(n)
             if r is None:

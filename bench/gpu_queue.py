@@ -11,7 +11,10 @@ before the deadline when the job starts, for a job's own time budget) are filled
 with ``CUDA_VISIBLE_DEVICES`` set to its GPU.  A job starts only while at least ``--need`` seconds
 remain before ``--deadline`` (seconds from the start of this script); jobs still running at the
 deadline plus ``--grace`` are stopped (SIGTERM, then SIGKILL, to the job's process group).  The
-jobs that never started are printed and recorded, for the next call.
+jobs that never started are printed and recorded, for the next call.  With ``--done-file`` (a path
+that outlives the call, e.g. under /tmp while the machine stays warm) the jobs named there are
+skipped and each job that ends with exit status 0 is added, so calls issued back to back can pass
+the same job list and each runs only what the ones before it did not finish.
 """
 
 from __future__ import annotations
@@ -52,10 +55,14 @@ def _stop(proc: subprocess.Popen, wait: float = 20.0) -> None:
 
 
 def run(jobs: list[tuple[str, str]], gpus: list[str], deadline: float, need: float, grace: float,
-        port_base: int, log_dir: Path, clock=time.monotonic, poll: float = 1.0) -> dict:
+        port_base: int, log_dir: Path, clock=time.monotonic, poll: float = 1.0, done_file: Path | None = None) -> dict:
     t0 = clock()
     log_dir.mkdir(parents=True, exist_ok=True)
-    pending = list(jobs)
+    finished = set(done_file.read_text().split()) if done_file and done_file.exists() else set()
+    skipped = [n for n, _ in jobs if n in finished]
+    if skipped:
+        print(f"[queue] done in an earlier call: {' '.join(skipped)}", flush=True)
+    pending = [(n, c) for n, c in jobs if n not in finished]
     free = list(enumerate(gpus))
     running: dict[str, tuple[subprocess.Popen, int, str, float]] = {}
     done: list[dict] = []
@@ -82,6 +89,9 @@ def run(jobs: list[tuple[str, str]], gpus: list[str], deadline: float, need: flo
             del running[name]
             free.append((slot, gpu))
             free.sort()
+            if rc == 0 and done_file:
+                with open(done_file, "a") as f:
+                    f.write(name + "\n")
             done.append({"name": name, "gpu": gpu, "start_s": round(start, 1), "seconds": round(now - start, 1),
                          "rc": rc, "stopped_at_deadline": bool(over)})
             print(f"[queue] {now:6.0f}s end {name} rc={rc}{' (stopped at the deadline)' if over else ''} "
@@ -89,7 +99,7 @@ def run(jobs: list[tuple[str, str]], gpus: list[str], deadline: float, need: flo
         time.sleep(poll)
     left = [n for n, _ in pending]
     print(f"[queue] not started: {' '.join(left) or 'none'}", flush=True)
-    return {"gpus": gpus, "deadline_s": deadline, "jobs": done, "not_started": left}
+    return {"gpus": gpus, "deadline_s": deadline, "jobs": done, "not_started": left, "done_earlier": skipped}
 
 
 def check(jobs: list[tuple[str, str]], port_base: int, deadline: float) -> int:
@@ -118,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--port-base", type=int, default=31000)
     ap.add_argument("--log-dir", default="/tmp/gpu-queue")
     ap.add_argument("--out", help="write the record here (JSON)")
+    ap.add_argument("--done-file", help="skip the jobs named in this file; add each job that ends with exit status 0")
     ap.add_argument("--check", action="store_true",
                     help="no GPU: run each job's command once with --check appended (its tool validates its "
                          "arguments and exits) and report the ones that fail, before device time is spent")
@@ -134,7 +145,8 @@ def main(argv=None) -> int:
         return 2
     if a.check:
         return check(jobs, a.port_base, a.deadline)
-    rec = run(jobs, gpus, a.deadline, a.need, a.grace, a.port_base, Path(a.log_dir))
+    rec = run(jobs, gpus, a.deadline, a.need, a.grace, a.port_base, Path(a.log_dir),
+              done_file=Path(a.done_file) if a.done_file else None)
     if a.out:
         Path(a.out).write_text(json.dumps(rec, indent=1))
     return 0

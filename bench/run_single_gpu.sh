@@ -8,7 +8,9 @@
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
 # num_warps, num_stages, codes_asm, sum_later and maxnreg; empty fields keep the default), e.g. "int4%64,2,4,4",
 # "int4_p64_vpage%,,,,0" (without the PTX code conversion) or "int4_p64_vpage%,,,,,0" (softmax sums every tile).
-# A job starts only if ~NEED s remain; the ones left are printed for the next call.  Run the calls
+# A job starts only if ~NEED s remain; the ones left are printed for the next call, and a later call
+# on the same warm machine given the same lists skips the jobs that already ended well
+# (/tmp/stage/queue-done.txt; a pytest job is named by a checksum of its files).  Run the calls
 # back to back (the machine keeps /tmp only while warm):
 #   E2E="int4_kivi int4" bench/run_single_gpu.sh tests       # carry .bundle: unpack; CUDA tests
 #                                                            #   (per-channel, extend/prefix, decode, prefill backends)
@@ -135,12 +137,17 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         done
         [ ${#group[@]} -gt 0 ] && qsearch_job
     fi
-    if [ -n "${PYTEST:-}" ]; then  # PYTEST="FILES": CUDA tests, one job, queued first (on a GPU of its own)
-        if [ "$step" = check ]; then
-            ls $PYTEST > /dev/null || return 2
-        else
-            qjobs=("pytest=python3 -m pytest -q -p no:cacheprovider -rf $PYTEST" "${qjobs[@]}")
-        fi
+    if [ -n "${PYTEST:-}" ]; then  # PYTEST="FILES|FILES": CUDA tests, one job a group, queued first (a GPU each)
+        local grp pj=()
+        IFS='|' read -r -a pgroups <<< "$PYTEST"
+        for grp in "${pgroups[@]}"; do
+            if [ "$step" = check ]; then
+                ls $grp > /dev/null || return 2
+            else
+                pj+=("pytest-$(printf %s "$grp" | cksum | cut -d' ' -f1)=python3 -m pytest -q -p no:cacheprovider -rf $grp")
+            fi
+        done
+        qjobs=("${pj[@]}" "${qjobs[@]}")
     fi
     jobs=("${qjobs[@]}" "${jobs[@]}")  # the embedded model's jobs first
     [ ${#jobs[@]} -gt 0 ] || return 0
@@ -149,7 +156,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         return
     fi
     python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
-        --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" "${jobs[@]}"
+        --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" --done-file /tmp/stage/queue-done.txt "${jobs[@]}"
     grep -h "^\[" "$OUT"/queue-logs/*.txt 2>/dev/null | grep -v "^\[queue\]" | tail -40
 }
 ficache_import() { [ -d .ficache ] && cat .ficache/ficache.part* | tar xJf - -C /tmp && echo "FlashInfer JIT cache unpacked"; }

@@ -37,3 +37,17 @@ def test_deadline_stops_and_leaves_jobs(tmp_path):
 def test_bad_job_spec_is_one_line(capsys):
     assert Q.main(["no command here"]) == 2
     assert "expected NAME=COMMAND" in capsys.readouterr().err
+
+
+def test_done_file_skips_what_an_earlier_call_finished(tmp_path):
+    done = tmp_path / "done.txt"
+    jobs = [("ok", f"touch {tmp_path}/ok"), ("bad", "false"), ("late", "true")]
+    rec = Q.run(jobs[:2], ["0"], deadline=30, need=0, grace=1, port_base=1, log_dir=tmp_path, poll=0.05,
+                done_file=done)
+    assert done.read_text().split() == ["ok"]  # a failed job is not recorded as done
+    (tmp_path / "ok").unlink()
+    rec = Q.run(jobs, ["0"], deadline=30, need=0, grace=1, port_base=1, log_dir=tmp_path, poll=0.05,
+                done_file=done)
+    assert rec["done_earlier"] == ["ok"] and not (tmp_path / "ok").exists()
+    assert sorted(j["name"] for j in rec["jobs"]) == ["bad", "late"]
+    assert done.read_text().split() == ["ok", "late"]
