@@ -2,7 +2,7 @@
 
     python bench/combine_backends.py --dir bench/results/raw/backends_h200 --out bench/results/backends.json
 
-Each ``e2e_<config>.json`` (``bench/run_single_gpu.sh`` writes one per configuration;
+Each ``e2e_<config>.json`` (in DIR or a folder under it, one per device call) (``bench/run_single_gpu.sh`` writes one per configuration;
 ``NAME@flashinfer`` is saved as ``e2e_NAME_at_flashinfer.json``) holds one server run on the
 Qwen2.5-7B shape with dummy weights: KV capacity, TTFT of an 8k prompt, steady decode tokens/s
 at batch 64 x 8k.  The summary puts every backend x dtype next to bf16 on the same backend and
@@ -30,9 +30,11 @@ def _name(dtype: str, backend: str, suffix: str = "") -> str:
 
 def build(run_dir: Path, suffix: str = "") -> dict:
     runs, meta = {}, {}
-    for f in sorted(run_dir.glob("e2e_*.json")):
+    for f in sorted(run_dir.rglob("e2e_*.json")):  # (a run of several calls: one folder each)
         d = json.loads(f.read_text())
         for name, r in d["results"].items():
+            if name in runs:
+                raise ValueError(f"{name} ran twice under {run_dir}: one run per table")
             runs[name] = r
             meta[name] = {k: d.get(k) for k in ("device", "torch", "sglang", "git_sha")}
     rows, not_run = [], []
@@ -100,10 +102,14 @@ def main(argv=None) -> int:
                     help="the configurations in pages of 64 (e2e_server's NAME_p64[@backend]) instead of page 1")
     a = ap.parse_args(argv)
     run_dir = Path(a.dir)
-    if not any(run_dir.glob("e2e_*.json")):
+    if not any(run_dir.rglob("e2e_*.json")):
         print(f"combine_backends: error: no e2e_*.json in {run_dir}", file=sys.stderr)
         return 2
-    out = build(run_dir, "_p64" if a.page64 else "")
+    try:
+        out = build(run_dir, "_p64" if a.page64 else "")
+    except ValueError as e:
+        print(f"combine_backends: error: {e}", file=sys.stderr)
+        return 2
     if len(out["devices"]) > 1:
         print(f"combine_backends: error: one run per table, found devices {out['devices']}", file=sys.stderr)
         return 2

@@ -72,7 +72,8 @@ for _suite in (EMBEDDED, QWEN):
                               "--kvtuner-residual-length", "128", "--max-running-requests", "80"]
 # --page-size 64: with int KV the values are then page-transposed (kvtuner.sglang_glue.v_layout_page)
 for _suite in (EMBEDDED, QWEN):
-    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "int8", "int4", "int4_sym", "int2", "K8V4", "mixed")]:
+    for _name in [n for n in _suite if n in ("bf16", "fp8_e4m3", "fp4_mx_block16", "int8", "int4", "int4_sym", "int2",
+                                             "K8V4", "mixed")]:
         _suite[f"{_name}_p64"] = [*_suite[_name], "--page-size", "64"]
 # Issue 5: the same configurations with --attention-backend flashinfer / fa3 (upstream dtypes:
 # both phases in that backend; int KV: its prefill + kvtuner prefix, triton decode; fa3 needs

@@ -30,9 +30,9 @@
 # FI_EXPORT=1 packs the compiled cache into $OUT/ficache.partNN (if it fits what comes back);
 # copied (from files_at) into .ficache/ (git-ignored) and carried in a call of its own (with the
 # bundle it is over 64 MiB), any step unpacks it before its work.
-# Issue 5 on one H200 (done, bench/results/backends.json): bundle with the @flashinfer queue,
-# fa3 0 / fa3 1, LAST=1 fa3 2 with the @fa3 queue; then bench/combine_backends.py --dir <the e2e
-# files> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
+# Issue 5 (bench/results/backends.json, pages of 64 on 4 H200s): bundle with the triton and
+# @flashinfer queue, fa3 0 / fa3 1 with what it left, LAST=1 fa3 2 with the @fa3 queue; then
+# bench/combine_backends.py --page64 --dir <the calls' folders> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
 # bench/combine_backends.py and combine_kivi.py read them); SUITE jobs write $OUT/suite/<config>/.
 # Everything a call writes is packed into $OUT/run.tgz (at most 8 files come back).  GIT_SHA
 # must be set (the host's git metadata is stale).
@@ -137,14 +137,16 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         done
         [ ${#group[@]} -gt 0 ] && qsearch_job
     fi
-    if [ -n "${PYTEST:-}" ]; then  # PYTEST="FILES|FILES": CUDA tests, one job a group, queued first (a GPU each)
+    if [ -n "${PYTEST:-}" ]; then  # PYTEST="FILES|FILES": CUDA tests, one job a group, queued first (a GPU each);
+        # a group may select with -k, e.g. 'PYTEST=-k "flashinfer and (bf16 or int8)" tests/test_backends_gpu.py|...'
         local grp pj=()
         IFS='|' read -r -a pgroups <<< "$PYTEST"
         for grp in "${pgroups[@]}"; do
-            if [ "$step" = check ]; then
-                ls $grp > /dev/null || return 2
-            else
-                pj+=("pytest-$(printf %s "$grp" | cksum | cut -d' ' -f1)=python3 -m pytest -q -p no:cacheprovider -rf $grp")
+            local sum f; sum=$(printf %s "$grp" | cksum | cut -d' ' -f1)
+            if [ "$step" = check ]; then  # the files named (a group may also hold -k "EXPR")
+                for f in $grp; do case $f in tests/*) ls "${f%%::*}" > /dev/null || return 2 ;; esac; done
+            else  # unbuffered: a run stopped at the deadline still shows the tests that ended
+                pj+=("pytest-$sum=PYTHONUNBUFFERED=1 KVTUNER_TEST_LOGS=$OUT/logs-pytest-$sum python3 -m pytest -v -p no:cacheprovider -rf $grp")
             fi
         done
         qjobs=("${pj[@]}" "${qjobs[@]}")

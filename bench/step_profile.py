@@ -7,7 +7,7 @@ benchmark (``python -m sglang.benchmark.one_batch``: the model runner without th
 scheduler) prefills BATCH requests of INPUT_LEN tokens on the Qwen2.5-7B shape with dummy
 weights, decodes, and records a torch-profiler trace of ``--steps`` decode steps.  This script
 reads the traces back and sums GPU kernel time by kernel name per step.  Served decode at batch
-64 x 8k is 4,732 tok/s with int4 and 3,741 with bf16 on one H200 (bench/results/backends.json),
+64 x 8k is 4,732 tok/s with int4 and 3,741 with bf16 on one H200 (bench/results/backends_page1.json),
 i.e. 13.5 vs 17.1 ms per step, while the attention kernels alone take an estimated ~3.5 vs ~11.5 ms (per-call times of
 bench/results/kernels.json x 28 layers):
 the table says which kernels fill the rest (default shape 64 x 4k: one_batch prefills unchunked).

@@ -41,6 +41,11 @@ QWEN_RUNS = {  # summary key -> raw files (later files fill configurations the e
         "session23_h200x4/call2/e2e_bf16_p64.json", "session23_h200x4/call3/e2e_int4_p64.json",
         "session23_h200x4/call3/e2e_int8_p64.json",
         *(f"session22_h200x4/call2/e2e_{cfg}_p64.json" for cfg in ("fp8_e4m3", "K8V4", "int2"))),
+    # stop 24: every configuration in one run (one machine of 4 H200s, git a3e21af), the symmetric
+    # int4 (the --kv-cache-dtype int4 default) next to the asymmetric one
+    "qwen2.5-7b_dummy_h200_page64_s24": tuple(
+        f"session24_h200x4/call{c}/e2e_{cfg}_p64.json"
+        for c, cfgs in ((1, ("bf16", "int4", "int4_sym", "fp8_e4m3")), (2, ("int8", "int2", "K8V4"))) for cfg in cfgs),
 }
 
 

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import combine_backends as CB  # noqa: E402
@@ -44,13 +46,17 @@ def test_refuses_mixed_devices_and_empty_dirs(tmp_path, capsys):
     assert "one run per table" in capsys.readouterr().err
 
 
-def test_committed_table_is_regenerated_and_quoted():
-    """bench/results/backends.json comes from the raw files it names; the README quotes its table."""
-    committed = json.loads((ROOT / "bench" / "results" / "backends.json").read_text())
-    fresh = CB.build(ROOT / committed["dir"])
+@pytest.mark.parametrize("name", ["backends.json", "backends_page1.json"])
+def test_committed_table_is_regenerated_and_quoted(name):
+    """bench/results/backends*.json come from the raw files they name; the README quotes the table
+    in pages of 64 (backends.json)."""
+    committed = json.loads((ROOT / "bench" / "results" / name).read_text())
+    fresh = CB.build(ROOT / committed["dir"], "_p64" if committed["page_size"] == 64 else "")
     assert {k: fresh[k] for k in ("rows", "targets", "not_run", "devices")} == \
         {k: committed[k] for k in ("rows", "targets", "not_run", "devices")}
-    assert CB.markdown(committed) in (ROOT / "README.md").read_text()
+    if name == "backends.json":
+        assert committed["page_size"] == 64
+        assert CB.markdown(committed) in (ROOT / "README.md").read_text()
 
 
 def test_pages_of_64(tmp_path):
@@ -67,3 +73,13 @@ def test_pages_of_64(tmp_path):
     assert b["targets"]["fa3"]["int4_decode_over_triton_int4"] == 1.013
     assert b["targets"]["fa3"]["decode_at_least_triton_int4"] is True
     assert "int4_sym_p64@flashinfer" in b["not_run"]
+
+
+def test_a_configuration_run_twice_is_refused(tmp_path, capsys):
+    """A run of several calls keeps one folder per call; a configuration found twice is an error."""
+    (tmp_path / "call1").mkdir()
+    (tmp_path / "call2").mkdir()
+    _write(tmp_path / "call1", "bf16_p64", 100, 0.2, 1000.0)
+    _write(tmp_path / "call2", "bf16_p64", 100, 0.2, 1010.0)
+    assert CB.main(["--dir", str(tmp_path), "--out", str(tmp_path / "b.json"), "--page64"]) == 2
+    assert "ran twice" in capsys.readouterr().err

@@ -276,8 +276,8 @@ def test_value_layout_env_refusals(capsys, monkeypatch, model_dir, layout, extra
 
 
 def test_value_layout_env_page(monkeypatch, model_dir):
-    """Unset or auto: values page-transposed with --page-size 64 and per-token keys (where it was
-    timed faster); page: any power of two from 16 to 128; token: off."""
+    """Unset or auto: values page-transposed with --page-size 64, per-token or per-channel keys (where
+    it was timed faster); page: any power of two from 16 to 128; token: off."""
     from kvtuner.sglang_glue import v_layout_page
 
     def page_of(*extra):
@@ -287,13 +287,15 @@ def test_value_layout_env_page(monkeypatch, model_dir):
     assert page_of("--page-size", "64") == 64
     assert page_of() == 0 and page_of("--page-size", "16") == 0 and page_of("--page-size", "256") == 0
     assert page_of("--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size", "64",
-                   "--kvtuner-residual-length", "64", "--max-running-requests", "8") == 0
+                   "--kvtuner-residual-length", "64", "--max-running-requests", "8") == 64
+    assert page_of("--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "32", "--page-size", "32",
+                   "--kvtuner-residual-length", "32", "--max-running-requests", "8") == 0
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "auto")
     assert page_of("--page-size", "64") == 64 and page_of("--page-size", "32") == 0
     assert page_of("--page-size", "128") == 0
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "page")
     assert page_of("--page-size", "16") == 16 and page_of("--page-size", "128") == 128
-    # per-channel keys: on request only (their page is the key group)
+    # per-channel keys: their page is the key group
     assert page_of("--kvtuner-axis-key", "1", "--kvtuner-q-group-size", "64", "--page-size", "64",
                    "--kvtuner-residual-length", "64", "--max-running-requests", "8") == 64
     monkeypatch.setenv("KVTUNER_V_LAYOUT", "token")

@@ -39,8 +39,8 @@ def has_flash_ops() -> bool:
 def default_prefill_backend(cfg: KVQuantConfig, sm_major: Optional[int] = None) -> str:
     """The prefill backend int KV gets when none is named (decode is triton either way).
 
-    Measured on an H200 (``bench/results/backends.json``, Qwen2.5-7B shape, 8k prompt): FA3
-    prefill 199 ms, FlashInfer 206 ms, triton 237 ms, same decode.  So: FA3 on Hopper when its
+    Measured on an H200 (``bench/results/backends.json``, Qwen2.5-7B shape, 8k prompt, int4 in pages
+    of 64): FA3 prefill 196 ms, FlashInfer 202 ms, triton 235 ms, same decode.  So: FA3 on Hopper when its
     library is installed, else FlashInfer when installed (upstream's own default off Hopper; not
     measured here), else triton.  Per-channel keys run on triton only."""
     from importlib.util import find_spec
@@ -191,11 +191,11 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
 
     In that layout each page of ``--page-size`` slots keeps its values byte-transposed, so the
     decode kernel streams the P x V operand without a transpose, one page a tile (decode-heavy
-    serving on an H200 with pages of 64: +5% to +17% output tok/s, ``bench/NOTES-decode.md``).
+    serving on an H200 with pages of 64: +5% to +17% output tok/s, ``bench/NOTES-decode.md``; with
+    per-channel keys, whose page is the key group, +4.6% decode at 64 x 8k and +4.3% decode-heavy).
     ``--kvtuner-v-layout`` (or, when the flag is not given, ``KVTUNER_V_LAYOUT``): ``auto``
-    (default): on where it was measured to win, ``--page-size 64`` with per-token keys; ``page``: on
-    for any power-of-two page size from 16 to 128 (per-channel keys too: their page is the key
-    group), refusing settings it cannot serve; ``token``: off."""
+    (default): on where it was measured to win, ``--page-size 64``; ``page``: on for any
+    power-of-two page size from 16 to 128, refusing settings it cannot serve; ``token``: off."""
     import os
 
     flag = getattr(server_args, "kvtuner_v_layout", None)
@@ -208,9 +208,8 @@ def v_layout_page(server_args: Any, cfg: Optional[KVQuantConfig] = None) -> int:
     cfg = cfg or config_from_server_args(server_args)
     page = int(getattr(server_args, "page_size", None) or 1)
     page_ok = 16 <= page <= 128 and not page & (page - 1)
-    kivi = cfg is not None and cfg.axis_key == 1
     if layout == "auto":
-        return page if page == AUTO_V_PAGE and not kivi else 0
+        return page if page == AUTO_V_PAGE else 0
     said = f"{src} page" if flag else f"{src}=page"
     if not page_ok:
         raise KVTunerConfigError(
