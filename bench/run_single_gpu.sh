@@ -8,6 +8,7 @@
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
 # num_warps, num_stages, codes_asm, sum_later and maxnreg; empty fields keep the default), e.g. "int4%64,2,4,4",
 # "int4_p64_vpage%,,,,0" (without the PTX code conversion) or "int4_p64_vpage%,,,,,0" (softmax sums every tile).
+# Order: PYTEST groups, QUALITY, E2E, SUITE (SUITE_FIRST=1: before E2E), KBENCH, PROFILE.
 # A job starts only if ~NEED s remain; the ones left are printed for the next call, and a later call
 # on the same warm machine given the same lists skips the jobs that already ended well
 # (/tmp/stage/queue-done.txt; a pytest job is named by a checksum of its files).  Run the calls
@@ -84,13 +85,16 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         tuning "$c"
         jobs+=("$t_entry$t_tag=${t_env}python3 bench/e2e_server.py $QWEN --configs $t_entry --extra '$QX' --port {port} --logs $OUT/logs-e2e$t_tag --out $OUT/e2e_{file}.json")
     done
+    local sjobs=()
     for c in ${SUITE:-}; do  # CONFIGS:TABLES[:WORKLOADS[:LEVELS[:EXTRA]]][%TUNING], EXTRA one server flag (e.g. --disable-cuda-graph)
         tuning "$c"
         IFS=: read -r cfg tables wl lv ex <<< "$t_entry"
         # no new step (load level) starts in the last SUITE_TAIL s before the deadline; a tuned run
         # writes its own tree (suite-tB_P_W_S/) so it never mixes with the default one
-        jobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}$t_tag=${t_env}python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite$t_tag --logs $OUT/logs-suite$t_tag --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
+        sjobs+=("suite-${cfg//,/+}-${tables//,/+}${wl:+-$wl}$t_tag=${t_env}python3 bench/suite.py --config bench/suite/qwen.yaml --configs $cfg --tables $tables ${wl:+--workloads $wl} ${lv:+--levels $lv} ${ex:+--extra=$ex} --port {port} --out-dir $OUT/suite$t_tag --logs $OUT/logs-suite$t_tag --budget-s \$(( {left} - ${SUITE_TAIL:-60} ))")
     done
+    # SUITE_FIRST=1: the (long) suite jobs start before the E2E ones, so they get whole GPUs early
+    if [ "${SUITE_FIRST:-0}" = 1 ]; then jobs=("${sjobs[@]}" "${jobs[@]}"); else jobs+=("${sjobs[@]}"); fi
     # KBENCH: kernel microbenchmarks, one job each ("paged": V transposed within pages, below): "full" (bench/kernels_bench.py, issue 3's table, asym
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
