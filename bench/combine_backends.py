@@ -1,10 +1,10 @@
 """Attention backends with int KV (issue 5): one table from the e2e_server files of one GPU run.
 
-    python bench/combine_backends.py --dir bench/results/raw/backends_h200 --out bench/results/backends.json
+    python bench/combine_backends.py --page64 --dir bench/results/raw/session24_h200x4 --out bench/results/backends.json
 
-Each ``e2e_<config>.json`` (in DIR or a folder under it, one per device call) (``bench/run_single_gpu.sh`` writes one per configuration;
-``NAME@flashinfer`` is saved as ``e2e_NAME_at_flashinfer.json``) holds one server run on the
-Qwen2.5-7B shape with dummy weights: KV capacity, TTFT of an 8k prompt, steady decode tokens/s
+Each ``e2e_<config>.json`` in DIR or a folder under it (one a device call; ``bench/run_single_gpu.sh``
+writes one per configuration; ``NAME@flashinfer`` is saved as ``e2e_NAME_at_flashinfer.json``)
+holds one server run on the Qwen2.5-7B shape with dummy weights: KV capacity, TTFT of an 8k prompt, steady decode tokens/s
 at batch 64 x 8k.  The summary puts every backend x dtype next to bf16 on the same backend and
 checks issue 5's targets where both sides ran: int4 TTFT within 5% of bf16 on the same backend,
 int4 decode on each backend at least the triton backend's int4 figure.  A configuration
