@@ -59,19 +59,26 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 @triton.jit
 def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr,
-                  SUM_LATER: tl.constexpr = False):
+                  SUM_LATER: tl.constexpr = False, LOG2: tl.constexpr = False):
     """One tile of the online softmax: scale (and cap) the raw scores, mask them, and return
     the probabilities, the factor to rescale earlier partial sums by, and the new max / sum.
     ``SUM_LATER``: ``e_sum`` is a ``[heads, tokens]`` tile of running sums, reduced over the
-    tokens once after the loop (no exchange across the warps each tile)."""
-    qk = qk * sm_scale
-    if LOGIT_CAP > 0:
-        qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+    tokens once after the loop (no exchange across the warps each tile).  ``LOG2``: the scores
+    come already scaled by ``sm_scale * log2(e)`` (folded into the query; no logit cap), the
+    max is kept in those units (:func:`_store_split` takes it back to natural log)."""
+    if not LOG2:
+        qk = qk * sm_scale
+        if LOGIT_CAP > 0:
+            qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
     qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
     m_new = tl.maximum(tl.max(qk, 1), e_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    re_scale = tl.exp(e_max - m_safe)
-    p = tl.exp(qk - m_safe[:, None])
+    if LOG2:
+        re_scale = tl.exp2(e_max - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+    else:
+        re_scale = tl.exp(e_max - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
     if SUM_LATER:
         return p, re_scale, m_new, e_sum * re_scale[:, None] + p
     else:
@@ -383,10 +390,11 @@ def _sums_init(BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, VNG: tl.constexpr, 
 @triton.jit
 def _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
                  stride_os, stride_lb, stride_lh, stride_ls, NK: tl.constexpr, VC: tl.constexpr, VCPG: tl.constexpr,
-                 VNG: tl.constexpr, V_ASYM: tl.constexpr, SUM_LATER: tl.constexpr):
+                 VNG: tl.constexpr, V_ASYM: tl.constexpr, SUM_LATER: tl.constexpr, LOG2: tl.constexpr = False):
     """The chunked kernels' stage-1 result of one split: each of the NK value chunks' accumulator
     (plus, with SUM_LATER and asymmetric values, its scale group's offset share, summed once a
-    group) over the softmax sum, and the log-sum-exp (:func:`_sums_init` for the sums)."""
+    group) over the softmax sum, and the log-sum-exp (:func:`_sums_init` for the sums; ``LOG2``:
+    ``e_max`` in base-2 units, see :func:`_softmax_step`)."""
     if SUM_LATER:
         e_sum = tl.sum(e_rows, 1)
     else:
@@ -404,6 +412,8 @@ def _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, 
             acc = acc + osums[k // VCPG][:, None]
         tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
                  acc * inv[:, None], mask=mask_h[:, None])
+    if LOG2:
+        e_max = e_max * 0.6931471805599453
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
@@ -499,6 +509,8 @@ def _decode_stage1_packed(
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     VNG: tl.constexpr = V_D // V_G
 
+    # without a logit cap the softmax scale (and log2(e), for exp2) is folded into the query chunks
+    LOG2: tl.constexpr = LOGIT_CAP == 0
     offs_kc = tl.arange(0, KC)
     e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
     e_rows, o_rows = _sums_init(BLOCK_H, BLOCK_N, VNG, V_ASYM, SUM_LATER)
@@ -508,11 +520,14 @@ def _decode_stage1_packed(
 
     if s1 > s0:
         # query chunks in float16, chunk k scaled by 2**-(f*bits) to undo its field's place
+        q_scale = 1.0
+        if LOG2:
+            q_scale = sm_scale * 1.4426950408889634
         qs = ()
         for k in tl.static_range(KNF * KNC):
             qk_ = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + k * KC + offs_kc[None, :],
                           mask=mask_h[:, None], other=0.0).to(tl.float32)
-            qs = qs + ((qk_ * (1.0 / (1 << (k // KNC * K_BITS)))).to(tl.float16),)
+            qs = qs + ((qk_ * (q_scale * (1.0 / (1 << (k // KNC * K_BITS))))).to(tl.float16),)
         # per group: sum of the (rounded) query and the constant the code offset adds
         kconst = ()
         qsums = ()
@@ -620,7 +635,7 @@ def _decode_stage1_packed(
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
             p, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
-                                                       SUM_LATER)
+                                                       SUM_LATER, LOG2)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
             accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
                                      SUM_LATER)
@@ -635,7 +650,7 @@ def _decode_stage1_packed(
                 mask_nx = mask_nxx
 
     _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
-                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER)
+                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER, LOG2)
 
 
 # tokens a tile of the paged form (values page-transposed): pages of 64 timed fastest as 64-token

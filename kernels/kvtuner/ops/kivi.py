@@ -533,11 +533,18 @@ def _kivi_decode_stage1_packed(
     for k in tl.static_range(VNF * VNC):
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
 
+    # without a logit cap the softmax scale and log2(e) are folded into the (float32) query of the
+    # packed pages and applied once to the ring's scores (decode.py's packed kernel does the same)
+    LOG2: tl.constexpr = LOGIT_CAP == 0
     if s1 > s0:
+        q_scale = 1.0
+        if LOG2:
+            q_scale = sm_scale * 1.4426950408889634
         q_row = Q + b * stride_qb + heads[:, None] * stride_qh
         qc = ()
         for f in tl.static_range(KNF):
-            qc = qc + (tl.load(q_row + f * KC + offs_kc[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32),)
+            qf = tl.load(q_row + f * KC + offs_kc[None, :], mask=mask_h[:, None], other=0.0).to(tl.float32)
+            qc = qc + (qf * q_scale,)
         k_head_d = kv_head * stride_kd_h
         k_head_m = kv_head * stride_km_h
         v_head_d = kv_head * stride_vd_h
@@ -563,7 +570,7 @@ def _kivi_decode_stage1_packed(
             qk = _scores_pc_chunks(qc, Kd, Km, loc, page, k_head_d, k_head_m, stride_kd_s, stride_km_p, mask_ld,
                                    BLOCK_H, BLOCK_N, K_D, K_BITS, K_ASYM, K_QMIN, SPLIT_Q)
             pr, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
-                                                       SUM_LATER)
+                                                       SUM_LATER, LOG2)
             # (key pages are value pages: the tile's first slot is page * K_G + its offset there)
             v_raw, v_mt = _v_tile(Vd, Vm, loc, page * K_G + p % K_G, v_head_d, v_head_m, stride_vd_s, stride_vm_s,
                                   mask_ld, V_D, V_G, V_BITS, V_ASYM, V_PAGE, BLOCK_N)
@@ -584,8 +591,10 @@ def _kivi_decode_stage1_packed(
                 loc = tl.load(kv_indices + start + pos, mask=mask_ld, other=0).to(tl.int64)
                 qk = _scores_resid_chunks(qr, Kr, ring, pos, kv_head, mask_ld, stride_kr_s, stride_kr_h, R, RC,
                                           K_D // RC, DOT_F32)
+                if LOG2:
+                    qk = qk * q_scale
                 pr, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
-                                                           SUM_LATER)
+                                                           SUM_LATER, LOG2)
                 first = tl.load(kv_indices + start + p).to(tl.int64)  # (read by the paged form only)
                 v_raw, v_mt = _v_tile(Vd, Vm, loc, first, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
                                       V_D, V_G, V_BITS, V_ASYM, V_PAGE, BLOCK_N)
@@ -595,7 +604,7 @@ def _kivi_decode_stage1_packed(
                     o_rows = _offset_rows(o_rows, pr, re_scale, v_mt, VNG)
 
     _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh,
-                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER)
+                 stride_os, stride_lb, stride_lh, stride_ls, VNF * VNC, VC, VCPG, VNG, V_ASYM, SUM_LATER, LOG2)
 
 
 def kivi_decode_attention(
