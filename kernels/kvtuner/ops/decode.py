@@ -349,12 +349,13 @@ def _load_chunks_paged(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: 
 def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
     """The NM meta columns of one tile, each float32 ``[N]``."""
     out = ()
-    if NM == 4:  # one load of a token's row, split in registers
-        x = tl.load(meta_ptr + row[:, None] + tl.arange(0, NM)[None, :], mask=mask_n[:, None], other=0.0)
+    if NM == 4 or NM == 2:  # one load of a token's row, split in registers
+        cols = tl.arange(0, 4)
+        x = tl.load(meta_ptr + row[:, None] + cols[None, :], mask=mask_n[:, None] & (cols < NM)[None, :], other=0.0)
         e, o = tl.split(tl.reshape(x.to(tl.float32), [x.shape[0], 2, 2]))  # columns (0, 2), (1, 3)
         c0, c2 = tl.split(e)
         c1, c3 = tl.split(o)
-        out = (c0, c1, c2, c3)
+        out = (c0, c1, c2, c3) if NM == 4 else (c0, c1)
     else:
         for j in tl.static_range(NM):
             out = out + (tl.load(meta_ptr + row + j, mask=mask_n, other=0.0).to(tl.float32),)
