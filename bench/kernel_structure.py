@@ -78,7 +78,8 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
-                  CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later), ROWS_FIXED=bool(v_page) and bool(maxnreg))
+                  CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later), ROWS_FIXED=bool(v_page) and bool(maxnreg),
+                  K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1")
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 

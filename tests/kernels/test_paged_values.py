@@ -167,6 +167,38 @@ def test_codes_asm_equals_the_plain_conversion(device, kb, vb, asym):
         assert_close(run(v, True), run(v, False), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("asym,group", [(True, 64), (False, 128)])
+def test_key_words_equal_the_byte_chunks(device, asym, group):
+    """Int4 keys read as 32-bit words (``k_words``, the paged form's default where a key row is one
+    chunk of >= 64 bytes) give the byte-chunk form's output, through the plain conversion here and
+    PTX (``codes_asm``) on CUDA; where the keys do not fit (int8 keys, groups of 64) it stays off."""
+    from kvtuner.ops.decode import _k_words_fit
+
+    gen = torch.Generator().manual_seed(11 + group)
+    d, page, hq, hkv, lens = 128, 64, 7, 2, [130, 64, 1, 77]
+    kf, vf = fmt(4, d, group, asym), fmt(4, d, 64, asym)
+    assert _k_words_fit(kf, 128, 64) and not _k_words_fit(fmt(8, d, 64, asym), 256, 128)
+    assert not _k_words_fit(fmt(2, d, 64, asym), 64, 32)  # 32 bytes a row: 8 words, under a dot's 16
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    b, ms = len(lens), 4
+    q = (torch.randn(b, hq * hkv, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(words):
+        o = torch.zeros((b, hq * hkv, d), dtype=torch.float32, device=device)
+        lg = torch.zeros((b, hq * hkv, ms, d), dtype=torch.float32, device=device)
+        lse = torch.zeros((b, hq * hkv, ms), dtype=torch.float32, device=device)
+        nsplit = torch.tensor([2, 1, 1, 3], dtype=torch.int32, device=device)
+        return decode_attention(q, kc, vc.to_paged(page), o, indptr_of(lens, device), idx, lg, lse, nsplit, ms,
+                                d**-0.5, k_words=words)
+
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5)
+    o = run(True)
+    assert_close(o, ref)
+    # (the same arithmetic summed in another order: a probability may round the other way in float16)
+    assert_close(o, run(False), atol=5e-3, rtol=5e-3)
+
+
 def test_paged_launch_defaults():
     """The paged form's measured launch (H200 sweep, bench/NOTES-decode.md): a register cap of 128
     for asymmetric or 2-bit values, 2 warps for 2-bit asymmetric K and V, uncapped otherwise."""

@@ -51,10 +51,12 @@ def test_register_prefetch_round_trips_unpacked_tiles(tmp_path):
 def test_v_transposed_pages_stream_both_operands_without_byte_loads(tmp_path):
     """The experimental paged form (V transposed within pages of 64): both packed tiles come by
     asynchronous copies, the P x V operand is read without single-byte shared-memory loads, and
-    no unpacked float16 tile goes through shared memory."""
+    no unpacked float16 tile goes through shared memory: only the query's chunks, written once (int4
+    keys of head_dim 128 are read as 32-bit words there, ``K_WORDS``: one query chunk per bit field
+    and byte of a word, 2 x 4)."""
     s = _s("0,0,4,3,64", tmp_path)
     assert s["v_page"] == 64 and s["block_n"] == 64
-    assert s["async_copies"] > 0 and s["f16_tiles_via_shared"] == 2
+    assert s["async_copies"] > 0 and s["f16_tiles_via_shared"] == 8
     if s.get("loop_instructions"):  # nvdisasm present: the loop itself
         assert s["loop_lds_bytes"] == 0 and s["loop_mma"] > 0
     ref = _s("64,0,4,2", tmp_path)  # token-major V: the operand is gathered byte by byte

@@ -286,6 +286,49 @@ def _codes_ptx(mask: int) -> tl.constexpr:
 
 
 _PTX_FF = _codes_ptx(0xFF)
+
+
+def _word_ptx(bits: int) -> tl.constexpr:
+    """PTX of the K_WORDS conversion: one 32-bit word of key bytes -> its ``4 * 8 // bits`` codes as
+    float16 ``1024 + field`` (output ``4 f + b``: bit field f of byte b), each pair of bytes spread
+    into the halves of a register once (``prmt``), one LOP3 per pair of codes and field."""
+    nf = 8 // bits
+    lines = ["{", ".reg .b32 t0, t1, c, r;", "mov.b32 c, 0x64006400;",
+             f"prmt.b32 t0, ${4 * nf}, 0, 0x4140;", f"prmt.b32 t1, ${4 * nf}, 0, 0x4342;"]
+    for f in range(nf):
+        m = ((1 << bits) - 1) << (f * bits)
+        lines += [f".reg .b32 m{f};", f"mov.b32 m{f}, {m | (m << 16)};",
+                  f"lop3.b32 r, t0, m{f}, c, 0xEA;", f"mov.b32 {{${4 * f}, ${4 * f + 1}}}, r;",
+                  f"lop3.b32 r, t1, m{f}, c, 0xEA;", f"mov.b32 {{${4 * f + 2}, ${4 * f + 3}}}, r;"]
+    return tl.constexpr("\n".join(lines + ["}"]))
+
+
+_PTX_WORD = {b: _word_ptx(b) for b in (2, 4, 8)}
+_PTX_WORD8, _PTX_WORD4, _PTX_WORD2 = _PTX_WORD[8], _PTX_WORD[4], _PTX_WORD[2]
+
+
+@triton.jit
+def _word_codes(words, BITS: tl.constexpr, CODES_ASM: tl.constexpr):
+    """The codes of a tile of 32-bit key words, a tuple indexed ``4 f + b`` (bit field f of byte b),
+    each float16 ``1024 + (byte & (mask << f*bits))`` as :func:`_codes` gives them: in PTX
+    (:func:`_word_ptx`) or, without CODES_ASM (the interpreter), in plain integer operations."""
+    NF: tl.constexpr = 8 // BITS
+    M: tl.constexpr = (1 << BITS) - 1
+    if not CODES_ASM:
+        out = ()
+        for fb in tl.static_range(4 * NF):
+            v = (words >> (8 * (fb % 4))) & (M << (fb // 4 * BITS))
+            out = out + ((v | 0x6400).to(tl.int16).to(tl.float16, bitcast=True),)
+        return out
+    elif BITS == 8:
+        return tl.inline_asm_elementwise(asm=_PTX_WORD8, constraints="=h,=h,=h,=h,r", args=[words],
+                                         dtype=(tl.float16,) * 4, is_pure=True, pack=1)
+    elif BITS == 4:
+        return tl.inline_asm_elementwise(asm=_PTX_WORD4, constraints="=h,=h,=h,=h,=h,=h,=h,=h,r", args=[words],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(asm=_PTX_WORD2, constraints="=h," * 16 + "r", args=[words],
+                                         dtype=(tl.float16,) * 16, is_pure=True, pack=1)
 _PTX_0F, _PTX_F0 = _codes_ptx(0x0F), _codes_ptx(0xF0)
 _PTX_03, _PTX_0C, _PTX_30, _PTX_C0 = _codes_ptx(0x03), _codes_ptx(0x0C), _codes_ptx(0x30), _codes_ptx(0xC0)
 
@@ -486,6 +529,7 @@ def _decode_stage1_packed(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True, ROWS_FIXED: tl.constexpr = False,
+    K_WORDS: tl.constexpr = False,
 ):
     if V_PAGE > 0:
         # tiles of one page each: splits over the whole request, tiles below the window skipped
@@ -536,6 +580,17 @@ def _decode_stage1_packed(
             qk_ = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + k * KC + offs_kc[None, :],
                           mask=mask_h[:, None], other=0.0).to(tl.float32)
             qs = qs + ((qk_ * (q_scale * (1.0 / (1 << (k // KNC * K_BITS))))).to(tl.float16),)
+        if K_WORDS:
+            # keys read as 32-bit words (a row in one chunk): query dims f*KC + 4w + b (field f, byte b
+            # of word w), one [heads, KC/4] chunk per (f, b) against the codes of byte b of the words.
+            # The dots then take 16-bit operands only (kWidth 2: the query through ldmatrix, no
+            # register shuffles to pair 4-wide fragments; bench/NOTES-decode.md)
+            offs_w = tl.arange(0, KC // 4)
+            qw = ()
+            for fb in tl.static_range(4 * KNF):
+                qv = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + (fb // 4) * KC + 4 * offs_w[None, :]
+                             + fb % 4, mask=mask_h[:, None], other=0.0).to(tl.float32)
+                qw = qw + ((qv * (q_scale * (1.0 / (1 << (fb // 4 * K_BITS))))).to(tl.float16),)
         # per group: sum of the (rounded) query and the constant the code offset adds
         kconst = ()
         qsums = ()
@@ -563,6 +618,8 @@ def _decode_stage1_packed(
             # instructions (sm_90 offline: int4 asym 782 -> 743 a tile, int8 asym 835 -> 784) but more
             # registers where none are capped (int4 sym 127 -> 156): on under a register cap only
             kd_rows = (offs_b * stride_kd_s + k_head_d).to(tl.int32)
+            if K_WORDS:
+                kw_rows = ((offs_b * stride_kd_s + k_head_d) // 4).to(tl.int32)
             km_rows = (offs_b * stride_km_s + k_head_m).to(tl.int32)
             vm_rows = (offs_b * stride_vm_s + v_head_m).to(tl.int32)
         if PREFETCH == 2 and V_PAGE == 0:
@@ -596,13 +653,21 @@ def _decode_stage1_packed(
                     t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
                 if ROWS_FIXED:  # the tile's first slot as a scalar base
                     tile0 = pg * V_PAGE + t0
-                    k_raw = _load_chunks(Kd + tile0 * stride_kd_s, kd_rows, offs_b < BLOCK_N, KNC, KC, True)
+                    if K_WORDS:
+                        kwp = (Kd + tile0 * stride_kd_s).to(tl.pointer_type(tl.int32))
+                        k_raw = (tl.load(kwp + kw_rows[None, :] + tl.arange(0, KC // 4)[:, None]),)
+                    else:
+                        k_raw = _load_chunks(Kd + tile0 * stride_kd_s, kd_rows, offs_b < BLOCK_N, KNC, KC, True)
                     k_mt = _load_meta(Km + tile0 * stride_km_s, km_rows, mask_n, KNM)
                     v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
                     v_mt = _load_meta(Vm + tile0 * stride_vm_s, vm_rows, mask_n, VNM)
                 else:
                     loc = pg * V_PAGE + t0 + offs_b  # (the whole tile: unmasked)
-                    k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)
+                    if K_WORDS:
+                        kwp = Kd.to(tl.pointer_type(tl.int32)) + (loc * stride_kd_s + k_head_d) // 4
+                        k_raw = (tl.load(kwp[None, :] + tl.arange(0, KC // 4)[:, None]),)
+                    else:
+                        k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)
                     k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
                     v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
                     v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
@@ -629,9 +694,14 @@ def _decode_stage1_packed(
                 v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
             # ---- scores: per group, a chain of dots over its chunks, then scale (+ offset)
             qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+            if K_WORDS:
+                kw = _word_codes(k_raw[0], K_BITS, CODES_ASM)
             for g in tl.static_range(KNG):
                 dg = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-                for j in tl.static_range(KCPG):
+                if K_WORDS:  # group g: fields g*KCPG .. (one chunk a field)
+                    for fb in tl.static_range(4 * KCPG):
+                        dg = tl.dot(qw[4 * g * KCPG + fb], kw[4 * g * KCPG + fb], dg)
+                for j in tl.static_range(0 if K_WORDS else KCPG):
                     # chunk g * KCPG + j: bytes chunk (..) % KNC, bit field (..) // KNC
                     if CODES_ASM:
                         kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
@@ -693,22 +763,30 @@ def _paged_launch(kf, vf) -> tuple[int, int]:
     return 4, 0
 
 
+def _k_words_fit(kf, kds: int, kdh: int) -> bool:
+    """Whether the paged form can read the keys as 32-bit words (``K_WORDS``): a key row is one
+    chunk (group >= its bytes) of at least 64 bytes (16 words: the dots' K dimension), rows
+    word-aligned.  Int4 keys of head_dim 128 with groups of 64 or 128, for instance."""
+    kp = kf.head_dim * kf.bits // 8
+    return kf.quantized and min(kf.group, kp) == kp and kp >= 64 and kds % 4 == 0 and kdh % 4 == 0
+
+
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg"`` (empty
-    fields keep the default; ``codes_asm`` / ``sum_later`` 1 or 0: on or off; ``maxnreg`` 0: no
-    register cap; see :func:`decode_attention`).  Read once."""
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` 1 or 0: on or off;
+    ``maxnreg`` 0: no register cap; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
-        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg")
+        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg (integers)")
+                             "sum_later,maxnreg,k_words (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -749,6 +827,7 @@ def decode_attention(
     maxnreg: int | None = None,
     codes_asm: bool | None = None,
     sum_later: bool | None = None,
+    k_words: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -774,6 +853,10 @@ def decode_attention(
       shared by the bit fields, one LOP3 per pair).  On by default for the paged form on CUDA: it
       cuts that loop by 9-13% of its instructions and timed 1-4% faster on an H200 (served int4
       decode-heavy +2%; ``bench/NOTES-decode.md``); off for the token-major form, which it lengthens.
+    * ``k_words`` (paged form; default on where the keys fit, :func:`_k_words_fit`;
+      ``KVTUNER_DECODE``'s eighth field): keys read as 32-bit words, one dot per bit field and byte
+      of a word, so both dot operands are 16-bit (sm_90 offline: int4 asym 630 -> 590 loop
+      instructions a tile; ``bench/NOTES-decode.md``).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -818,6 +901,8 @@ def decode_attention(
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
+        if k_words is None:
+            k_words = bool(env.get("k_words", 1))
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -850,6 +935,7 @@ def decode_attention(
             K_QMIN=qmin_of(k_cache.fmt),
             PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later),
             ROWS_FIXED=bool(v_page) and bool(maxnreg) and block_n * max(kds, kms, vms) < 2**31,  # (32-bit rows)
+            K_WORDS=bool(v_page) and bool(k_words) and _k_words_fit(k_cache.fmt, kds, kdh),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
