@@ -6,7 +6,7 @@
 # bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy"),
 # PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").  An E2E, SUITE or PROFILE entry may
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
-# num_warps, num_stages, codes_asm, sum_later and maxnreg; empty fields keep the default), e.g. "int4%64,2,4,4",
+# num_warps, num_stages, codes_asm, sum_later, maxnreg and k_words; empty fields keep the default), e.g. "int4%64,2,4,4",
 # "int4_p64_vpage%,,,,0" (without the PTX code conversion) or "int4_p64_vpage%,,,,,0" (softmax sums every tile).
 # Order: PYTEST groups, QUALITY, E2E, SUITE (SUITE_FIRST=1: before E2E), KBENCH, PROFILE.
 # A job starts only if ~NEED s remain; the ones left are printed for the next call, and a later call
