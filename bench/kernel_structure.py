@@ -14,7 +14,9 @@ A variant is ``block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_lat
 next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read transposed within
 pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1: bytes to codes in
 PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
-and shared-memory loads.  The integer arguments are declared multiples
+and shared-memory loads.  The paged form compiles as ``decode_attention`` launches it: keys read as
+32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks), the fixed row offsets
+under a register cap.  The integer arguments are declared multiples
 of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
 """
 
