@@ -303,8 +303,7 @@ def _word_ptx(bits: int) -> tl.constexpr:
     return tl.constexpr("\n".join(lines + ["}"]))
 
 
-_PTX_WORD = {b: _word_ptx(b) for b in (2, 4, 8)}
-_PTX_WORD8, _PTX_WORD4, _PTX_WORD2 = _PTX_WORD[8], _PTX_WORD[4], _PTX_WORD[2]
+_PTX_WORD8, _PTX_WORD4, _PTX_WORD2 = _word_ptx(8), _word_ptx(4), _word_ptx(2)
 
 
 @triton.jit
@@ -618,8 +617,6 @@ def _decode_stage1_packed(
             # instructions (sm_90 offline: int4 asym 782 -> 743 a tile, int8 asym 835 -> 784) but more
             # registers where none are capped (int4 sym 127 -> 156): on under a register cap only
             kd_rows = (offs_b * stride_kd_s + k_head_d).to(tl.int32)
-            if K_WORDS:
-                kw_rows = ((offs_b * stride_kd_s + k_head_d) // 4).to(tl.int32)
             km_rows = (offs_b * stride_km_s + k_head_m).to(tl.int32)
             vm_rows = (offs_b * stride_vm_s + v_head_m).to(tl.int32)
         if PREFETCH == 2 and V_PAGE == 0:
@@ -651,26 +648,25 @@ def _decode_stage1_packed(
                     t0 = 0
                 else:  # the tile's offset in its page, a multiple of BLOCK_N the compiler can see
                     t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
-                if ROWS_FIXED:  # the tile's first slot as a scalar base
+                # (base pointer, row offsets) of the tile's key bytes, key meta and value meta
+                if ROWS_FIXED:  # the tile's first slot as a scalar base, the rows fixed before the loop
                     tile0 = pg * V_PAGE + t0
-                    if K_WORDS:
-                        kwp = (Kd + tile0 * stride_kd_s).to(tl.pointer_type(tl.int32))
-                        k_raw = (tl.load(kwp + kw_rows[None, :] + tl.arange(0, KC // 4)[:, None]),)
-                    else:
-                        k_raw = _load_chunks(Kd + tile0 * stride_kd_s, kd_rows, offs_b < BLOCK_N, KNC, KC, True)
-                    k_mt = _load_meta(Km + tile0 * stride_km_s, km_rows, mask_n, KNM)
-                    v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                    v_mt = _load_meta(Vm + tile0 * stride_vm_s, vm_rows, mask_n, VNM)
+                    kd_p, kd_o = Kd + tile0 * stride_kd_s, kd_rows
+                    km_p, km_o = Km + tile0 * stride_km_s, km_rows
+                    vm_p, vm_o = Vm + tile0 * stride_vm_s, vm_rows
                 else:
                     loc = pg * V_PAGE + t0 + offs_b  # (the whole tile: unmasked)
-                    if K_WORDS:
-                        kwp = Kd.to(tl.pointer_type(tl.int32)) + (loc * stride_kd_s + k_head_d) // 4
-                        k_raw = (tl.load(kwp[None, :] + tl.arange(0, KC // 4)[:, None]),)
-                    else:
-                        k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, True)
-                    k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
-                    v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                    v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+                    kd_p, kd_o = Kd, loc * stride_kd_s + k_head_d
+                    km_p, km_o = Km, loc * stride_km_s + k_head_m
+                    vm_p, vm_o = Vm, loc * stride_vm_s + v_head_m
+                if K_WORDS:
+                    words = tl.arange(0, KC // 4)
+                    k_raw = (tl.load(kd_p.to(tl.pointer_type(tl.int32)) + (kd_o // 4)[None, :] + words[:, None]),)
+                else:
+                    k_raw = _load_chunks(kd_p, kd_o, offs_b < BLOCK_N, KNC, KC, True)
+                k_mt = _load_meta(km_p, km_o, mask_n, KNM)
+                v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+                v_mt = _load_meta(vm_p, vm_o, mask_n, VNM)
             elif PREFETCH == 2:
                 loc = loc_n
                 loc_n = tl.load(kv_indices + start + n0 + BLOCK_N + offs_b, mask=(n0 + BLOCK_N + offs_b) < s1,
