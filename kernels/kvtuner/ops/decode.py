@@ -58,6 +58,16 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 
 @triton.jit
+def _query_scale(sm_scale, LOG2: tl.constexpr):
+    """What the query is multiplied by: with ``LOG2`` (no logit cap) the softmax scale and log2(e),
+    folded in so the scores come out in base-2 units (:func:`_softmax_step`), else 1."""
+    if LOG2:
+        return sm_scale * 1.4426950408889634
+    else:
+        return 1.0
+
+
+@triton.jit
 def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr,
                   SUM_LATER: tl.constexpr = False, LOG2: tl.constexpr = False):
     """One tile of the online softmax: scale (and cap) the raw scores, mask them, and return
@@ -571,9 +581,7 @@ def _decode_stage1_packed(
 
     if s1 > s0:
         # query chunks in float16, chunk k scaled by 2**-(f*bits) to undo its field's place
-        q_scale = 1.0
-        if LOG2:
-            q_scale = sm_scale * 1.4426950408889634
+        q_scale = _query_scale(sm_scale, LOG2)
         qs = ()
         for k in tl.static_range(KNF * KNC):
             qk_ = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + k * KC + offs_kc[None, :],

@@ -35,8 +35,8 @@ from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
-                                _offset_rows, _program_heads, _pv_chunks_loaded, _softmax_step, _store_split,
-                                _sums_init)
+                                _offset_rows, _program_heads, _pv_chunks_loaded, _query_scale, _softmax_step,
+                                _store_split, _sums_init)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -537,9 +537,7 @@ def _kivi_decode_stage1_packed(
     # packed pages and applied once to the ring's scores (decode.py's packed kernel does the same)
     LOG2: tl.constexpr = LOGIT_CAP == 0
     if s1 > s0:
-        q_scale = 1.0
-        if LOG2:
-            q_scale = sm_scale * 1.4426950408889634
+        q_scale = _query_scale(sm_scale, LOG2)
         q_row = Q + b * stride_qb + heads[:, None] * stride_qh
         qc = ()
         for f in tl.static_range(KNF):
