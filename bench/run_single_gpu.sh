@@ -8,7 +8,8 @@
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
 # num_warps, num_stages, codes_asm, sum_later, maxnreg and k_words; empty fields keep the default), e.g. "int4%64,2,4,4",
 # "int4_p64_vpage%,,,,0" (without the PTX code conversion) or "int4_p64_vpage%,,,,,0" (softmax sums every tile).
-# Order: PYTEST groups, QUALITY, E2E, SUITE (SUITE_FIRST=1: before E2E), KBENCH, PROFILE.
+# Order: PYTEST groups, QUALITY, E2E, SUITE (SUITE_FIRST=1: before E2E), KBENCH (KBENCH_FIRST=1: before
+# E2E and SUITE; an entry may end in %TUNING too), PROFILE.
 # A job starts only if ~NEED s remain; the ones left are printed for the next call, and a later call
 # on the same warm machine given the same lists skips the jobs that already ended well
 # (/tmp/stage/queue-done.txt; a pytest job is named by a checksum of its files).  Run the calls
@@ -98,27 +99,33 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     # KBENCH: kernel microbenchmarks, one job each ("paged": V transposed within pages, below): "full" (bench/kernels_bench.py, issue 3's table, asym
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
-    for c in ${KBENCH:-}; do
-        case $c in
-        full) jobs+=("kbench-full=python3 bench/kernels_bench.py --asym --out $OUT/kernels_full.json") ;;
+    local kjobs=()
+    for c in ${KBENCH:-}; do  # NAME[%TUNING]: a tuned entry runs under KVTUNER_DECODE (e.g. "paged%,,,,,,,0":
+        # the paged form without key words) and writes its own files (..-tTUNING.json)
+        tuning "$c"
+        local kt=${t_tag:+${t_tag//-/_}}
+        case $t_entry in
+        full) kjobs+=("kbench-full$t_tag=${t_env}python3 bench/kernels_bench.py --asym --out $OUT/kernels_full$kt.json") ;;
         # the same table in the served layout of --page-size 64 (whole pages, values page-transposed)
-        full-p64) jobs+=("kbench-full-p64=python3 bench/kernels_bench.py --asym --page 64 --out $OUT/kernels_full_p64.json") ;;
+        full-p64) kjobs+=("kbench-full-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 --out $OUT/kernels_full_p64$kt.json") ;;
         # variants pf,warps,block_n,maxnreg,stages: the current defaults, no prefetch, and prefetch 2
-        serving) jobs+=("kbench-serving=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
+        serving) kjobs+=("kbench-serving$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
-            --out $OUT/decode_sweep_serving.json") ;;
-        # the form reading V transposed within pages (QuantKV.page), pages of 64 (sums every tile; the
-        # measured default launch, -1; register caps of 96 / 80 = 5 / 6 programs an SM) and 128 (64-token tiles), against the default
-        # forms on the same paged slots
-        paged) jobs+=("kbench-paged64=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
+            --out $OUT/decode_sweep_serving$kt.json") ;;
+        # the form reading V transposed within pages (QuantKV.page), pages of 64: the measured default
+        # launch (-1) and a register cap of 96 (5 programs an SM), sums every tile or once, against the
+        # default forms on the same paged slots
+        paged) kjobs+=("kbench-paged64$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int4_sym,int8,k8v4,int2,int2_asym --paged 64 --variants '1,4,128,0,2' \
-            --vt '4,2,1,0;4,2,1,1,-1;4,2,1,1,96;4,2,1,1,80;2,2,1,1,-1;2,2,1,1,96' \
-            --out $OUT/decode_sweep_paged64.json"
-            "kbench-paged128=python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
-            --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, full-p64, paged)" >&2; return 2 ;;
+            --vt '4,2,1,0,-1;4,2,1,1,-1;4,2,1,1,96;2,2,1,1,-1' \
+            --out $OUT/decode_sweep_paged64$kt.json") ;;
+        paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
+            --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, paged, paged128)" >&2; return 2 ;;
         esac
     done
+    # KBENCH_FIRST=1: the kernel benchmarks before the server jobs (a GPU of their own early)
+    if [ "${KBENCH_FIRST:-0}" = 1 ]; then jobs=("${kjobs[@]}" "${jobs[@]}"); else jobs+=("${kjobs[@]}"); fi
     for c in ${PROFILE:-}; do  # decode-step profile per configuration (bench/step_profile.py), one job each; CONFIG[%TUNING]
         tuning "$c"
         jobs+=("profile-$t_entry$t_tag=${t_env}python3 bench/step_profile.py --configs $t_entry --out $OUT/step_profile_{file}.json")
