@@ -36,7 +36,9 @@
 # @flashinfer queue, fa3 0 / fa3 1 with what it left, LAST=1 fa3 2 with the @fa3 queue; then
 # bench/combine_backends.py --page64 --dir <the calls' folders> --out bench/results/backends.json.  Each E2E job writes $OUT/e2e_<name>.json (@ as _at_;
 # bench/combine_backends.py and combine_kivi.py read them); SUITE jobs write $OUT/suite/<config>/.
-# Everything a call writes is packed into $OUT/run.tgz (at most 8 files come back).  GIT_SHA
+# Everything a call writes is packed into $OUT/run.tgz by this script (at most 8 files come back):
+# a caller must not pack $OUT again (a second `tar czf run.tgz` replaces the archive; session 25 lost
+# its JSON that way); write extra files under $OUT before the script ends, or to /tmp.  GIT_SHA
 # must be set (the host's git metadata is stale).
 set -u
 step=${1:?step}
@@ -171,6 +173,15 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     python3 bench/gpu_queue.py --gpus "${GPUS:-0}" --deadline $(( DEADLINE - SECONDS )) --need "$NEED" \
         --log-dir "$OUT/queue-logs" --out "$OUT/queue.json" --done-file /tmp/stage/queue-done.txt "${jobs[@]}"
     grep -h "^\[" "$OUT"/queue-logs/*.txt 2>/dev/null | grep -v "^\[queue\]" | tail -40
+    # the outcome lines on stdout too (what the call prints survives even if its archive does not):
+    # each pytest job's failures and totals, each kernel benchmark's summary
+    local f
+    for f in "$OUT"/queue-logs/pytest-*.txt; do
+        [ -f "$f" ] && grep -hE "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$f" | sed "s|^|[$(basename "$f" .txt)] |" | tail -15
+    done
+    for f in "$OUT"/queue-logs/kbench-*.txt; do
+        [ -f "$f" ] && sed -n '/^# summary/,$p' "$f" | sed "s|^|[$(basename "$f" .txt)] |" | tail -30
+    done
 }
 ficache_import() { [ -d .ficache ] && cat .ficache/ficache.part* | tar xJf - -C /tmp && echo "FlashInfer JIT cache unpacked"; }
 ficache_export() {

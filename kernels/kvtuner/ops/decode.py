@@ -753,18 +753,16 @@ def _packed_defaults(kf, vf) -> tuple[int, int]:
 
 
 def _paged_launch(kf, vf) -> tuple[int, int]:
-    """(num_warps, maxnreg) of the paged form with ``sum_later`` (0: no register cap), from
-    ``bench/results/raw/session23_h200x4/call1/decode_sweep_paged64.json`` (H200, 28/4 heads,
-    d=128, 256 x 3k and 64 x 8k): keeping the sums per token costs registers, up to ~40 a thread
-    with asymmetric values, and uncapped those forms ran slower than summing every tile (int4
-    asym 0.333 vs 0.230 ms at 64 x 8k); capped at 128 they ran fastest (0.212), as did int8 asym
-    and 2-bit values.  K and V both 2-bit asymmetric: 2 warps (0.224 vs 0.244 capped).  Symmetric
-    4/8-bit values (int4 sym, K8V4) timed best uncapped."""
-    if kf.bits == 2 and vf.bits == 2 and vf.asym:
-        return 2, 0
-    if vf.asym or vf.bits == 2:
-        return 4, 128
-    return 4, 0
+    """(num_warps, maxnreg) of the paged form with ``sum_later`` (0: no register cap): 4 warps capped
+    at 128 registers a thread (4 programs an SM) for every format.  Measured on an H200 at 64 x 8k,
+    28/4 heads, d=128, git d9b9f4b (``raw/session25_h200x2/call5/decode_sweep_paged64_caps.json``),
+    capped vs uncapped: int4 asym 0.201 vs 0.345 ms, int4 sym 0.192 vs 0.338, K2V2 asym 0.207 vs
+    0.353 (its former default, 2 warps uncapped, timed 0.224 at stop 23), K8V4 0.208 vs 0.208, int2
+    sym 0.204 vs 0.196 (within the run's spread: int8 capped read 0.218 and 0.230 in two variants).
+    Up to stop 24 symmetric 4/8-bit values ran uncapped, fastest then; the one-load meta rows and
+    folded softmax scale of that stop grew them past 128 registers, and the served
+    ``--kv-cache-dtype int4`` fell from 6,286 to ~5,200 tok/s (``raw/session25_h200x2``)."""
+    return 4, 128
 
 
 def _k_words_fit(kf, kds: int, kdh: int) -> bool:
@@ -845,7 +843,7 @@ def decode_attention(
       kernel.  Tuning knobs of the fast path (defaults measured on an H100): ``block_n``,
       ``prefetch`` (0: none, 1: next tile into registers, 2: only the next tile's slot indices, the
       bytes left to the compiler's pipeliner), ``maxnreg`` (a register cap a thread; None: the
-      measured default, 128 for the paged form's asymmetric or 2-bit values (:func:`_paged_launch`);
+      measured default, 128 for the paged form (:func:`_paged_launch`);
       0: none).
     * Values in the transposed-page layout (``v_cache.page`` P > 0, the pool's default with
       ``--page-size 64``; ``QuantKV.to_paged`` for benchmarks): V is read a tile of ``block_n``
