@@ -16,7 +16,9 @@ pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1
 PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
 and shared-memory loads.  The paged form compiles as ``decode_attention`` launches it: keys read as
 32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks), the fixed row offsets
-under a register cap.  The integer arguments are declared multiples
+under a register cap, the slot index a tile ahead (a variant's ninth field 0: in the iteration).
+``structure`` also reports the wait on async copies at the loop's top (``loop_copy_wait``: how many
+copy groups may stay in flight; 0 means each iteration waits for every copy issued before it).  The integer arguments are declared multiples
 of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
 """
 
@@ -66,7 +68,7 @@ def tile_of(block_n: int, v_page: int) -> int:
 
 def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
                    prefetch: int, num_warps: int, num_stages: int, arch: int = 90, v_page: int = 0,
-                   codes_asm: bool = False, sum_later: bool = True, maxnreg: int = 0):
+                   codes_asm: bool = False, sum_later: bool = True, maxnreg: int = 0, idx_ahead: int = -1):
     """Compile ``_decode_stage1_packed`` for ``sm_{arch}`` (``maxnreg`` > 0: that register cap a
     thread); returns Triton's compiled kernel."""
     from kvtuner.format import TensorFormat
@@ -81,7 +83,8 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
                   CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later), ROWS_FIXED=bool(v_page) and bool(maxnreg),
-                  K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1")
+                  K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1",
+                  IDX_AHEAD=bool(v_page) and bool(1 if idx_ahead < 0 else idx_ahead))
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
@@ -125,7 +128,9 @@ def loop_stats(sass: str) -> dict:
         ops.append(ins.split()[0] if ins else "")
     ops = [o for o in ops if o]
     base = [o.split(".")[0] for o in ops]
-    return {"loop_instructions": len(ops), "loop_mma": sum(b in ("HMMA", "HGMMA") for b in base),
+    waits = [int(m.group(1), 16) for ln in lines[best[0]:best[1] + 1] for m in [re.search(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", ln)] if m]
+    return {"loop_copy_wait": min(waits) if waits else None,
+            "loop_instructions": len(ops), "loop_mma": sum(b in ("HMMA", "HGMMA") for b in base),
             "loop_barriers": base.count("BAR"), "loop_lds": sum(b in ("LDS", "LDSM") for b in base),
             "loop_lds_bytes": sum(o in ("LDS.U8", "LDS.S8") for o in ops), "loop_sts": base.count("STS")}
 
@@ -174,11 +179,11 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--kv-group", type=int, default=7, help="query heads per KV head (Qwen2.5-7B: 7)")
     ap.add_argument("--variants", nargs="+", default=["128,1,4,2", "64,0,4,2", "64,2,4,3", "64,2,4,4", "128,2,4,3"],
-                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later[,maxnreg]]]] (v_page > 0: V read "
+                    help="block_n,prefetch,num_warps,num_stages[,v_page[,codes_asm[,sum_later[,maxnreg[,idx]]]]] (v_page > 0: V read "
                          "transposed within pages of that many tokens, one page a tile; codes_asm 1: bytes to codes in "
                          "PTX; sum_later 0: softmax sums every tile; maxnreg: a register cap a thread, 0 none (the "
-                         "per-channel kernel: 128); with --kernel kivi v_page must be the group, sum_later "
-                         "defaults on too)")
+                         "per-channel kernel: 128); idx: the paged form's slot index a tile ahead, 1 (its "
+                         "default) or 0; with --kernel kivi v_page must be the group, sum_later defaults on too)")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--out", help="write the rows as JSON")
     args = ap.parse_args(argv)
@@ -186,19 +191,20 @@ def main(argv=None) -> int:
     rows = []
     for v in args.variants:
         f = [int(x) for x in v.split(",")]
-        bn, pf, w, st, vp, asm, later, mx = f + [0, 0, 1, 0][len(f) - 4:]
+        bn, pf, w, st, vp, asm, later, mx, ia = f + [0, 0, 1, 0, -1][len(f) - 4:]
         try:
             if args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch,
                                         mx or 128, vp, bool(asm), bool(later))
             else:
                 k = compile_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch, vp,
-                                   bool(asm), bool(later), mx)
+                                   bool(asm), bool(later), mx, ia)
             s = structure(k)
         except Exception as e:  # noqa: BLE001  (a variant the compiler refuses is a result too)
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
         row = {"block_n": tile_of(bn, vp), "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
-               "codes_asm": bool(asm), "sum_later": bool(later), "maxnreg": mx, **s}
+               "codes_asm": bool(asm), "sum_later": bool(later), "maxnreg": mx,
+               "idx_ahead": bool(vp) and bool(1 if ia < 0 else ia), **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -6,7 +6,7 @@
 # bench/suite.py jobs (CONFIG:TABLES[:WORKLOADS[:LEVELS]], e.g. "int4_asym:concurrency:decode_heavy"),
 # PROFILE = decode-step profiles (bench/step_profile.py, e.g. "bf16 int4").  An E2E, SUITE or PROFILE entry may
 # end in %B,P,W,S: that job runs with KVTUNER_DECODE=B,P,W,S (the packed decode's block_n, prefetch,
-# num_warps, num_stages, codes_asm, sum_later, maxnreg and k_words; empty fields keep the default), e.g. "int4%64,2,4,4",
+# num_warps, num_stages, codes_asm, sum_later, maxnreg, k_words and idx_ahead; empty fields keep the default), e.g. "int4%64,2,4,4",
 # "int4_p64_vpage%,,,,0" (without the PTX code conversion) or "int4_p64_vpage%,,,,,0" (softmax sums every tile).
 # Order: PYTEST groups, QUALITY, E2E, SUITE (SUITE_FIRST=1: before E2E), KBENCH (KBENCH_FIRST=1: before
 # E2E and SUITE; an entry may end in %TUNING too), PROFILE.
@@ -114,12 +114,13 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         serving) kjobs+=("kbench-serving$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
             --out $OUT/decode_sweep_serving$kt.json") ;;
-        # the form reading V transposed within pages (QuantKV.page), pages of 64: the measured default
-        # launch (-1) and a register cap of 96 (5 programs an SM), sums every tile or once, against the
-        # default forms on the same paged slots
+        # the form reading V transposed within pages (QuantKV.page), pages of 64, against the default
+        # forms on the same paged slots: the default launch (the slot index a tile ahead, 3 stages,
+        # capped at 128), its two parts apart (index in the iteration / 2 stages), the earlier default
+        # (2 stages, index in the iteration), a cap of 96 (5 programs an SM)
         paged) kjobs+=("kbench-paged64$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int4_sym,int8,k8v4,int2,int2_asym --paged 64 --variants '1,4,128,0,2' \
-            --vt '4,2,1,0,-1;4,2,1,1,-1;4,2,1,1,96;2,2,1,1,-1' \
+            --vt '4,3,1,1,-1,1;4,3,1,1,-1,0;4,2,1,1,-1,1;4,2,1,1,-1,0;4,3,1,1,96,1' \
             --out $OUT/decode_sweep_paged64$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;

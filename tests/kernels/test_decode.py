@@ -138,6 +138,13 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     o, ref, _ = _run(device, 4, 64, 4, 64, True, 128, 7, 1, [70, 3], 0.0, -1)
     assert_close(o, ref)
     monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,0,0")
+    assert D._env_tuning() == {"k_words": 0, "idx_ahead": 0}
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1")
+    with pytest.raises(ValueError, match="idx_ahead"):
+        D._env_tuning()
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")
     with pytest.raises(ValueError, match="KVTUNER_DECODE"):
         D._env_tuning()

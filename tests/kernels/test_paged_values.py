@@ -199,6 +199,42 @@ def test_key_words_equal_the_byte_chunks(device, asym, group):
     assert_close(o, run(False), atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.parametrize("kb,vb,asym,page,lens,splits,window", [
+    (4, 4, True, 64, [130, 64, 1, 0, 77], [2, 1, 1, 1, 3], -1),
+    (8, 4, False, 128, [190, 20, 300], [2, 1, 4], 70),
+    (2, 2, True, 16, [33, 16, 49], [3, 1, 2], -1),
+])
+def test_slot_index_a_tile_ahead(device, kb, vb, asym, page, lens, splits, window):
+    """``idx_ahead`` (the paged default: a tile's slot index loaded the tile before, in a register)
+    reads the same tiles as loading it in the iteration: single-tile splits, a window that moves the
+    first tile, empty requests; anything but 0 or 1 is refused by name."""
+    gen = torch.Generator().manual_seed(17 + page + sum(lens))
+    d, hq, hkv, ms = 128, 7, 2, 4
+    kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 64, asym)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    pv = vc.to_paged(page)
+    b = len(lens)
+    q = (torch.randn(b, hq * hkv, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(ahead, stages):
+        o = torch.full((b, hq * hkv, d), float("nan"), dtype=torch.float32, device=device)
+        lg = torch.full((b, hq * hkv, ms, d), float("nan"), dtype=torch.float32, device=device)
+        lse = torch.full((b, hq * hkv, ms), float("nan"), dtype=torch.float32, device=device)
+        nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+        return decode_attention(q, kc, pv, o, indptr_of(lens, device), idx, lg, lse, nsplit, ms, d**-0.5,
+                                sliding_window=window, idx_ahead=ahead, num_stages=stages)
+
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5, sliding_window=window)
+    o = run(None, None)
+    assert_close(o, ref)
+    assert torch.equal(o, run(0, 2)) and torch.equal(o, run(1, 2))
+    if 0 in lens:
+        assert (o[lens.index(0)] == 0).all()
+    with pytest.raises(ValueError, match="idx_ahead 2"):
+        run(2, None)
+
+
 def test_paged_launch_defaults():
     """The paged form's measured launch (H200 sweep, bench/NOTES-decode.md): 4 warps under a
     register cap of 128 for every format (uncapped, int4 ran ~1.7x slower)."""

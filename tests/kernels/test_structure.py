@@ -62,3 +62,16 @@ def test_v_transposed_pages_stream_both_operands_without_byte_loads(tmp_path):
     ref = _s("64,0,4,2", tmp_path)  # token-major V: the operand is gathered byte by byte
     if ref.get("loop_instructions"):
         assert ref["loop_lds_bytes"] > 0
+
+
+def test_paged_default_keeps_a_tile_of_copies_in_flight(tmp_path):
+    """The paged form as launched (the slot index a tile ahead, 3 stages, capped at 128): the loop's
+    top waits only for the older tile's copies, the newer stay in flight; with the index loaded in
+    the iteration and 2 stages (the earlier default) it waits for every copy issued before it."""
+    s = _s("0,0,4,3,64,1,1,128", tmp_path)
+    assert s["idx_ahead"] and s["async_copies"] > 0 and s["spill_bytes"] in (0, None)
+    if s.get("loop_instructions"):
+        assert s["loop_copy_wait"] and s["loop_copy_wait"] > 0
+    old = _s("0,0,4,2,64,1,1,128,0", tmp_path)
+    if old.get("loop_instructions"):
+        assert old["loop_copy_wait"] == 0

@@ -538,7 +538,7 @@ def _decode_stage1_packed(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True, ROWS_FIXED: tl.constexpr = False,
-    K_WORDS: tl.constexpr = False,
+    K_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = False,
 ):
     if V_PAGE > 0:
         # tiles of one page each: splits over the whole request, tiles below the window skipped
@@ -642,6 +642,11 @@ def _decode_stage1_packed(
             v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
             mask_nx = (s0 + BLOCK_N + offs_b) < s1
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
+        if V_PAGE > 0 and IDX_AHEAD:
+            # the paged form's one slot index a tile, loaded a tile ahead into a register: the
+            # compiler's pipeliner issues a tile's async copies an iteration early, and with the
+            # index loaded in that same iteration each copy first waited a global load's latency
+            f_a = tl.load(kv_indices + start + s0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
             if V_PAGE > 0:
@@ -650,7 +655,11 @@ def _decode_stage1_packed(
                 # transposed within the page
                 if SLIDING_WINDOW > 0:
                     mask_n = mask_n & ((n0 + offs_b) >= lo)
-                first = tl.load(kv_indices + start + n0).to(tl.int64)
+                if IDX_AHEAD:
+                    first = f_a
+                    f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
+                else:
+                    first = tl.load(kv_indices + start + n0).to(tl.int64)
                 pg = first // V_PAGE
                 if BLOCK_N == V_PAGE:
                     t0 = 0
@@ -776,19 +785,20 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` 1 or 0: on or off;
-    ``maxnreg`` 0: no register cap; see :func:`decode_attention`).  Read once."""
+    ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
-        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words")
+        keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
+                "idx_ahead")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -830,6 +840,7 @@ def decode_attention(
     codes_asm: bool | None = None,
     sum_later: bool | None = None,
     k_words: bool | None = None,
+    idx_ahead: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -859,6 +870,12 @@ def decode_attention(
       ``KVTUNER_DECODE``'s eighth field): keys read as 32-bit words, one dot per bit field and byte
       of a word, so both dot operands are 16-bit (sm_90 offline: int4 asym 630 -> 590 loop
       instructions a tile; ``bench/NOTES-decode.md``).
+    * ``idx_ahead`` (paged form; default 1, with 3 pipeline stages on Hopper, ``KVTUNER_DECODE``'s
+      ninth field): a tile's slot index loaded a tile ahead into a register, so the async copies the
+      compiler's pipeliner issues an iteration early no longer wait on a load of that index first
+      (with 0 and 2 stages each tile's copies waited a global load's latency and the loop's top then
+      waited for all of them; sm_90 offline, with 1 and 3 stages a tile's copies stay in flight while
+      the one before is computed: ``bench/NOTES-decode.md``).  0 and 2 stages restore the earlier form.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -905,6 +922,8 @@ def decode_attention(
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
         if k_words is None:
             k_words = bool(env.get("k_words", 1))
+        if idx_ahead is None:
+            idx_ahead = env.get("idx_ahead")
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -914,6 +933,13 @@ def decode_attention(
         if tile < 16 or v_page % tile:
             raise ValueError(f"v_page {v_page}: the tile (block_n {tile}) must divide the page and be >= 16")
         block_n, prefetch = tile, 0
+        # the slot index a tile ahead; 3 pipeline stages where shared memory holds them for 4
+        # programs an SM (Hopper: 228 KB; a third int8 tile takes a program to 41 KB). Not yet timed
+        idx_ahead = 1 if idx_ahead is None else int(idx_ahead)
+        if idx_ahead not in (0, 1):
+            raise ValueError(f"idx_ahead {idx_ahead}: 0 or 1 (tiles the slot index is loaded ahead)")
+        if num_stages is None and idx_ahead and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9:
+            num_stages = 3
         if sum_later:  # measured launch of the paged form (_paged_launch)
             w, mr = _paged_launch(k_cache.fmt, v_cache.fmt)
             num_warps = w if num_warps is None else num_warps
@@ -938,6 +964,7 @@ def decode_attention(
             PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later),
             ROWS_FIXED=bool(v_page) and bool(maxnreg) and block_n * max(kds, kms, vms) < 2**31,  # (32-bit rows)
             K_WORDS=bool(v_page) and bool(k_words) and _k_words_fit(k_cache.fmt, kds, kdh),
+            IDX_AHEAD=int(idx_ahead) if v_page else 0,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
