@@ -8,6 +8,8 @@ a partial softmax per (request, head group, KV split) into ``attn_logits`` /
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -774,6 +776,12 @@ def _paged_launch(kf, vf) -> tuple[int, int]:
     return 4, 128
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int | None) -> int:
+    """The compute capability's major number of a CUDA device (cached: read once a device)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _k_words_fit(kf, kds: int, kdh: int) -> bool:
     """Whether the paged form can read the keys as 32-bit words (``K_WORDS``): a key row is one
     chunk (group >= its bytes) of at least 64 bytes (16 words: the dots' K dimension), rows
@@ -938,7 +946,7 @@ def decode_attention(
         idx_ahead = 1 if idx_ahead is None else int(idx_ahead)
         if idx_ahead not in (0, 1):
             raise ValueError(f"idx_ahead {idx_ahead}: 0 or 1 (tiles the slot index is loaded ahead)")
-        if num_stages is None and idx_ahead and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9:
+        if num_stages is None and idx_ahead and q.is_cuda and _sm_major(q.device.index) >= 9:
             num_stages = 3
         if sum_later:  # measured launch of the paged form (_paged_launch)
             w, mr = _paged_launch(k_cache.fmt, v_cache.fmt)
