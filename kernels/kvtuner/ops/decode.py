@@ -931,7 +931,7 @@ def decode_attention(
         if k_words is None:
             k_words = bool(env.get("k_words", 1))
         if idx_ahead is None:
-            idx_ahead = env.get("idx_ahead")
+            idx_ahead = env.get("idx_ahead", 1)
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -943,7 +943,6 @@ def decode_attention(
         block_n, prefetch = tile, 0
         # the slot index a tile ahead; 3 pipeline stages where shared memory holds them for 4
         # programs an SM (Hopper: 228 KB; a third int8 tile takes a program to 41 KB). Not yet timed
-        idx_ahead = 1 if idx_ahead is None else int(idx_ahead)
         if idx_ahead not in (0, 1):
             raise ValueError(f"idx_ahead {idx_ahead}: 0 or 1 (tiles the slot index is loaded ahead)")
         if num_stages is None and idx_ahead and q.is_cuda and _sm_major(q.device.index) >= 9:
