@@ -171,7 +171,7 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     return res
 
 
-def store_case(args, device, hkv, d, cfg):
+def store_case(args, device, hkv, d, cfg, **store_kw):
     kb, vb = CONFIGS[cfg]
     g = args.group
     kf = TensorFormat(kb, d, g if kb != 16 else d, args.asym and kb != 16)
@@ -182,8 +182,10 @@ def store_case(args, device, hkv, d, cfg):
     vc = with_page(args, QuantKV.empty(s, hkv, vf, device=device), kf)
     k = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
     v = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
-    slots = torch.randperm(s, device=device)[:t]
-    ms = bench_ms(lambda: quantize_store(k, v, slots, kc, vc), args.quick)
+    # a prefill's slots as the server gives them: with --page, whole pages in shuffled page order
+    # (the tokens of a page side by side); without, a random permutation (the worst case)
+    slots = slot_order(s, device, args.page, args.shuffle)[:t]
+    ms = bench_ms(lambda: quantize_store(k, v, slots, kc, vc, **store_kw), args.quick)
     moved = 2 * k.numel() * 2 + t * hkv * (kf.bytes_per_token_head() + vf.bytes_per_token_head())
     return {"tokens": t, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6, "tokens_per_s": t / ms * 1e3}
 
@@ -217,6 +219,8 @@ def main() -> int:
     ap.add_argument("--page", type=int, default=0,
                     help="slots in whole pages of P (shuffled page order) and, for packed K and V, values in the "
                          "transposed-page layout, as served with --page-size P (a power of two, 16..128)")
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the store table (and the 8k prefill it is compared with), every store form")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     if args.page and (not 16 <= args.page <= 128 or args.page & (args.page - 1)):
@@ -265,7 +269,7 @@ def main() -> int:
         "decode": [],
         "store": [],
     }
-    jobs = [(b, c, hq, hkv, cfg) for (b, c) in shapes for (hq, hkv) in heads for cfg in cfgs]
+    jobs = [] if args.store_only else [(b, c, hq, hkv, cfg) for (b, c) in shapes for (hq, hkv) in heads for cfg in cfgs]
     it = tqdm(jobs, desc="decode") if tqdm is not None else jobs
     base = {}
     for b, c, hq, hkv, cfg in it:
@@ -290,10 +294,15 @@ def main() -> int:
     for hq, hkv in heads:
         pre = prefill_ms(args, device, hq, hkv, d)
         for cfg in cfgs:
-            r = store_case(args, device, hkv, d, cfg)
-            r.update({"hq": hq, "hkv": hkv, "d": d, "config": cfg, "prefill_8k_attention_ms": pre,
-                      "store_over_prefill_attention": r["ms"] / pre})
-            results["store"].append(r)
+            # --store-only with --page: the one-token form against the token tiles
+            forms = [("default", {})]
+            if args.store_only and args.page:
+                forms += [(f"tile{n}", {"tile": n}) for n in (0, 16, 32)]
+            for form, kw in forms:
+                r = store_case(args, device, hkv, d, cfg, **kw)
+                r.update({"hq": hq, "hkv": hkv, "d": d, "config": cfg, "form": form, "prefill_8k_attention_ms": pre,
+                          "store_over_prefill_attention": r["ms"] / pre})
+                results["store"].append(r)
 
     # summary
     print(f"# {name}  torch {torch.__version__}  triton {triton.__version__}  sglang: {results['sglang']}")
@@ -308,7 +317,7 @@ def main() -> int:
               + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else "")
               + (f"  (flashinfer bf16 {r['flashinfer_ms']:.4f} ms)" if "flashinfer_ms" in r else ""))
     for r in results["store"]:
-        print(f"store {r['hq']}/{r['hkv']} {r['config']:>5}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
+        print(f"store {r['hq']}/{r['hkv']} {r['config']:>5} {r['form']:>7}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
               f"{r['GBps']:.0f} GB/s, {100 * r['store_over_prefill_attention']:.2f}% of an 8k prefill's attention "
               f"({r['prefill_8k_attention_ms']:.2f} ms)")
     if args.out:

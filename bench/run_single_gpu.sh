@@ -110,6 +110,8 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         full) kjobs+=("kbench-full$t_tag=${t_env}python3 bench/kernels_bench.py --asym --out $OUT/kernels_full$kt.json") ;;
         # the same table in the served layout of --page-size 64 (whole pages, values page-transposed)
         full-p64) kjobs+=("kbench-full-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 --out $OUT/kernels_full_p64$kt.json") ;;
+        # only the store table in pages of 64 (a prefill's slots), one token a program against token tiles
+        store-p64) kjobs+=("kbench-store-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 --store-only --out $OUT/kernels_store_p64$kt.json") ;;
         # variants pf,warps,block_n,maxnreg,stages: the current defaults, no prefetch, and prefetch 2
         serving) kjobs+=("kbench-serving$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8,k8v4,int2 --variants '1,4,128,0,2;1,4,64,0,2;0,4,64,0,2;2,4,64,0,3;2,4,64,0,4;2,4,128,0,3;2,8,64,0,3;2,8,128,0,3' \
@@ -124,7 +126,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/decode_sweep_paged64$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, full-p64, paged, paged128)" >&2; return 2 ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged128)" >&2; return 2 ;;
         esac
     done
     # KBENCH_FIRST=1: the kernel benchmarks before the server jobs (a GPU of their own early)

@@ -53,22 +53,26 @@ def test_store_writes_the_transposed_page(device, kb, vb, asym, page, d, n, cont
     h, s = 2, 4 * page * (1 + n // (2 * page))
     kf, vf = fmt(kb, d, 32, asym), fmt(vb, d, 32, asym)
     k_new, v_new = rand_kv(n, h, d, device, gen), rand_kv(n, h, d, device, gen)
-    slots = (torch.arange(n) + page) if contiguous else torch.randperm(s, generator=gen)[:n]
+    # (K2V4's run starts 8 slots into a page: its tiles straddle pages, stored row by row)
+    slots = (torch.arange(n) + page + (8 if kb == 2 else 0)) if contiguous else torch.randperm(s, generator=gen)[:n]
     slots = slots.to(device)
     ref_k, ref_v = QuantKV.empty(s, h, kf, device=device), QuantKV.empty(s, h, vf, device=device)
     for t in (ref_k.data, ref_k.meta, ref_v.data, ref_v.meta):
         if t is not None:
             t.zero_()
     quantize_store(k_new, v_new, slots, ref_k, ref_v)
-    pk = QuantKV.empty(s, h, kf, device=device)
-    pv = QuantKV(torch.zeros_like(ref_v.data), torch.zeros_like(ref_v.meta), vf, page)
-    for t in (pk.data, pk.meta):
-        if t is not None:
-            t.zero_()
-    quantize_store(k_new, v_new, slots, pk, pv)
-    assert torch.equal(pk.data, ref_k.data) and (kb == 16 or torch.equal(pk.meta, ref_k.meta))
-    assert torch.equal(pv.token_major().data, ref_v.data)
-    assert torch.equal(pv.meta, ref_v.meta)
+    for tile in (0, 16, 32):  # one token a program; token tiles (runs of a page, or row by row)
+        pk = QuantKV.empty(s, h, kf, device=device)
+        pv = QuantKV(torch.zeros_like(ref_v.data), torch.zeros_like(ref_v.meta), vf, page)
+        for t in (pk.data, pk.meta):
+            if t is not None:
+                t.zero_()
+        quantize_store(k_new, v_new, slots, pk, pv, tile=tile)
+        assert torch.equal(pk.data, ref_k.data) and (kb == 16 or torch.equal(pk.meta, ref_k.meta)), tile
+        assert torch.equal(pv.token_major().data, ref_v.data), tile
+        assert torch.equal(pv.meta, ref_v.meta), tile
+    with pytest.raises(ValueError, match="tile=8"):
+        quantize_store(k_new, v_new, slots, pk, pv, tile=8)
     if kb != 16:
         with pytest.raises(ValueError, match="only values take pages"):
             quantize_store(k_new, v_new, slots, pk.to_paged(page), pv)

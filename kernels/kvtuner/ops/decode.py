@@ -61,8 +61,10 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 @triton.jit
 def _query_scale(sm_scale, LOG2: tl.constexpr):
-    """What the query is multiplied by: with ``LOG2`` (no logit cap) the softmax scale and log2(e),
-    folded in so the scores come out in base-2 units (:func:`_softmax_step`), else 1."""
+    """What the raw scores are multiplied by before :func:`_softmax_step`: with ``LOG2`` (no logit
+    cap) the softmax scale and log2(e), so the scores come out in base-2 units, else 1 (the step
+    scales them).  Kernels fold it into a float32 query or the float32 key scales, never into a
+    float16 operand (rounding it there costs every score ~2**-12 relative)."""
     if LOG2:
         return sm_scale * 1.4426950408889634
     else:
@@ -582,13 +584,17 @@ def _decode_stage1_packed(
         accs = accs + (tl.zeros([BLOCK_H, VC], dtype=tl.float32),)
 
     if s1 > s0:
-        # query chunks in float16, chunk k scaled by 2**-(f*bits) to undo its field's place
+        # query chunks in float16, chunk k scaled by 2**-(f*bits) to undo its field's place: a
+        # power of two, so a bf16/fp16 query stays exact.  The softmax scale (q_scale) goes on the
+        # float32 key scales instead (one [tokens] product a group a tile): folded into the rounded
+        # query it cost ~2**-12 of every score, and 0.03 abs error on outputs of peaked softmaxes
+        # (tests/kernels/test_decode.py: CUDA tests; test_query_rounding_leaves_peaked_scores_exact)
         q_scale = _query_scale(sm_scale, LOG2)
         qs = ()
         for k in tl.static_range(KNF * KNC):
             qk_ = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + k * KC + offs_kc[None, :],
                           mask=mask_h[:, None], other=0.0).to(tl.float32)
-            qs = qs + ((qk_ * (q_scale * (1.0 / (1 << (k // KNC * K_BITS))))).to(tl.float16),)
+            qs = qs + ((qk_ * (1.0 / (1 << (k // KNC * K_BITS)))).to(tl.float16),)
         if K_WORDS:
             # keys read as 32-bit words (a row in one chunk): query dims f*KC + 4w + b (field f, byte b
             # of word w), one [heads, KC/4] chunk per (f, b) against the codes of byte b of the words.
@@ -599,7 +605,7 @@ def _decode_stage1_packed(
             for fb in tl.static_range(4 * KNF):
                 qv = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + (fb // 4) * KC + 4 * offs_w[None, :]
                              + fb % 4, mask=mask_h[:, None], other=0.0).to(tl.float32)
-                qw = qw + ((qv * (q_scale * (1.0 / (1 << (fb // 4 * K_BITS))))).to(tl.float16),)
+                qw = qw + ((qv * (1.0 / (1 << (fb // 4 * K_BITS)))).to(tl.float16),)
         # per group: sum of the (rounded) query and the constant the code offset adds
         kconst = ()
         qsums = ()
@@ -614,7 +620,7 @@ def _decode_stage1_packed(
                 kconst = kconst + (cg,)
             else:
                 kconst = kconst + (cg - K_QMIN * qg,)
-            qsums = qsums + (qg,)
+            qsums = qsums + (qg * q_scale,)
 
         k_head_d = kv_head * stride_kd_h
         k_head_m = kv_head * stride_km_h
@@ -723,7 +729,7 @@ def _decode_stage1_packed(
                     else:
                         kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
                     dg = tl.dot(qs[g * KCPG + j], kcodes, dg)
-                t = k_mt[g][None, :] * (dg - kconst[g][:, None])
+                t = (k_mt[g] * q_scale)[None, :] * (dg - kconst[g][:, None])
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
