@@ -171,7 +171,7 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     return res
 
 
-def store_case(args, device, hkv, d, cfg, **store_kw):
+def store_case(args, device, hkv, d, cfg, scattered=False, **store_kw):
     kb, vb = CONFIGS[cfg]
     g = args.group
     kf = TensorFormat(kb, d, g if kb != 16 else d, args.asym and kb != 16)
@@ -183,8 +183,12 @@ def store_case(args, device, hkv, d, cfg, **store_kw):
     k = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
     v = torch.randn(t, hkv, d, dtype=torch.bfloat16, device=device)
     # a prefill's slots as the server gives them: with --page, whole pages in shuffled page order
-    # (the tokens of a page side by side); without, a random permutation (the worst case)
-    slots = slot_order(s, device, args.page, args.shuffle)[:t]
+    # (the tokens of a page side by side); without, or ``scattered`` (a decode batch's one token a
+    # request, written anywhere), a random permutation
+    if scattered or not args.page:
+        slots = torch.randperm(s, device=device)[:t]
+    else:
+        slots = slot_order(s, device, args.page, args.shuffle)[:t]
     ms = bench_ms(lambda: quantize_store(k, v, slots, kc, vc, **store_kw), args.quick)
     moved = 2 * k.numel() * 2 + t * hkv * (kf.bytes_per_token_head() + vf.bytes_per_token_head())
     return {"tokens": t, "ms": ms, "bytes": moved, "GBps": moved / ms / 1e6, "tokens_per_s": t / ms * 1e3}
@@ -294,10 +298,12 @@ def main() -> int:
     for hq, hkv in heads:
         pre = prefill_ms(args, device, hq, hkv, d)
         for cfg in cfgs:
-            # --store-only with --page: the one-token form against the token tiles
+            # --store-only with --page: the one-token form against the token tiles, with a prefill's
+            # slots and with scattered ones (a decode batch's)
             forms = [("default", {})]
             if args.store_only and args.page:
-                forms += [(f"tile{n}", {"tile": n}) for n in (0, 16, 32)]
+                forms += [(f"{sc}tile{n}", {"tile": n, "scattered": sc == "sc-"}) for sc in ("", "sc-")
+                          for n in (0, 16, 32)]
             for form, kw in forms:
                 r = store_case(args, device, hkv, d, cfg, **kw)
                 r.update({"hq": hq, "hkv": hkv, "d": d, "config": cfg, "form": form, "prefill_8k_attention_ms": pre,
@@ -317,7 +323,7 @@ def main() -> int:
               + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else "")
               + (f"  (flashinfer bf16 {r['flashinfer_ms']:.4f} ms)" if "flashinfer_ms" in r else ""))
     for r in results["store"]:
-        print(f"store {r['hq']}/{r['hkv']} {r['config']:>5} {r['form']:>7}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
+        print(f"store {r['hq']}/{r['hkv']} {r['config']:>5} {r['form']:>10}: {r['ms'] * 1e3:8.1f} us for {r['tokens']} tokens, "
               f"{r['GBps']:.0f} GB/s, {100 * r['store_over_prefill_attention']:.2f}% of an 8k prefill's attention "
               f"({r['prefill_8k_attention_ms']:.2f} ms)")
     if args.out:

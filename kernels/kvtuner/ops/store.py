@@ -213,9 +213,13 @@ def _store_kernel(
     )
 
 
-# tokens a program of the store into page-transposed values (0: one token of a head a program;
-# bench/kernels_bench.py --page 64 --store-only times 0, 16 and 32 with a prefill's slots)
-STORE_TILE_DEFAULT = 0
+# tokens a program of the store into page-transposed values (0: one token of a head a program).
+# Timed on an H200 (bench/kernels_bench.py --page 64 --store-only, 8k tokens in whole pages, git
+# 3af582a, raw/session26_h200x4/call3/kernels_store_p64.json): 16 fastest for every format, e.g.
+# int8 at 8 KV heads 115.0 -> 46.2 us (4.6% -> 1.8% of an 8k prefill's attention), int4 69.7 -> 40.1;
+# 32 in between (more registers a thread).  A decode batch (one token a request, no runs) takes
+# the row-by-row branch of the same kernel.
+STORE_TILE_DEFAULT = 16
 
 
 def _with_prefix(d: dict, p: str) -> dict:
