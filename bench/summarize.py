@@ -55,6 +55,10 @@ QWEN_RUNS = {  # summary key -> raw files (later files fill configurations the e
     # float16 query): bf16, fp8, fp4 and both int4 forms side by side again
     "qwen2.5-7b_dummy_h200_page64_s26b": tuple(
         f"session26_h200x4/call3/e2e_{cfg}_p64.json" for cfg in ("bf16", "fp8_e4m3", "fp4_mx_block16", "int4", "int4_sym")),
+    # the last call (git 0a553bd: the store takes 16 tokens a program), every configuration again
+    "qwen2.5-7b_dummy_h200_page64_s26c": tuple(
+        f"session26_h200x4/call4/e2e_{cfg}_p64.json"
+        for cfg in ("bf16", "fp8_e4m3", "fp4_mx_block16", "int4", "int4_sym", "int8", "int2", "K8V4")),
 }
 
 
