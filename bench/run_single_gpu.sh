@@ -126,10 +126,11 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/decode_sweep_paged64$kt.json") ;;
         # one warp a program (no shared-memory exchange of the probabilities; 255 registers: 8 programs an
         # SM) against the default 4 warps, over more splits and the decode-heavy batch (session 26: one warp
-        # won at 256 x 3k for symmetric int4/int2, lost at 64 x 8k with at most 2 splits)
+        # won at 256 x 3k for symmetric int4/int2, lost at 64 x 8k with at most 2 splits); with one warp the
+        # softmax sums every tile (sum_later 0) need no exchange across warps and free [heads, tokens] tiles
         paged-w1) kjobs+=("kbench-paged64-w1$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 64x8192,256x3072,1024x3072 --splits 1,2,4,8 \
             --cfgs int4,int4_sym,int8,int2 --paged 64 --variants '1,4,128,0,2' \
-            --vt '4,3,1,1,-1,1;1,3,1,1,255,1;1,3,1,1,224,1;1,2,1,1,255,1' --out $OUT/decode_sweep_paged64_w1$kt.json") ;;
+            --vt '4,3,1,1,-1,1;1,3,1,1,255,1;1,3,1,0,255,1;1,3,1,0,192,1;1,3,1,0,168,1' --out $OUT/decode_sweep_paged64_w1$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
         *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged128)" >&2; return 2 ;;
