@@ -11,6 +11,30 @@ from kvtuner.ops.types import QuantKV, require_token_major
 
 
 @triton.jit
+def _group_codes(x, BITS: tl.constexpr, ASYM: tl.constexpr):
+    """Unsigned codes, scale and (asym) offset of float32 groups ``x [rows, NG, G]`` (last axis a
+    group; KVTuner's vanilla rounding, :mod:`kvtuner.reference`): both store forms' arithmetic."""
+    QMIN: tl.constexpr = -(1 << (BITS - 1))
+    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if ASYM:
+        mx = tl.max(x, axis=2)
+        mn = tl.min(x, axis=2)
+        scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
+        zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
+        q = rint_half_even(tl.math.div_rn(x, scale[:, :, None]) - zero[:, :, None])
+        offset = (zero + QMIN) * scale
+    else:
+        absmax = tl.max(tl.abs(x), axis=2)
+        scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
+        q = rint_half_even(tl.math.div_rn(x, scale[:, :, None]))
+        offset = scale  # (unused)
+    q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
+    q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite group) -> code 0
+    return (q - QMIN).to(tl.int32) & MASK, scale, offset
+
+
+@triton.jit
 def _quantize_head(
     src_ptr,
     dst_ptr,
@@ -31,26 +55,12 @@ def _quantize_head(
         NG: tl.constexpr = D // G
         P: tl.constexpr = D * BITS // 8
         F: tl.constexpr = 8 // BITS
-        QMIN: tl.constexpr = -(1 << (BITS - 1))
-        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-        MASK: tl.constexpr = (1 << BITS) - 1
         offs_g = tl.arange(0, NG)
         offs_i = tl.arange(0, G)
         x = tl.load(src_ptr + offs_g[:, None] * G + offs_i[None, :]).to(tl.float32)  # [NG, G]
-        if ASYM:
-            mx = tl.max(x, axis=1)
-            mn = tl.min(x, axis=1)
-            scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
-            zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
-            q = rint_half_even(tl.math.div_rn(x, scale[:, None]) - zero[:, None])
-            offset = (zero + QMIN) * scale
-        else:
-            absmax = tl.max(tl.abs(x), axis=1)
-            scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
-            q = rint_half_even(tl.math.div_rn(x, scale[:, None]))
-        q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
-        q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite group) -> code 0
-        u = (q - QMIN).to(tl.int32) & MASK
+        u, scale, offset = _group_codes(tl.reshape(x, [1, NG, G]), BITS, ASYM)
+        scale = tl.reshape(scale, [NG])
+        offset = tl.reshape(offset, [NG])
         u2 = tl.reshape(u, [F, P])  # row f = elements [f*P, (f+1)*P) = bit field f
         shifts = tl.arange(0, F) * BITS
         packed = tl.sum(u2 << shifts[:, None], axis=0)  # fields do not overlap: sum == or
@@ -58,30 +68,6 @@ def _quantize_head(
         tl.store(meta_ptr + offs_g, scale.to(tl.float16))
         if ASYM:
             tl.store(meta_ptr + NG + offs_g, offset.to(tl.float16))
-
-
-@triton.jit
-def _group_codes(x, BITS: tl.constexpr, ASYM: tl.constexpr):
-    """Unsigned codes, scale and (asym) offset of float32 groups ``x [..., G]`` (last axis a group),
-    the arithmetic of :func:`_quantize_head` (KVTuner's vanilla rounding, :mod:`kvtuner.reference`)."""
-    QMIN: tl.constexpr = -(1 << (BITS - 1))
-    QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if ASYM:
-        mx = tl.max(x, axis=2)
-        mn = tl.min(x, axis=2)
-        scale = tl.math.div_rn(tl.maximum(mx - mn, 1e-5), float(QMAX - QMIN))
-        zero = rint_half_even(tl.math.div_rn(mn, scale)) - QMIN
-        q = rint_half_even(tl.math.div_rn(x, scale[:, :, None]) - zero[:, :, None])
-        offset = (zero + QMIN) * scale
-    else:
-        absmax = tl.max(tl.abs(x), axis=2)
-        scale = tl.math.div_rn(tl.maximum(absmax, 1e-5), float(QMAX))
-        q = rint_half_even(tl.math.div_rn(x, scale[:, :, None]))
-        offset = scale  # (unused)
-    q = tl.minimum(tl.maximum(q, float(QMIN)), float(QMAX))
-    q = tl.where(q != q, float(QMIN), q)  # NaN (non-finite group) -> code 0
-    return (q - QMIN).to(tl.int32) & MASK, scale, offset
 
 
 @triton.jit
