@@ -251,3 +251,62 @@ def test_paged_launch_defaults():
 
     for kb, vb, asym in [(4, 4, False), (8, 4, False), (4, 4, True), (8, 8, True), (2, 2, False), (2, 2, True)]:
         assert _paged_launch(f(kb, asym), f(vb, asym)) == (4, 128)
+
+
+def test_one_warp_launch_rule():
+    """One warp a program (H100 sweep, bench/NOTES-decode.md) only for symmetric K and V of at most
+    4 bits, on Hopper, when requests x KV-head blocks fill 7 one-warp programs an SM."""
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops.decode import ONE_WARP_MIN_PER_SM, _one_warp_launch
+
+    def f(bits, asym=False):
+        return TensorFormat(bits=bits, head_dim=128, group=64, asym=asym)
+
+    full = ONE_WARP_MIN_PER_SM * 132
+    assert _one_warp_launch(f(2), f(2), full, 132, 9) and _one_warp_launch(f(4), f(4), 4096, 132, 9)
+    assert _one_warp_launch(f(4), f(2), full, 132, 9)
+    assert not _one_warp_launch(f(2), f(2), full - 1, 132, 9)  # 64 x 8k at 4 KV heads: 256 pairs
+    assert not _one_warp_launch(f(2), f(2), 4096, 132, 8)  # not measured off Hopper
+    for kf, vf in [(f(4, True), f(4, True)), (f(8), f(4)), (f(4), f(8)), (f(8), f(8)), (f(16), f(4))]:
+        assert not _one_warp_launch(kf, vf, 4096, 132, 9), (kf, vf)
+
+
+@pytest.mark.parametrize("kb,vb", [(2, 2), (4, 4), (4, 2)])
+def test_one_warp_equals_four(device, kb, vb, monkeypatch):
+    """The one-warp form (sums every tile, 255 registers) reads the same tiles as 4 warps with the
+    sums kept for later; on CUDA the default launch takes it once the grid is full (here: a device
+    of one SM), unless a launch setting was asked for."""
+    import kvtuner.ops.decode as D
+
+    gen = torch.Generator().manual_seed(kb * 3 + vb)
+    d, page, hq, hkv, lens, splits = 128, 64, 7, 2, [130, 64, 1, 0, 77, 200, 64, 5], [2, 1, 1, 1, 3, 4, 1, 1]
+    kf, vf = fmt(kb, d, 64, False), fmt(vb, d, 64, False)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    pv = vc.to_paged(page)
+    b, ms = len(lens), 4
+    q = (torch.randn(b, hq * hkv, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(**kw):
+        o = torch.full((b, hq * hkv, d), float("nan"), dtype=torch.float32, device=device)
+        lg = torch.full((b, hq * hkv, ms, d), float("nan"), dtype=torch.float32, device=device)
+        lse = torch.full((b, hq * hkv, ms), float("nan"), dtype=torch.float32, device=device)
+        nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+        return decode_attention(q, kc, pv, o, indptr_of(lens, device), idx, lg, lse, nsplit, ms, d**-0.5, **kw)
+
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5)
+    four = run(num_warps=4, sum_later=True, maxnreg=128)
+    one = run(num_warps=1, sum_later=False, maxnreg=D.ONE_WARP_MAXNREG)
+    assert_close(four, ref)
+    assert_close(one, four, atol=5e-3, rtol=5e-3)  # (sums in another order)
+    calls = []
+    real = D._one_warp_launch
+    monkeypatch.setattr(D, "_one_warp_launch", lambda *a: calls.append(a) or real(*a))
+    if device == "cuda":
+        monkeypatch.setattr(D, "_sm_count", lambda index: 1)
+        monkeypatch.setattr(D, "_sm_major", lambda index: 9)
+        assert_close(run(), one, atol=1e-5, rtol=1e-5)
+        assert calls and calls[-1][2] == b * hkv  # (requests x KV-head blocks)
+        calls.clear()
+    run(num_warps=4)  # an asked-for launch is kept; the interpreter never takes the rule
+    assert not calls

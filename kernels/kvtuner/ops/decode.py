@@ -782,6 +782,35 @@ def _paged_launch(kf, vf) -> tuple[int, int]:
     return 4, 128
 
 
+# one warp a program: registers a thread (8 programs an SM fit) and the least number of (request,
+# KV-head block) pairs a launch needs, in programs an SM, before it takes that form
+ONE_WARP_MAXNREG = 255
+ONE_WARP_MIN_PER_SM = 7
+
+
+def _one_warp_launch(kf, vf, pairs: int, sm_count: int, sm_major: int) -> bool:
+    """Whether the paged form runs one warp a program (the probabilities stay in that warp's
+    registers for P x V: no shared-memory exchange, ``sum_later`` off, capped at
+    :data:`ONE_WARP_MAXNREG`) instead of :func:`_paged_launch`'s 4 warps.  Measured on an H100
+    (``raw/session27_h100/call1/decode_sweep_paged64_w1.json``, 28/4 heads, d=128, pages of 64): with
+    at least ~1,024 programs (7.8 an SM) one warp wins for symmetric 2-bit K and V (64 x 8k at 4
+    splits 0.136 vs 0.188 ms; 256 x 3k 0.199 vs 0.283; 1024 x 3k 0.834 vs 1.130) and symmetric int4
+    (0.184 vs 0.193, 0.273 vs 0.295, 1.106 vs 1.136); with 512 programs (3.9 an SM) it loses (int2
+    0.231 vs 0.188, int4 0.278 vs 0.190); asymmetric formats and 8-bit K or V keep 4 warps (int8
+    0.306-1.733 vs 0.276-1.563; int4 asym 0.246 vs 0.217 at 64 x 8k).  The split count a request
+    gets is on the device (SGLang's heuristic; CUDA graphs fix a launch per batch size), so the
+    rule counts only ``pairs`` = requests x KV-head blocks: one program each at least.  Hopper only
+    (the measured architecture)."""
+    sym_low = all(f.quantized and not f.asym and f.bits <= 4 for f in (kf, vf))
+    return sm_major == 9 and sym_low and pairs >= ONE_WARP_MIN_PER_SM * sm_count
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: read once a device)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_major(index: int | None) -> int:
     """The compute capability's major number of a CUDA device (cached: read once a device)."""
@@ -890,6 +919,11 @@ def decode_attention(
       (with 0 and 2 stages each tile's copies waited a global load's latency and the loop's top then
       waited for all of them; sm_90 offline, with 1 and 3 stages a tile's copies stay in flight while
       the one before is computed: ``bench/NOTES-decode.md``).  0 and 2 stages restore the earlier form.
+    * launch of the paged form: 4 warps capped at 128 registers (:func:`_paged_launch`), or one warp a
+      program at 255 registers with ``sum_later`` off where :func:`_one_warp_launch` says so (symmetric
+      K and V of at most 4 bits on a full grid, Hopper; 26% faster for int2 on an H100).  Any launch
+      setting given (``num_warps``, ``sum_later``, ``maxnreg``, or the same fields of
+      ``KVTUNER_DECODE``) skips that rule.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -930,8 +964,17 @@ def decode_attention(
         prefetch = pf if prefetch is None else prefetch
         if codes_asm is None:  # measured default: on for the paged form on NVIDIA GPUs
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
-        sum_later = bool(env.get("sum_later", 1)) if sum_later is None else sum_later
+        sum_later = bool(env["sum_later"]) if sum_later is None and "sum_later" in env else sum_later
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
+        # the paged form's launch when nothing was asked for: one warp a program for symmetric
+        # low-bit formats on a full grid (_one_warp_launch), else 4 warps (_paged_launch, below)
+        if (v_page and num_warps is None and sum_later is None and maxnreg is None and q.is_cuda
+                and torch.version.hip is None):
+            pairs = bsz * triton.cdiv(hq, min(block_h, group))
+            dev = q.device.index
+            if _one_warp_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev)):
+                num_warps, sum_later, maxnreg = 1, False, ONE_WARP_MAXNREG
+        sum_later = True if sum_later is None else sum_later
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
         if k_words is None:
