@@ -32,6 +32,7 @@ help:
 	@echo "make fa3-parts        .bundle-fa3/pNN: FA3's flash_ops in parts of < 64 MiB (bench/fa3_host.sh installs them)"
 	@echo "make bench            GPU microbenchmarks -> bench/results/"
 	@echo "make bench-suite [SUITE=bench/suite/qwen.yaml] [SUITE_ARGS=..]   benchmark suite (GPU) -> SUITE_DIR JSON, bench/REPORT.md"
+	@echo "make bench-report / bench-report-h100   regenerate bench/REPORT.md (H200 suite) / bench/results/suite_h100/REPORT.md (no GPU)"
 	@echo "make reliability      soak/pressure/aborts/prefix/bad input on MODEL (GPU) -> bench/results/reliability.json"
 	@echo "make image            the server image (docker/README.md); make docker-check lints and dry-runs it"
 
@@ -145,6 +146,11 @@ REFERENCE_FILES ?= bench/results/served_vs_reference_pertoken.json bench/results
 .PHONY: bench-report
 bench-report:
 	$(VPY) bench/report.py $(SUITE_DIR) --config $(SUITE) --out bench/REPORT.md --quality $(QUALITY_FILES) --reference $(REFERENCE_FILES)
+
+# the decode-heavy rows measured on one H100 (issues 3 and 7 state their targets there)
+.PHONY: bench-report-h100
+bench-report-h100:
+	$(VPY) bench/report.py bench/results/suite_h100 --config $(SUITE) --out bench/results/suite_h100/REPORT.md
 
 clean:
 	rm -rf build dist .bundle

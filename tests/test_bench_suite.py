@@ -385,6 +385,15 @@ def test_readme_suite_lines_come_from_the_report():
     assert len(rows) >= 8 and all(x in report for x in rows)
 
 
+
+def test_readme_h100_suite_lines_come_from_its_report():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- suite-targets-h100")[1].split("<!-- /suite-targets-h100 -->")[0].splitlines()[1:]
+    report = set((ROOT / "bench" / "results" / "suite_h100" / "REPORT.md").read_text().splitlines())
+    rows = [x for x in block if x.startswith("| ")]
+    assert len(rows) >= 10 and all(x in report for x in rows)
+
+
 def test_quality_section_shows_kl_and_greedy_when_measured():
     qf = {"device": "H200", "git_sha": "abc", "chunked_prefill_size": 64, "results": {
         "bf16": {"average_bits": 16.0, "ppl": 20.0},
