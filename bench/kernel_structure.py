@@ -15,7 +15,8 @@ next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read
 pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1: bytes to codes in
 PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
 and shared-memory loads.  The paged form compiles as ``decode_attention`` launches it: keys read as
-32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks), the fixed row offsets
+32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks; ``KS_LAZY=1``: the lazy
+max of ``lazy_rescale`` where the sums are taken every tile), the fixed row offsets
 under a register cap, the slot index a tile ahead (a variant's ninth field 0: in the iteration).
 ``structure`` also reports the wait on async copies at the loop's top (``loop_copy_wait``: how many
 copy groups may stay in flight; 0 means each iteration waits for every copy issued before it).  The integer arguments are declared multiples
@@ -84,7 +85,8 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   K_QMIN=qmin_of(kf), PREFETCH=0 if v_page else int(prefetch), V_PAGE=int(v_page),
                   CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later), ROWS_FIXED=bool(v_page) and bool(maxnreg),
                   K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1",
-                  IDX_AHEAD=bool(v_page) and bool(1 if idx_ahead < 0 else idx_ahead))
+                  IDX_AHEAD=bool(v_page) and bool(1 if idx_ahead < 0 else idx_ahead),
+                  LAZY=not sum_later and os.environ.get("KS_LAZY", "0") == "1")
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 

@@ -299,6 +299,11 @@ def test_one_warp_equals_four(device, kb, vb, monkeypatch):
     one = run(num_warps=1, sum_later=False, maxnreg=D.ONE_WARP_MAXNREG)
     assert_close(four, ref)
     assert_close(one, four, atol=5e-3, rtol=5e-3)  # (sums in another order)
+    lazy = run(num_warps=1, sum_later=False, maxnreg=D.ONE_WARP_MAXNREG, lazy_rescale=True)
+    assert_close(lazy, ref)
+    assert_close(lazy, one, atol=5e-3, rtol=5e-3)
+    with pytest.raises(ValueError, match="lazy_rescale needs sum_later off"):
+        run(sum_later=True, lazy_rescale=True)
     calls = []
     real = D._one_warp_launch
     monkeypatch.setattr(D, "_one_warp_launch", lambda *a: calls.append(a) or real(*a))
@@ -310,3 +315,40 @@ def test_one_warp_equals_four(device, kb, vb, monkeypatch):
         calls.clear()
     run(num_warps=4)  # an asked-for launch is kept; the interpreter never takes the rule
     assert not calls
+
+
+def test_lazy_rescale_follows_a_rising_max(device):
+    """The lazy max (``lazy_rescale``: accumulators rescaled only when a tile's max passes the
+    running one by more than 2**8) gives the reference's output when the scores rise along the
+    request: keys grow along the query's direction, so per query head the max moves by ~0.07 to
+    ~7 (log2 units) a 16-token tile: the fastest head crosses the threshold every other tile."""
+    gen = torch.Generator().manual_seed(5)
+    d, page, hq, hkv, lens, splits = 128, 16, 4, 1, [160, 97, 16], [1, 2, 1]
+    kf, vf = fmt(4, d, 64, False), fmt(2, d, 64, True)
+    idx, s_ = paged_slots(lens, page, gen)
+    n = sum(lens)
+    u = torch.randn(d, generator=gen)
+    u = u / u.norm()
+    t = torch.cat([torch.arange(x, dtype=torch.float32) for x in lens])
+    k_new = (u[None, :] * (0.5 * t)[:, None] + 0.3 * torch.randn(n, d, generator=gen))[:, None, :]
+    v_new = torch.randn(n, hkv, d, generator=gen)
+    kc, vc = QuantKV.empty(s_, hkv, kf, device=device), QuantKV.empty(s_, hkv, vf, device=device)
+    for x in (kc.data, kc.meta, vc.data, vc.meta):
+        x.zero_()
+    idx = idx.to(device)
+    quantize_store(k_new.to(torch.bfloat16).to(device), v_new.to(torch.bfloat16).to(device), idx, kc, vc)
+    b, ms = len(lens), 2
+    c = torch.tensor([0.1, 1.0, 4.0, 10.0])  # per query head: how fast its scores rise
+    q = (c[None, :, None] * u[None, None, :] * d**0.5 / 16).expand(b, hq, d).to(torch.bfloat16).to(device)
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5)
+    outs = []
+    for lazy in (False, True):
+        o = torch.zeros((b, hq, d), dtype=torch.float32, device=device)
+        lg = torch.zeros((b, hq, ms, d), dtype=torch.float32, device=device)
+        lse = torch.zeros((b, hq, ms), dtype=torch.float32, device=device)
+        nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+        outs.append(decode_attention(q, kc, vc.to_paged(page), o, indptr_of(lens, device), idx, lg, lse, nsplit,
+                                     ms, d**-0.5, sum_later=False, lazy_rescale=lazy))
+    assert_close(outs[1], ref)
+    assert_close(outs[1], outs[0], atol=5e-3, rtol=5e-3)

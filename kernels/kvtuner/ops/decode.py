@@ -99,6 +99,46 @@ def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.cons
         return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
 
 
+# lazy rescale: the running max moves only when a tile's max passes it by more than this (log2 units,
+# 2**8 = 256: probabilities stay <= 256, well inside float16 for the P x V operand)
+LAZY_TAU = 8.0
+
+
+@triton.jit
+def _softmax_step_lazy(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr):
+    """:func:`_softmax_step` (sums every tile) with a lazy max: the running max is raised only when
+    some row's tile max exceeds it by more than :data:`LAZY_TAU` (in log2 units), so most tiles of
+    a long request leave the accumulators unscaled.  The same softmax in exact arithmetic (the max
+    is any common offset of numerator and denominator); probabilities stay below 2**LAZY_TAU.
+    Returns ``(p, grow, re_scale, m_new, e_sum)``, ``grow`` a scalar: whether the caller rescales
+    its accumulators by ``re_scale`` this tile."""
+    if not LOG2:
+        qk = qk * sm_scale
+        if LOGIT_CAP > 0:
+            qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+    qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+    tau = 8.0 if LOG2 else 8.0 * 0.6931471805599453
+    m_cand = tl.maximum(tl.max(qk, 1), e_max)
+    grow = tl.max((m_cand > e_max + tau).to(tl.int32), 0) > 0
+    m_new = tl.where(grow, m_cand, e_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if LOG2:
+        re_scale = tl.where(grow, tl.exp2(e_max - m_safe), 1.0)
+        p = tl.exp2(qk - m_safe[:, None])
+    else:
+        re_scale = tl.where(grow, tl.exp(e_max - m_safe), 1.0)
+        p = tl.exp(qk - m_safe[:, None])
+    return p, grow, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
+
+
+@triton.jit
+def _rescale_chunks(accs, re_scale, N: tl.constexpr):
+    out = ()
+    for k in tl.static_range(N):
+        out = out + (accs[k] * re_scale[:, None],)
+    return out
+
+
 @triton.jit
 def _decode_stage1(
     Q,
@@ -494,14 +534,15 @@ def _offset_rows(o_rows, p, re_scale, v_mt, VNG: tl.constexpr):
 
 @triton.jit
 def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
-                      V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, OFFSETS_LATER: tl.constexpr = False):
+                      V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, OFFSETS_LATER: tl.constexpr = False,
+                      RESCALE: tl.constexpr = True):
     """The value side of one tile on the chunked path: each output chunk's accumulator is
     rescaled and gets ``fp16(p * scale * 2**-(f*bits))`` against the signed codes of its chunk
     (:func:`_vcodes`), plus, when asymmetric, the offsets weighted by ``p`` (one sum per scale
     group).  No per-chunk sum over the tile's tokens: each would cross the warps (shared memory
     and barriers).  ``v_raw`` and ``v_mt`` are the tile's loaded byte chunks and meta (see
     ``_load_chunks``/``_load_meta``).  ``OFFSETS_LATER``: the caller sums the offsets' share
-    (:func:`_offset_rows`)."""
+    (:func:`_offset_rows`).  ``RESCALE`` False: the caller rescaled ``accs`` already (lazy max)."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNC: tl.constexpr = VP // VC
@@ -520,7 +561,7 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
     for k in tl.static_range(VNF * VNC):
         # chunk k: bytes chunk k % VNC, bit field k // VNC, scale group k // VCPG
         ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[None, :]).to(tl.float16)
-        a = accs[k] * re_scale[:, None]
+        a = accs[k] * re_scale[:, None] if RESCALE else accs[k]
         if V_ASYM and not OFFSETS_LATER:
             a = a + corrs[k // VCPG][:, None]
         vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
@@ -542,7 +583,7 @@ def _decode_stage1_packed(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True, ROWS_FIXED: tl.constexpr = False,
-    K_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = False,
+    K_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = False, LAZY: tl.constexpr = False,
 ):
     if V_PAGE > 0:
         # tiles of one page each: splits over the whole request, tiles below the window skipped
@@ -733,11 +774,17 @@ def _decode_stage1_packed(
                 if K_ASYM:
                     t += k_mt[KNG + g][None, :] * qsums[g][:, None]
                 qk += t
-            p, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
-                                                       SUM_LATER, LOG2)
+            if LAZY:  # (sums every tile: the caller refuses LAZY with SUM_LATER)
+                p, grow, re_scale, e_max, e_rows = _softmax_step_lazy(qk, e_max, e_rows, mask_h, mask_n, sm_scale,
+                                                                      LOGIT_CAP, LOG2)
+                if grow:
+                    accs = _rescale_chunks(accs, re_scale, VNF * VNC)
+            else:
+                p, re_scale, e_max, e_rows = _softmax_step(qk, e_max, e_rows, mask_h, mask_n, sm_scale, LOGIT_CAP,
+                                                           SUM_LATER, LOG2)
             # ---- values: fp16(p * scale * 2**-(f*bits)) against the codes of each chunk
             accs = _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
-                                     SUM_LATER)
+                                     SUM_LATER, not LAZY)
             if V_ASYM and SUM_LATER:
                 o_rows = _offset_rows(o_rows, p, re_scale, v_mt, VNG)
             if PREFETCH == 1 and V_PAGE == 0:
@@ -828,8 +875,8 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead"``
-    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` 1 or 0: on or off;
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
@@ -837,11 +884,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead")
+                "idx_ahead", "lazy")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -884,6 +931,7 @@ def decode_attention(
     sum_later: bool | None = None,
     k_words: bool | None = None,
     idx_ahead: int | None = None,
+    lazy_rescale: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -924,6 +972,10 @@ def decode_attention(
       K and V of at most 4 bits on a full grid, Hopper; 26% faster for int2 on an H100).  Any launch
       setting given (``num_warps``, ``sum_later``, ``maxnreg``, or the same fields of
       ``KVTUNER_DECODE``) skips that rule.
+    * ``lazy_rescale`` (packed path with ``sum_later`` off; default off, ``KVTUNER_DECODE``'s tenth
+      field; untimed): the running max moves only when a tile's max passes it by more than 2**8, so
+      most tiles skip rescaling the accumulators (:func:`_softmax_step_lazy`; the one-warp loop
+      rescales 64 accumulator values a thread a tile).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -975,6 +1027,11 @@ def decode_attention(
             if _one_warp_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev)):
                 num_warps, sum_later, maxnreg = 1, False, ONE_WARP_MAXNREG
         sum_later = True if sum_later is None else sum_later
+        if lazy_rescale is None:  # (the environment's 1 applies where the sums are taken every tile)
+            lazy_rescale = bool(env.get("lazy", 0)) and not sum_later
+        if lazy_rescale and sum_later:
+            raise ValueError("lazy_rescale needs sum_later off (the running sums are rescaled every tile "
+                             "with sum_later)")
         if codes_asm and not q.is_cuda:
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
         if k_words is None:
@@ -1021,7 +1078,7 @@ def decode_attention(
             PREFETCH=int(prefetch), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later),
             ROWS_FIXED=bool(v_page) and bool(maxnreg) and block_n * max(kds, kms, vms) < 2**31,  # (32-bit rows)
             K_WORDS=bool(v_page) and bool(k_words) and _k_words_fit(k_cache.fmt, kds, kdh),
-            IDX_AHEAD=int(idx_ahead) if v_page else 0,
+            IDX_AHEAD=int(idx_ahead) if v_page else 0, LAZY=bool(lazy_rescale),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
