@@ -99,17 +99,13 @@ def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.cons
         return p, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
 
 
-# lazy rescale: the running max moves only when a tile's max passes it by more than this (log2 units,
-# 2**8 = 256: probabilities stay <= 256, well inside float16 for the P x V operand)
-LAZY_TAU = 8.0
-
-
 @triton.jit
 def _softmax_step_lazy(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr):
     """:func:`_softmax_step` (sums every tile) with a lazy max: the running max is raised only when
-    some row's tile max exceeds it by more than :data:`LAZY_TAU` (in log2 units), so most tiles of
+    some row's tile max exceeds it by more than 8 in log2 units (a factor of 256), so most tiles of
     a long request leave the accumulators unscaled.  The same softmax in exact arithmetic (the max
-    is any common offset of numerator and denominator); probabilities stay below 2**LAZY_TAU.
+    is any common offset of numerator and denominator); probabilities stay below 256, well inside
+    float16 for the P x V operand.
     Returns ``(p, grow, re_scale, m_new, e_sum)``, ``grow`` a scalar: whether the caller rescales
     its accumulators by ``re_scale`` this tile."""
     if not LOG2:
@@ -117,7 +113,7 @@ def _softmax_step_lazy(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl
         if LOGIT_CAP > 0:
             qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
     qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
-    tau = 8.0 if LOG2 else 8.0 * 0.6931471805599453
+    tau = 8.0 if LOG2 else 8.0 * 0.6931471805599453  # (2**8 in the scores' units)
     m_cand = tl.maximum(tl.max(qk, 1), e_max)
     grow = tl.max((m_cand > e_max + tau).to(tl.int32), 0) > 0
     m_new = tl.where(grow, m_cand, e_max)
