@@ -965,9 +965,9 @@ def decode_attention(
       the one before is computed: ``bench/NOTES-decode.md``).  0 and 2 stages restore the earlier form.
     * launch of the paged form: 4 warps capped at 128 registers (:func:`_paged_launch`), or one warp a
       program at 255 registers with ``sum_later`` off where :func:`_one_warp_launch` says so (symmetric
-      K and V of at most 4 bits on a full grid, Hopper; 26% faster for int2 on an H100).  Any launch
-      setting given (``num_warps``, ``sum_later``, ``maxnreg``, or the same fields of
-      ``KVTUNER_DECODE``) skips that rule.
+      K and V of at most 4 bits on a full grid, Hopper, the default 64-token tiles of pages >= 64;
+      26% faster for int2 on an H100).  Any launch setting given (``block_n``, ``num_warps``,
+      ``sum_later``, ``maxnreg``, or the same fields of ``KVTUNER_DECODE``) skips that rule.
     * ``lazy_rescale`` (packed path with ``sum_later`` off; default off, ``KVTUNER_DECODE``'s tenth
       field; untimed): the running max moves only when a tile's max passes it by more than 2**8, so
       most tiles skip rescaling the accumulators (:func:`_softmax_step_lazy`; the one-warp loop
@@ -1016,8 +1016,9 @@ def decode_attention(
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
         # the paged form's launch when nothing was asked for: one warp a program for symmetric
         # low-bit formats on a full grid (_one_warp_launch), else 4 warps (_paged_launch, below)
-        if (v_page and num_warps is None and sum_later is None and maxnreg is None and q.is_cuda
-                and torch.version.hip is None):
+        # (measured with 64-token tiles: pages of 64 or more)
+        if (v_page >= PAGED_TILE and tile <= 0 and num_warps is None and sum_later is None and maxnreg is None
+                and q.is_cuda and torch.version.hip is None):
             pairs = bsz * triton.cdiv(hq, min(block_h, group))
             dev = q.device.index
             if _one_warp_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev)):
