@@ -72,6 +72,26 @@ def _query_scale(sm_scale, LOG2: tl.constexpr):
 
 
 @triton.jit
+def _masked_scores(qk, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr):
+    """Raw scores scaled (and capped) for the softmax unless ``LOG2`` (already scaled, base 2),
+    -inf outside the heads and tokens of the tile."""
+    if not LOG2:
+        qk = qk * sm_scale
+        if LOGIT_CAP > 0:
+            qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
+    return tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+
+
+@triton.jit
+def _exp(x, LOG2: tl.constexpr):
+    """``2**x`` in the base-2 units of ``LOG2`` scores, else ``e**x``."""
+    if LOG2:
+        return tl.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
 def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.constexpr,
                   SUM_LATER: tl.constexpr = False, LOG2: tl.constexpr = False):
     """One tile of the online softmax: scale (and cap) the raw scores, mask them, and return
@@ -80,19 +100,11 @@ def _softmax_step(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl.cons
     tokens once after the loop (no exchange across the warps each tile).  ``LOG2``: the scores
     come already scaled by ``sm_scale * log2(e)`` (folded into the query; no logit cap), the
     max is kept in those units (:func:`_store_split` takes it back to natural log)."""
-    if not LOG2:
-        qk = qk * sm_scale
-        if LOGIT_CAP > 0:
-            qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
-    qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+    qk = _masked_scores(qk, mask_h, mask_n, sm_scale, LOGIT_CAP, LOG2)
     m_new = tl.maximum(tl.max(qk, 1), e_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if LOG2:
-        re_scale = tl.exp2(e_max - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-    else:
-        re_scale = tl.exp(e_max - m_safe)
-        p = tl.exp(qk - m_safe[:, None])
+    re_scale = _exp(e_max - m_safe, LOG2)
+    p = _exp(qk - m_safe[:, None], LOG2)
     if SUM_LATER:
         return p, re_scale, m_new, e_sum * re_scale[:, None] + p
     else:
@@ -108,22 +120,14 @@ def _softmax_step_lazy(qk, e_max, e_sum, mask_h, mask_n, sm_scale, LOGIT_CAP: tl
     float16 for the P x V operand.
     Returns ``(p, grow, re_scale, m_new, e_sum)``, ``grow`` a scalar: whether the caller rescales
     its accumulators by ``re_scale`` this tile."""
-    if not LOG2:
-        qk = qk * sm_scale
-        if LOGIT_CAP > 0:
-            qk = LOGIT_CAP * tanh_f32(qk / LOGIT_CAP)
-    qk = tl.where(mask_h[:, None] & mask_n[None, :], qk, float("-inf"))
+    qk = _masked_scores(qk, mask_h, mask_n, sm_scale, LOGIT_CAP, LOG2)
     tau = 8.0 if LOG2 else 8.0 * 0.6931471805599453  # (2**8 in the scores' units)
     m_cand = tl.maximum(tl.max(qk, 1), e_max)
     grow = tl.max((m_cand > e_max + tau).to(tl.int32), 0) > 0
     m_new = tl.where(grow, m_cand, e_max)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    if LOG2:
-        re_scale = tl.where(grow, tl.exp2(e_max - m_safe), 1.0)
-        p = tl.exp2(qk - m_safe[:, None])
-    else:
-        re_scale = tl.where(grow, tl.exp(e_max - m_safe), 1.0)
-        p = tl.exp(qk - m_safe[:, None])
+    re_scale = tl.where(grow, _exp(e_max - m_safe, LOG2), 1.0)
+    p = _exp(qk - m_safe[:, None], LOG2)
     return p, grow, re_scale, m_new, e_sum * re_scale + tl.sum(p, 1)
 
 
