@@ -139,9 +139,9 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # per-channel keys (the served KV2 per-channel configuration: values transposed within the key pages)
         # with one warp a program against its default launch (4 warps capped at 128), at the decode-heavy
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916
-        kivi-w1) kjobs+=("kbench-kivi-w1$t_tag=${t_env}python3 bench/kivi_decode.py --cfgs K2V2,K4V4 --heads 28,4 \
-            --shape 64x8192,256x3072,1024x3072 --residuals 64 --splits 1,2,4,8 --vpage --no-per-token \
-            --variants 'w4:;w1:num_warps=1,maxnreg=255;w1_s3:num_warps=1,maxnreg=255,num_stages=3;w1_pf2:num_warps=1,maxnreg=255,prefetch=2,num_stages=3;w1_later:num_warps=1,maxnreg=255,sum_later=1;w4_pf2:prefetch=2,num_stages=3' \
+        kivi-w1) kjobs+=("kbench-kivi-w1$t_tag=${t_env}python3 bench/kivi_decode.py --cfgs ${KIVI_CFGS:-K2V2,K4V4} --heads 28,4 \
+            --shape ${KIVI_SHAPES:-64x8192,256x3072,1024x3072} --residuals 64 --splits ${KIVI_SPLITS:-1,2,4,8} --vpage --no-per-token \
+            --variants '${KIVI_VARIANTS:-w4:;w1:num_warps=1,maxnreg=255;w1_s3:num_warps=1,maxnreg=255,num_stages=3;w1_pf2:num_warps=1,maxnreg=255,prefetch=2,num_stages=3;w1_later:num_warps=1,maxnreg=255,sum_later=1;w4_pf2:prefetch=2,num_stages=3}' \
             --out $OUT/kivi_decode_w1$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
