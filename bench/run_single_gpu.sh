@@ -136,6 +136,14 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         paged-lazy) kjobs+=("kbench-paged64-lazy$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 64x8192,1024x3072 --splits 1,4 \
             --cfgs int4_sym,int2 --paged 64 --variants '1,4,128,0,2' \
             --vt '4,3,1,1,-1,1;1,3,1,0,255,1;1,3,1,0,255,1,1' --out $OUT/decode_sweep_paged64_lazy$kt.json") ;;
+        # tokens on the MMA's M side (swap: decode_swapped, the query heads on N in blocks of 8) against the
+        # default launches (4 warps capped at 128; one warp at 255 where _one_warp_launch takes it): one warp
+        # uncapped and capped at 128 (offline sm_90: int4 sym 1,286 / 1,305 loop instructions at 168 / 128
+        # registers vs one warp's 1,656 at 255), 2 and 4 warps
+        paged-swap) kjobs+=("kbench-paged64-swap$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes ${SWAP_SHAPES:-64x8192,1024x3072} --splits 1,4 \
+            --cfgs ${SWAP_CFGS:-int4,int4_sym,int2,int8,k8v4} --paged 64 --variants '1,4,128,0,2' \
+            --vt '4,3,1,1,-1,1;1,3,1,0,255,1;1,3,1,0,0,1,0,1;1,3,1,0,128,1,0,1;2,3,1,0,0,1,0,1;4,3,1,0,0,1,0,1' \
+            --out $OUT/decode_sweep_paged64_swap$kt.json") ;;
         # per-channel keys (the served KV2 per-channel configuration: values transposed within the key pages)
         # with one warp a program against its default launch (4 warps capped at 128), at the decode-heavy
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916
@@ -145,7 +153,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/kivi_decode_w1$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, kivi-w1, paged128)" >&2; return 2 ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, paged-swap, kivi-w1, paged128)" >&2; return 2 ;;
         esac
     done
     # KBENCH_FIRST=1: the kernel benchmarks before the server jobs (a GPU of their own early)

@@ -352,3 +352,44 @@ def test_lazy_rescale_follows_a_rising_max(device):
                                      ms, d**-0.5, sum_later=False, lazy_rescale=lazy))
     assert_close(outs[1], ref)
     assert_close(outs[1], outs[0], atol=5e-3, rtol=5e-3)
+
+
+@pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits,window,cap", [
+    (4, 4, False, 64, 7, 2, [130, 64, 1, 0, 77], [2, 1, 1, 1, 3], -1, 0.0),
+    (4, 4, True, 64, 7, 1, [200, 5], [3, 1], -1, 0.0),
+    (2, 2, False, 16, 4, 2, [33, 16, 49], [3, 1, 2], -1, 0.0),
+    (8, 4, True, 32, 8, 1, [70, 31], [2, 1], 40, 0.0),
+    (4, 2, False, 16, 16, 1, [45, 3], [2, 1], -1, 30.0),
+    (8, 8, False, 16, 1, 2, [20, 64], [1, 4], -1, 0.0),
+])
+def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv, lens, splits, window, cap):
+    """``swap`` (tokens on the MMA's M side, the query heads on N in blocks of 8: ``decode_swapped``)
+    gives the reference's output and the usual form's: GQA 1/4/7/8/16, windows, a logit cap, empty
+    and one-token requests, pages of 16-64; it needs the paged layout and the sums every tile."""
+    gen = torch.Generator().manual_seed(23 + kb + page + sum(lens))
+    d, ms = 128, 4
+    kf, vf = fmt(kb, d, 64, asym), fmt(vb, d, 32 if vb == 8 else 64, asym)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    pv = vc.to_paged(page)
+    b = len(lens)
+    q = (torch.randn(b, hq * hkv, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(v, **kw):
+        o = torch.full((b, hq * hkv, d), float("nan"), dtype=torch.float32, device=device)
+        lg = torch.full((b, hq * hkv, ms, d), float("nan"), dtype=torch.float32, device=device)
+        lse = torch.full((b, hq * hkv, ms), float("nan"), dtype=torch.float32, device=device)
+        nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
+        return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, lg, lse, nsplit, ms, d**-0.5,
+                                sliding_window=window, logit_cap=cap, block_n=16 if page < 64 else 0, **kw)
+
+    ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                 d**-0.5, sliding_window=window, logit_cap=cap)
+    o = run(pv, swap=True)
+    assert_close(o, ref)
+    assert_close(o, run(pv), atol=5e-3, rtol=5e-3)  # (the usual form: sums in another order)
+    if 0 in lens:
+        assert (o[lens.index(0)] == 0).all()
+    with pytest.raises(ValueError, match="transposed-page layout"):
+        run(vc, swap=True)
+    with pytest.raises(ValueError, match="sum_later and lazy_rescale must be off"):
+        run(pv, swap=True, sum_later=True)

@@ -875,8 +875,8 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy"``
-    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` 1 or 0: on or off;
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
@@ -884,11 +884,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead", "lazy")
+                "idx_ahead", "lazy", "swap")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead,lazy (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -932,6 +932,7 @@ def decode_attention(
     k_words: bool | None = None,
     idx_ahead: int | None = None,
     lazy_rescale: bool | None = None,
+    swap: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -976,6 +977,10 @@ def decode_attention(
       field; untimed): the running max moves only when a tile's max passes it by more than 2**8, so
       most tiles skip rescaling the accumulators (:func:`_softmax_step_lazy`; the one-warp loop
       rescales 64 accumulator values a thread a tile).
+    * ``swap`` (paged form; default off, ``KVTUNER_DECODE``'s eleventh field; untimed): tokens on the
+      MMA's M side and the query heads on N in blocks of 8 (``decode_swapped``): for 7 or 4 query heads a
+      KV head, half the MMAs and accumulators of the usual form, whose heads fill rows of 16.  One warp
+      a program unless ``num_warps`` says otherwise; the softmax sums are taken every tile.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1018,6 +1023,16 @@ def decode_attention(
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
         sum_later = bool(env["sum_later"]) if sum_later is None and "sum_later" in env else sum_later
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
+        if swap is None:
+            swap = bool(env.get("swap", 0))
+        if swap:
+            if not v_page:
+                raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
+                                 "token-major")
+            if sum_later or lazy_rescale:
+                raise ValueError("swap takes the softmax sums every tile: sum_later and lazy_rescale must be off")
+            num_warps = 1 if num_warps is None else num_warps
+            sum_later = False
         # the paged form's launch when nothing was asked for: one warp a program for symmetric
         # low-bit formats on a full grid (_one_warp_launch), else 4 warps (_paged_launch, below)
         # (measured with 64-token tiles: pages of 64 or more)
@@ -1065,7 +1080,24 @@ def decode_attention(
     kds, kdh, kms, kmh = row_strides(k_cache)
     vds, vdh, vms, vmh = row_strides(v_cache)  # (paged values: page and head strides)
     grid = (bsz, triton.cdiv(hq, valid_h), max_kv_splits)
-    if packed:
+    if packed and swap:
+        from kvtuner.ops.decode_swapped import _decode_stage1_swapped
+
+        bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
+        _decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
+            q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
+            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+            q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
+            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+            KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
+            LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
+            **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
+            V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
+            num_warps=num_warps, num_stages=num_stages,
+            **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        )
+    elif packed:
         _decode_stage1_packed[grid](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),

@@ -1,0 +1,183 @@
+"""The paged decode's stage 1 with tokens on the MMA's M side (``swap``): scores as
+``S^T = K Q^T`` ``[tokens, heads]`` and the output as ``O^T = V^T P^T`` ``[head_dim, heads]``.
+
+Why: the usual form puts the query heads of a KV head on M, which the tensor cores need in rows of
+16; with 7 (Qwen2.5-7B) or 4 query heads a KV head, 9 or 12 of every 16 rows are padding, so half
+or more of the MMAs, of the ``[heads, head_dim]`` accumulators and of the softmax's registers are
+spent on zeros.  Here the heads sit on N, where an MMA takes 8 (``m16n8k16``): ``BLOCK_H`` = 8 for
+up to 8 query heads a KV head, half the MMAs and accumulator registers of the usual form.  The
+value bytes of the transposed-page layout (``QuantKV.page``: a page's tokens contiguous for each
+byte) are already ``V^T`` rows, so the P x V operand streams as stored.
+
+Same inputs, outputs and arithmetic as ``decode._decode_stage1_packed``'s paged form with the
+softmax sums taken every tile (per-token groups, codes ``1024 + field`` fed to the MMA as float16,
+key scales on the scores, value scales on the probabilities, signed value codes); the chunking of a
+head into byte chunks and bit fields is that module's (see its section comment).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _load_chunks, _load_meta, _masked_scores, _program_range,
+                                _query_scale, _vcodes)
+
+
+@triton.jit
+def _load_pages_t(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.constexpr, TILE: tl.constexpr):
+    """The NC byte chunks of TILE slots of one page stored transposed within pages, as stored:
+    ``uint8 [C, TILE]`` each (byte rows, tokens contiguous): ``V^T`` for the P x V dot."""
+    offs = tl.arange(0, C)
+    offs_t = tl.arange(0, TILE)
+    out = ()
+    for c in tl.static_range(NC):
+        out = out + (tl.load(data_ptr + base + (c * C + offs)[:, None] * PAGE + offs_t[None, :]),)
+    return out
+
+
+@triton.jit
+def _decode_stage1_swapped(
+    Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh,
+    stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = True,
+):
+    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, -1)
+    lo = 0
+    if SLIDING_WINDOW > 0:
+        seq_len = (tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)).to(tl.int32)
+        lo = tl.maximum(seq_len - (SLIDING_WINDOW + 1), 0)
+        s0 = tl.maximum(s0, lo - lo % BLOCK_N)
+
+    KP: tl.constexpr = K_D * K_BITS // 8
+    KC: tl.constexpr = K_G if K_G < KP else KP
+    KNC: tl.constexpr = KP // KC
+    KNF: tl.constexpr = 8 // K_BITS
+    KNG: tl.constexpr = K_D // K_G
+    KCPG: tl.constexpr = K_G // KC
+    KNM: tl.constexpr = KNG * (2 if K_ASYM else 1)
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VCPG: tl.constexpr = V_G // VC
+    VNG: tl.constexpr = V_D // V_G
+    VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
+    LOG2: tl.constexpr = LOGIT_CAP == 0
+
+    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    accs = ()
+    for k in tl.static_range(VNF * VNC):
+        accs = accs + (tl.zeros([VC, BLOCK_H], dtype=tl.float32),)
+
+    if s1 > s0:
+        # the query as the dots' B operand: chunk k transposed, [KC, heads], float16, scaled by
+        # 2**-(f*bits) for its bit field (exact); the softmax scale goes on the float32 key scales
+        q_scale = _query_scale(sm_scale, LOG2)
+        offs_kc = tl.arange(0, KC)
+        qs = ()
+        for k in tl.static_range(KNF * KNC):
+            qk_ = tl.load(Q + b * stride_qb + heads[None, :] * stride_qh + k * KC + offs_kc[:, None],
+                          mask=mask_h[None, :], other=0.0).to(tl.float32)
+            qs = qs + ((qk_ * (1.0 / (1 << (k // KNC * K_BITS)))).to(tl.float16),)
+        # per group: what the codes' 1024 (and the symmetric offset) add to each head's dot, and
+        # the query's sum for the asymmetric offsets
+        kconst = ()
+        qsums = ()
+        for g in tl.static_range(KNG):
+            cg = tl.zeros([BLOCK_H], dtype=tl.float32)
+            qg = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for j in tl.static_range(KCPG):
+                sq = tl.sum(qs[g * KCPG + j].to(tl.float32), 0)
+                cg += 1024.0 * sq
+                qg += sq * (1 << ((g * KCPG + j) // KNC * K_BITS))
+            if K_ASYM:
+                kconst = kconst + (cg,)
+            else:
+                kconst = kconst + (cg - K_QMIN * qg,)
+            qsums = qsums + (qg * q_scale,)
+
+        offs_b = tl.arange(0, BLOCK_N)
+        k_head_d = kv_head * stride_kd_h
+        k_head_m = kv_head * stride_km_h
+        v_head_d = kv_head * stride_vd_h
+        v_head_m = kv_head * stride_vm_h
+        if IDX_AHEAD:
+            f_a = tl.load(kv_indices + start + s0).to(tl.int64)
+        for n0 in range(s0, s1, BLOCK_N):
+            mask_n = (n0 + offs_b) < s1
+            if SLIDING_WINDOW > 0:
+                mask_n = mask_n & ((n0 + offs_b) >= lo)
+            if IDX_AHEAD:
+                first = f_a
+                f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
+            else:
+                first = tl.load(kv_indices + start + n0).to(tl.int64)
+            pg = first // V_PAGE
+            if BLOCK_N == V_PAGE:
+                t0 = 0
+            else:
+                t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+            loc = pg * V_PAGE + t0 + offs_b
+            # keys [tokens, bytes] (the A operand as stored), meta per token, values [bytes, tokens]
+            k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
+            k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+            v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+
+            # ---- scores [tokens, heads]: per group a chain of dots, then scale (+ offset)
+            qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            for g in tl.static_range(KNG):
+                dg = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+                for j in tl.static_range(KCPG):
+                    if CODES_ASM:
+                        kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+                    else:
+                        kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+                    dg = tl.dot(kcodes, qs[g * KCPG + j], dg)
+                t = (k_mt[g] * q_scale)[:, None] * (dg - kconst[g][None, :])
+                if K_ASYM:
+                    t += k_mt[KNG + g][:, None] * qsums[g][None, :]
+                qk += t
+            # ---- the online softmax over the tile's tokens (axis 0), sums every tile
+            qk = _masked_scores(qk, mask_n, mask_h, sm_scale, LOGIT_CAP, LOG2)
+            m_new = tl.maximum(tl.max(qk, 0), e_max)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            re_scale = _exp(e_max - m_safe, LOG2)
+            p = _exp(qk - m_safe[None, :], LOG2)
+            e_sum = e_sum * re_scale + tl.sum(p, 0)
+            e_max = m_new
+            # ---- values: O^T += codes^T [bytes, tokens] x fp16(p * scale * 2**-(f*bits)) [tokens, heads]
+            corrs = ()
+            if V_ASYM:
+                for g in tl.static_range(VNG):
+                    corrs = corrs + (tl.sum(p * v_mt[VNG + g][:, None], 0),)
+            new_accs = ()
+            for k in tl.static_range(VNF * VNC):
+                ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
+                a = accs[k] * re_scale[None, :]
+                if V_ASYM:
+                    a = a + corrs[k // VCPG][None, :]
+                vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
+                new_accs = new_accs + (tl.dot(vcodes, ps, a),)
+            accs = new_accs
+
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    offs_vc = tl.arange(0, VC)
+    for k in tl.static_range(VNF * VNC):
+        tl.store(Att_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + k * VC + offs_vc[:, None],
+                 accs[k] * inv[None, :], mask=mask_h[None, :])
+    if LOG2:
+        e_max = e_max * 0.6931471805599453
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
