@@ -109,6 +109,23 @@ def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int,
     return _compile(K._kivi_decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
 
 
+def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, num_warps: int,
+                           num_stages: int, arch: int = 90, v_page: int = 64, codes_asm: bool = True, maxnreg: int = 0):
+    """The paged stage 1 with tokens on the MMA's M side (``decode_swapped``, ``swap``): 64-token
+    tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head)."""
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops import decode_swapped as S
+    from kvtuner.ops._common import fmt_constexprs, qmin_of
+
+    kf, vf = TensorFormat(kb, head_dim, group, asym), TensorFormat(vb, head_dim, group, asym)
+    consts = dict(KV_GROUP=kv_group, HQ=kv_group, BLOCK_H=8 if kv_group <= 8 else 16, BLOCK_N=tile_of(0, v_page),
+                  MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
+                  **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
+                  **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
+                  K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=True)
+    return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg)
+
+
 def loop_stats(sass: str) -> dict:
     """The main loop of a disassembled kernel (the longest backward branch): instructions a warp
     runs per iteration, and the ones that tell where time goes (MMAs, barriers, shared-memory
@@ -173,8 +190,10 @@ def structure(kernel) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=["per-token", "kivi"], default="per-token",
-                    help="the packed decode stage 1 of per-token keys (decode.py) or per-channel keys (kivi.py)")
+    ap.add_argument("--kernel", choices=["per-token", "kivi", "swapped"], default="per-token",
+                    help="the packed decode stage 1 of per-token keys (decode.py), per-channel keys (kivi.py), or "
+                         "per-token keys with tokens on the MMA's M side (decode_swapped.py: the variant's block_n, "
+                         "prefetch, sum_later and idx fields are ignored; v_page 0 means 64)")
     ap.add_argument("--kv", default="4,4", help="key bits,value bits (8/4/2)")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
@@ -195,7 +214,10 @@ def main(argv=None) -> int:
         f = [int(x) for x in v.split(",")]
         bn, pf, w, st, vp, asm, later, mx, ia = f + [0, 0, 1, 0, -1][len(f) - 4:]
         try:
-            if args.kernel == "kivi":
+            if args.kernel == "swapped":
+                k = compile_swapped_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, w, st, args.arch,
+                                           vp or 64, bool(asm), mx)
+            elif args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch,
                                         mx or 128, vp, bool(asm), bool(later))
             else:

@@ -20,13 +20,13 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 
 
-def _s(variant: str, tmp_path, asym: bool = True) -> dict:
+def _s(variant: str, tmp_path, asym: bool = True, kernel: str = "per-token") -> dict:
     """Compile in a process of its own: the tests run kernels under the Triton interpreter,
     whose functions cannot be compiled."""
-    out = tmp_path / f"{variant.replace(',', '_')}{'' if asym else '_sym'}.json"
+    out = tmp_path / f"{kernel}_{variant.replace(',', '_')}{'' if asym else '_sym'}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT / "kernels")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_structure.py"), "--kv", "4,4",
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_structure.py"), "--kernel", kernel, "--kv", "4,4",
                         *(["--asym"] if asym else []), "--variants", variant, "--out", str(out)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -88,3 +88,16 @@ def test_one_warp_keeps_the_probabilities_in_registers(tmp_path):
     four = _s("0,0,4,3,64,1,1,128", tmp_path, asym=False)  # the 4-warp default
     if s.get("loop_instructions") and four.get("loop_instructions"):
         assert s["loop_copy_wait"] and s["loop_barriers"] <= 2 < four["loop_barriers"]
+
+
+def test_swapped_form_halves_the_mmas_of_one_warp(tmp_path):
+    """Tokens on the MMA's M side (``swap``, ``decode_swapped``): with 7 query heads a KV head on N in a
+    block of 8, a 64-token tile of int4 takes half the MMAs of the one-warp usual form (64 against 128:
+    its heads fill rows of 16), streams both packed tiles multi-buffered, and sends only the query's
+    chunks through shared memory as float16, once; no spills (Triton 3.6: 168 registers against 255)."""
+    s = _s("0,0,1,3,64,1,0,0", tmp_path, asym=False, kernel="swapped")
+    assert s["async_copies"] > 0 and all(b[0] >= 2 for b in s["packed_buffers"])
+    assert s["f16_tiles_via_shared"] == 2 and s["spill_bytes"] in (0, None)
+    one = _s("0,0,1,3,64,1,0,255", tmp_path, asym=False)
+    if s.get("loop_mma") and one.get("loop_mma"):
+        assert 2 * s["loop_mma"] == one["loop_mma"]
