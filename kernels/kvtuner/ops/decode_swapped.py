@@ -137,14 +137,15 @@ def _decode_stage1_swapped(
             # ---- scores [tokens, heads]: per group a chain of dots, then scale (+ offset)
             qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
             for g in tl.static_range(KNG):
-                dg = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+                # the dot starts from -kconst (the codes' bias): no subtraction a score afterwards
+                dg = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32) - kconst[g][None, :]
                 for j in tl.static_range(KCPG):
                     if CODES_ASM:
                         kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
                     else:
                         kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
                     dg = tl.dot(kcodes, qs[g * KCPG + j], dg)
-                t = (k_mt[g] * q_scale)[:, None] * (dg - kconst[g][None, :])
+                t = (k_mt[g] * q_scale)[:, None] * dg
                 if K_ASYM:
                     t += k_mt[KNG + g][:, None] * qsums[g][None, :]
                 qk += t
