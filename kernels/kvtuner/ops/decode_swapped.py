@@ -37,6 +37,58 @@ def _load_pages_t(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.co
 
 
 @triton.jit
+def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale, LOGIT_CAP: tl.constexpr,
+                  LOG2: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
+                  CODES_ASM: tl.constexpr):
+    """One tile of the swapped forms after the scores ``qk [tokens, heads]``: the online softmax over
+    the tokens (axis 0, sums every tile), then ``O^T += codes^T [bytes, tokens] x fp16(p * scale *
+    2**-(f*bits)) [tokens, heads]`` for each value chunk (``v_raw`` ``[VC, tokens]`` byte chunks as the
+    transposed pages store them, ``v_mt`` the per-token meta columns).  Returns ``(e_max, e_sum, accs)``."""
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VCPG: tl.constexpr = V_G // VC
+    VNG: tl.constexpr = V_D // V_G
+    qk = _masked_scores(qk, mask_n, mask_h, sm_scale, LOGIT_CAP, LOG2)
+    m_new = tl.maximum(tl.max(qk, 0), e_max)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    re_scale = _exp(e_max - m_safe, LOG2)
+    p = _exp(qk - m_safe[None, :], LOG2)
+    e_sum = e_sum * re_scale + tl.sum(p, 0)
+    corrs = ()
+    if V_ASYM:
+        for g in tl.static_range(VNG):
+            corrs = corrs + (tl.sum(p * v_mt[VNG + g][:, None], 0),)
+    new_accs = ()
+    for k in tl.static_range(VNF * VNC):
+        ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
+        a = accs[k] * re_scale[None, :]
+        if V_ASYM:
+            a = a + corrs[k // VCPG][None, :]
+        vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
+        new_accs = new_accs + (tl.dot(vcodes, ps, a),)
+    return m_new, e_sum, new_accs
+
+
+@triton.jit
+def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
+             stride_lh, stride_ls, NK: tl.constexpr, VC: tl.constexpr, LOG2: tl.constexpr):
+    """A swapped form's stage-1 result of one split: each value chunk's ``[VC, heads]`` accumulator over
+    the softmax sum, and the log-sum-exp (``LOG2``: ``e_max`` in base-2 units)."""
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    offs_vc = tl.arange(0, VC)
+    for k in tl.static_range(NK):
+        tl.store(Att_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + k * VC + offs_vc[:, None],
+                 accs[k] * inv[None, :], mask=mask_h[None, :])
+    if LOG2:
+        e_max = e_max * 0.6931471805599453
+    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
+    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+@triton.jit
 def _decode_stage1_swapped(
     Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh,
@@ -149,36 +201,8 @@ def _decode_stage1_swapped(
                 if K_ASYM:
                     t += k_mt[KNG + g][:, None] * qsums[g][None, :]
                 qk += t
-            # ---- the online softmax over the tile's tokens (axis 0), sums every tile
-            qk = _masked_scores(qk, mask_n, mask_h, sm_scale, LOGIT_CAP, LOG2)
-            m_new = tl.maximum(tl.max(qk, 0), e_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            re_scale = _exp(e_max - m_safe, LOG2)
-            p = _exp(qk - m_safe[None, :], LOG2)
-            e_sum = e_sum * re_scale + tl.sum(p, 0)
-            e_max = m_new
-            # ---- values: O^T += codes^T [bytes, tokens] x fp16(p * scale * 2**-(f*bits)) [tokens, heads]
-            corrs = ()
-            if V_ASYM:
-                for g in tl.static_range(VNG):
-                    corrs = corrs + (tl.sum(p * v_mt[VNG + g][:, None], 0),)
-            new_accs = ()
-            for k in tl.static_range(VNF * VNC):
-                ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
-                a = accs[k] * re_scale[None, :]
-                if V_ASYM:
-                    a = a + corrs[k // VCPG][None, :]
-                vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
-                new_accs = new_accs + (tl.dot(vcodes, ps, a),)
-            accs = new_accs
+            e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                                               LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
 
-    has = e_sum > 0
-    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
-    offs_vc = tl.arange(0, VC)
-    for k in tl.static_range(VNF * VNC):
-        tl.store(Att_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + k * VC + offs_vc[:, None],
-                 accs[k] * inv[None, :], mask=mask_h[None, :])
-    if LOG2:
-        e_max = e_max * 0.6931471805599453
-    lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
-    tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
+             stride_lh, stride_ls, VNF * VNC, VC, LOG2)
