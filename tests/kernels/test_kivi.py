@@ -189,11 +189,20 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
              ("window+cap fast split prefetch", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, 2, 4),
              # the softmax sums kept per token (sum_later) and summed every tile, whatever the default
              ("window+cap fast sum_later", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, True),
-             ("plain fast sums every tile", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False))
+             ("plain fast sums every tile", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False),
+             # tokens on the MMA's M side (swap: decode_swapped; values transposed within the pages only)
+             ("plain fast swap", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True),
+             ("window+cap fast split swap", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False, True))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages, later = (tuned + [None, None, None])[:3]
+        pf, stages, later, swap = (tuned + [None, None, None, None])[:4]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+        if swap and not vpage:
+            with pytest.raises(ValueError, match="transposed within the key pages"):
+                kivi_decode_attention(q, pool.k, pool.resid, pool.v, q.float(), indptr, idx, ridx, pool.r,
+                                      torch.empty(4, hq, 4, d, device=device), torch.empty(4, hq, 4, device=device),
+                                      torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=True)
+            continue
         if path is False and g < 32:
             # the general kernel refuses tiles of 16 tokens (wrong on CUDA; pages are >= 32 in the server)
             with pytest.raises(ValueError, match="tiles of >= 32 tokens"):
@@ -209,7 +218,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
-                              prefetch=pf, num_stages=stages, sum_later=later)
+                              prefetch=pf, num_stages=stages, sum_later=later, swap=swap)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                           pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                           logit_cap=cap,
@@ -338,3 +347,31 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, p
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                       pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
     assert_close(o, ref, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 4, False)])
+def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
+    """The swapped per-channel decode (``swap``) over long requests with many splits, values
+    transposed within the key pages (the served layout at --page-size 64)."""
+    gen = torch.Generator().manual_seed(kbits + vbits + 7)
+    g, d, hkv, hq = 64, 128, 4, 28
+    pool = Pool(device, gen, kbits, g, 64, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096,
+                vpage=True)
+    pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
+    for _ in range(70):
+        pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    q = (torch.randn(4, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    ms = 16
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
+    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}):
+        o = torch.full((4, hq, d), float("nan"), dtype=torch.float32, device=device)
+        logits = torch.empty(4, hq, ms, d, dtype=torch.float32, device=device)
+        lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
+        ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
+        kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms,
+                              d**-0.5, swap=True, **kw)
+        assert_close(o, ref, atol=1e-2 if kbits == 8 else 4e-2)

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _load_chunks, _load_meta, _masked_scores, _program_range,
                                 _query_scale, _vcodes)
+from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
 @triton.jit
@@ -204,5 +205,128 @@ def _decode_stage1_swapped(
             e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
 
+    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
+             stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+
+
+@triton.jit
+def _kivi_decode_stage1_swapped(
+    Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+):
+    """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
+    the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
+    page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
+    ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group)."""
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
+    nq = _kivi_nq(n, R, K_G)
+    KC: tl.constexpr = K_D * K_BITS // 8
+    KNF: tl.constexpr = 8 // K_BITS
+    VP: tl.constexpr = V_D * V_BITS // 8
+    VC: tl.constexpr = V_G if V_G < VP else VP
+    VNC: tl.constexpr = VP // VC
+    VNF: tl.constexpr = 8 // V_BITS
+    VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
+    LOG2: tl.constexpr = LOGIT_CAP == 0
+    offs_kc = tl.arange(0, KC)
+    offs_b = tl.arange(0, BLOCK_N)
+    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    accs = ()
+    for k in tl.static_range(VNF * VNC):
+        accs = accs + (tl.zeros([VC, BLOCK_H], dtype=tl.float32),)
+    if s1 > s0:
+        q_scale = _query_scale(sm_scale, LOG2)
+        q_col = Q + b * stride_qb + heads[None, :] * stride_qh
+        qc = ()  # per bit field f: the query's channels f*KC.. as [KC, heads], float32, softmax-scaled
+        for f in tl.static_range(KNF):
+            qf = tl.load(q_col + f * KC + offs_kc[:, None], mask=mask_h[None, :], other=0.0).to(tl.float32)
+            qc = qc + (qf * q_scale,)
+        k_head_d = kv_head * stride_kd_h
+        k_head_m = kv_head * stride_km_h
+        v_head_d = kv_head * stride_vd_h
+        v_head_m = kv_head * stride_vm_h
+        s1q = tl.minimum(s1, nq)
+        # a tile's slots are one run of a page (pages are whole, tiles never straddle one): its first
+        # slot, loaded a tile ahead, gives them all, so the pipeliner can issue the tile's copies early
+        f_a = tl.load(kv_indices + start + s0, mask=s0 < s1q, other=0).to(tl.int64)
+        for p in range(s0, s1q, BLOCK_N):
+            pos = p + offs_b
+            mask_ld = pos < s1
+            mask_n = mask_ld & (pos >= w0)
+            first = f_a
+            f_a = tl.load(kv_indices + start + p + BLOCK_N, mask=p + BLOCK_N < s1q, other=0).to(tl.int64)
+            loc = first + offs_b
+            page = first // K_G
+            k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, 1, KC, False)[0]  # [tokens, KC]
+            mrow = Km + page * stride_km_p + k_head_m
+            qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+            if K_ASYM:
+                corr = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for f in tl.static_range(KNF):
+                s_f = tl.load(mrow + f * KC + offs_kc).to(tl.float32)
+                w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[:, None]
+                hi = w.to(tl.float16)
+                # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
+                if CODES_ASM:
+                    c = _codes_asm(k_raw, K_BITS, f)
+                else:
+                    c = _codes(k_raw, K_BITS, f)
+                if K_ASYM:
+                    codes = (c - 1024.0).to(tl.float16)
+                else:
+                    codes = (c - (1024.0 - K_QMIN * (1 << (f * K_BITS)))).to(tl.float16)
+                qk = tl.dot(codes, hi, qk)
+                if SPLIT_Q:
+                    qk = tl.dot(codes, (w - hi.to(tl.float32)).to(tl.float16), qk)
+                if K_ASYM:
+                    o_f = tl.load(mrow + K_D + f * KC + offs_kc).to(tl.float32)
+                    corr += tl.sum(qc[f] * o_f[:, None], 0)
+            if K_ASYM:
+                qk += corr[None, :]
+            # (key pages are value pages: tiles never straddle one)
+            t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+            v_raw = _load_pages_t(Vd, page * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
+            e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                                               LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+        if nq < s1:
+            # the ring's full-precision keys (the newest tokens), RC channels a dot
+            RC: tl.constexpr = 32 if K_D >= 32 else K_D
+            offs_rc = tl.arange(0, RC)
+            qr = ()
+            for c in tl.static_range(K_D // RC):
+                qr = qr + (tl.load(q_col + c * RC + offs_rc[:, None], mask=mask_h[None, :], other=0.0),)
+            ring = tl.load(req_idx + b).to(tl.int64)
+            for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
+                pos = p + offs_b
+                mask_ld = pos < s1
+                mask_n = mask_ld & (pos >= w0)
+                first = tl.load(kv_indices + start + p).to(tl.int64)
+                loc = first + offs_b  # (a run of one page, as above)
+                row = ((ring * R + pos % R).to(tl.int64) * stride_kr_s + kv_head * stride_kr_h)[:, None]
+                qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+                for c in tl.static_range(K_D // RC):
+                    kr = tl.load(Kr + row + (c * RC + offs_rc)[None, :], mask=mask_ld[:, None], other=0.0)
+                    if DOT_F32:  # (the interpreter's bf16 dot: _common.dot_in_f32)
+                        qk = tl.dot(kr.to(tl.float32), qr[c].to(tl.float32), qk, input_precision="ieee")
+                    else:
+                        qk = tl.dot(kr, qr[c], qk)
+                if LOG2:
+                    qk = qk * q_scale
+                pg = first // V_PAGE
+                t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+                v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
+                e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)

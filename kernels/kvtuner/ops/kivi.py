@@ -631,6 +631,7 @@ def kivi_decode_attention(
     prefetch: int | None = None,
     codes_asm: bool | None = None,
     sum_later: bool | None = None,
+    swap: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -653,7 +654,10 @@ def kivi_decode_attention(
     path then reads a tile's values without a byte gather, as decode.py's paged form, and
     ``codes_asm`` defaults on on CUDA).  ``sum_later`` (fast path; ``KVTUNER_DECODE``'s sixth
     field): the softmax sums kept per token, summed after the loops; off by default (untimed here;
-    under the register cap it spills more, ``ci/kivi_aot.py``)."""
+    under the register cap it spills more, ``ci/kivi_aot.py``).  ``swap`` (packed values transposed
+    within the key pages; ``KVTUNER_DECODE``'s eleventh field; default off, untimed): tokens on the MMA's M
+    side, the query heads on N in blocks of 8 (``decode_swapped``), one warp a program unless ``num_warps``
+    says otherwise, the softmax sums every tile."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -675,6 +679,8 @@ def kivi_decode_attention(
     block_n = block_n if block_n > 0 else (eb if eb >= 16 and g % eb == 0 else min(g, 64))
     if prefetch is None:  # this kernel has no register-prefetch form (1): the environment's 1 means 0 here
         prefetch = 2 if env.get("prefetch") == 2 else 0
+    asked = {"num_warps": num_warps is not None or "num_warps" in env,
+             "maxnreg": maxnreg is not None or "maxnreg" in env}  # (the swapped form's own defaults otherwise)
     num_warps = num_warps if num_warps is not None else env.get("num_warps", 4)
     num_stages = num_stages if num_stages is not None else env.get("num_stages", 2)
     if prefetch not in (0, 2):
@@ -711,21 +717,49 @@ def kivi_decode_attention(
         if sum_later is None:  # off until timed here: capped at 128 it spills more (ci/kivi_aot.py, Triton 3.8)
             sum_later = bool(env.get("sum_later", 0))
         fast = {"PREFETCH": int(prefetch), "CODES_ASM": bool(codes_asm), "SUM_LATER": bool(sum_later)}
-    kernel[grid](
-        q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
-        attn_logits, attn_lse, num_kv_splits, float(sm_scale),
-        q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
-        k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
-        vds, vdh, vms, vmh,
-        attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
-        attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-        KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
-        LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
-        K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
-        **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q), V_PAGE=int(v_page),
-        **fast, num_warps=num_warps, num_stages=num_stages,
-        **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
-    )
+    if swap is None:
+        swap = bool(env.get("swap", 0))
+    if swap:
+        if not (packed and v_page):
+            raise ValueError("swap reads packed values transposed within the key pages (QuantKV.page)")
+        if sum_later:
+            raise ValueError("swap takes the softmax sums every tile: sum_later must be off")
+        from kvtuner.ops.decode_swapped import _kivi_decode_stage1_swapped
+
+        bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
+        num_warps = num_warps if asked["num_warps"] else 1  # one warp, no register cap, unless asked
+        maxnreg = maxnreg if asked["maxnreg"] else 0
+        _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
+            q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
+            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+            q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
+            k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
+            vds, vdh, vms, vmh,
+            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+            KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
+            LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
+            K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
+            V_BITS=v_cache.fmt.bits, V_D=dv, V_G=v_cache.fmt.group, V_ASYM=bool(v_cache.fmt.asym),
+            SPLIT_Q=bool(split_q), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), DOT_F32=dot_in_f32(q.dtype),
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        )
+    else:
+        kernel[grid](
+            q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
+            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+            q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
+            k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
+            vds, vdh, vms, vmh,
+            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
+            LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
+            K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
+            **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q), V_PAGE=int(v_page),
+            **fast, num_warps=num_warps, num_stages=num_stages,
+            **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
+        )
     _decode_stage2[(bsz, hq)](
         attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1),
