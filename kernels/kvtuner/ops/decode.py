@@ -570,6 +570,29 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
 
 
 @triton.jit
+def _key_consts(qs, q_scale, AXIS: tl.constexpr, BLOCK_H: tl.constexpr, KNG: tl.constexpr, KCPG: tl.constexpr,
+                KNC: tl.constexpr, K_BITS: tl.constexpr, K_ASYM: tl.constexpr, K_QMIN: tl.constexpr):
+    """Per key scale group, from the (rounded) query chunks ``qs`` (their dims on ``AXIS``): what the
+    codes' 1024 (and, symmetric, the offset ``K_QMIN``) add to each head's dot (``kconst``), and the
+    query's sum times ``q_scale`` for the asymmetric offsets (``qsums``); ``[BLOCK_H]`` each."""
+    kconst = ()
+    qsums = ()
+    for g in tl.static_range(KNG):
+        cg = tl.zeros([BLOCK_H], dtype=tl.float32)
+        qg = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for j in tl.static_range(KCPG):
+            sq = tl.sum(qs[g * KCPG + j].to(tl.float32), AXIS)
+            cg += 1024.0 * sq
+            qg += sq * (1 << ((g * KCPG + j) // KNC * K_BITS))
+        if K_ASYM:
+            kconst = kconst + (cg,)
+        else:
+            kconst = kconst + (cg - K_QMIN * qg,)
+        qsums = qsums + (qg * q_scale,)
+    return kconst, qsums
+
+
+@triton.jit
 def _decode_stage1_packed(
     Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh,
@@ -647,21 +670,7 @@ def _decode_stage1_packed(
                 qv = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + (fb // 4) * KC + 4 * offs_w[None, :]
                              + fb % 4, mask=mask_h[:, None], other=0.0).to(tl.float32)
                 qw = qw + ((qv * (1.0 / (1 << (fb // 4 * K_BITS)))).to(tl.float16),)
-        # per group: sum of the (rounded) query and the constant the code offset adds
-        kconst = ()
-        qsums = ()
-        for g in tl.static_range(KNG):
-            cg = tl.zeros([BLOCK_H], dtype=tl.float32)
-            qg = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for j in tl.static_range(KCPG):
-                sq = tl.sum(qs[g * KCPG + j].to(tl.float32), 1)
-                cg += 1024.0 * sq
-                qg += sq * (1 << ((g * KCPG + j) // KNC * K_BITS))
-            if K_ASYM:
-                kconst = kconst + (cg,)
-            else:
-                kconst = kconst + (cg - K_QMIN * qg,)
-            qsums = qsums + (qg * q_scale,)
+        kconst, qsums = _key_consts(qs, q_scale, 1, BLOCK_H, KNG, KCPG, KNC, K_BITS, K_ASYM, K_QMIN)
 
         k_head_d = kv_head * stride_kd_h
         k_head_m = kv_head * stride_km_h

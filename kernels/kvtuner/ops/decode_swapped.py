@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _load_chunks, _load_meta, _masked_scores, _program_range,
-                                _query_scale, _vcodes)
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _key_consts, _load_chunks, _load_meta, _masked_scores,
+                                _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -142,22 +142,7 @@ def _decode_stage1_swapped(
             qk_ = tl.load(Q + b * stride_qb + heads[None, :] * stride_qh + k * KC + offs_kc[:, None],
                           mask=mask_h[None, :], other=0.0).to(tl.float32)
             qs = qs + ((qk_ * (1.0 / (1 << (k // KNC * K_BITS)))).to(tl.float16),)
-        # per group: what the codes' 1024 (and the symmetric offset) add to each head's dot, and
-        # the query's sum for the asymmetric offsets
-        kconst = ()
-        qsums = ()
-        for g in tl.static_range(KNG):
-            cg = tl.zeros([BLOCK_H], dtype=tl.float32)
-            qg = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for j in tl.static_range(KCPG):
-                sq = tl.sum(qs[g * KCPG + j].to(tl.float32), 0)
-                cg += 1024.0 * sq
-                qg += sq * (1 << ((g * KCPG + j) // KNC * K_BITS))
-            if K_ASYM:
-                kconst = kconst + (cg,)
-            else:
-                kconst = kconst + (cg - K_QMIN * qg,)
-            qsums = qsums + (qg * q_scale,)
+        kconst, qsums = _key_consts(qs, q_scale, 0, BLOCK_H, KNG, KCPG, KNC, K_BITS, K_ASYM, K_QMIN)
 
         offs_b = tl.arange(0, BLOCK_N)
         k_head_d = kv_head * stride_kd_h

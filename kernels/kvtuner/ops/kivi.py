@@ -719,6 +719,16 @@ def kivi_decode_attention(
         fast = {"PREFETCH": int(prefetch), "CODES_ASM": bool(codes_asm), "SUM_LATER": bool(sum_later)}
     if swap is None:
         swap = bool(env.get("swap", 0))
+    args = (q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
+            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
+            q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
+            k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1), vds, vdh, vms, vmh,
+            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
+            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2))
+    common = dict(KV_GROUP=group, HQ=hq, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits, LOGIT_CAP=float(logit_cap),
+                  SLIDING_WINDOW=int(sliding_window), R=int(residual_length), K_BITS=kf.bits, K_D=kf.head_dim, K_G=g,
+                  K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
+                  V_PAGE=int(v_page), num_stages=num_stages)
     if swap:
         if not (packed and v_page):
             raise ValueError("swap reads packed values transposed within the key pages (QuantKV.page)")
@@ -729,37 +739,13 @@ def kivi_decode_attention(
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
         num_warps = num_warps if asked["num_warps"] else 1  # one warp, no register cap, unless asked
         maxnreg = maxnreg if asked["maxnreg"] else 0
+        vc = {k: v for k, v in _v_constexprs(v_cache.fmt).items() if k != "V_QMIN"}
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
-            q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
-            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
-            q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
-            k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
-            vds, vdh, vms, vmh,
-            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
-            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-            KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
-            LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
-            K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
-            V_BITS=v_cache.fmt.bits, V_D=dv, V_G=v_cache.fmt.group, V_ASYM=bool(v_cache.fmt.asym),
-            SPLIT_Q=bool(split_q), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), DOT_F32=dot_in_f32(q.dtype),
-            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
-        )
+            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), num_warps=num_warps,
+            **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
-        kernel[grid](
-            q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
-            attn_logits, attn_lse, num_kv_splits, float(sm_scale),
-            q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
-            k_cache.meta.stride(1), k_resid.stride(0), k_resid.stride(1),
-            vds, vdh, vms, vmh,
-            attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
-            attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-            KV_GROUP=group, HQ=hq, BLOCK_H=block_h, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
-            LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window), R=int(residual_length),
-            K_BITS=kf.bits, K_D=kf.head_dim, K_G=g, K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf),
-            **_v_constexprs(v_cache.fmt), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q), V_PAGE=int(v_page),
-            **fast, num_warps=num_warps, num_stages=num_stages,
-            **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
-        )
+        kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
+                     **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     _decode_stage2[(bsz, hq)](
         attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
         attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1),
