@@ -570,6 +570,25 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
 
 
 @triton.jit
+def _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N: tl.constexpr, V_PAGE: tl.constexpr, IDX_AHEAD: tl.constexpr):
+    """The page ``pg`` and offset ``t0`` in it of the paged forms' tile at ``n0`` (BLOCK_N slots of one
+    page: BLOCK_N divides V_PAGE and splits are tile-aligned, so the slots are contiguous from the
+    first), from its first slot: ``f_a`` when IDX_AHEAD (loaded the tile before; the next tile's is
+    returned), else loaded here.  Returns ``(pg, t0, f_a)``."""
+    if IDX_AHEAD:
+        first = f_a
+        f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
+    else:
+        first = tl.load(kv_indices + start + n0).to(tl.int64)
+    pg = first // V_PAGE
+    if BLOCK_N == V_PAGE:
+        t0 = 0
+    else:  # the tile's offset in its page, a multiple of BLOCK_N the compiler can see
+        t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+    return pg, t0, f_a
+
+
+@triton.jit
 def _key_consts(qs, q_scale, AXIS: tl.constexpr, BLOCK_H: tl.constexpr, KNG: tl.constexpr, KCPG: tl.constexpr,
                 KNC: tl.constexpr, K_BITS: tl.constexpr, K_ASYM: tl.constexpr, K_QMIN: tl.constexpr):
     """Per key scale group, from the (rounded) query chunks ``qs`` (their dims on ``AXIS``): what the
@@ -700,6 +719,7 @@ def _decode_stage1_packed(
             v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
             mask_nx = (s0 + BLOCK_N + offs_b) < s1
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
+        f_a = 0
         if V_PAGE > 0 and IDX_AHEAD:
             # the paged form's one slot index a tile, loaded a tile ahead into a register: the
             # compiler's pipeliner issues a tile's async copies an iteration early, and with the
@@ -713,16 +733,7 @@ def _decode_stage1_packed(
                 # transposed within the page
                 if SLIDING_WINDOW > 0:
                     mask_n = mask_n & ((n0 + offs_b) >= lo)
-                if IDX_AHEAD:
-                    first = f_a
-                    f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
-                else:
-                    first = tl.load(kv_indices + start + n0).to(tl.int64)
-                pg = first // V_PAGE
-                if BLOCK_N == V_PAGE:
-                    t0 = 0
-                else:  # the tile's offset in its page, a multiple of BLOCK_N the compiler can see
-                    t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+                pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
                 # (base pointer, row offsets) of the tile's key bytes, key meta and value meta
                 if ROWS_FIXED:  # the tile's first slot as a scalar base, the rows fixed before the loop
                     tile0 = pg * V_PAGE + t0

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _key_consts, _load_chunks, _load_meta, _masked_scores,
-                                _program_range, _query_scale, _vcodes)
+                                _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -35,6 +35,15 @@ def _load_pages_t(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.co
     for c in tl.static_range(NC):
         out = out + (tl.load(data_ptr + base + (c * C + offs)[:, None] * PAGE + offs_t[None, :]),)
     return out
+
+
+@triton.jit
+def _init_t(BLOCK_H: tl.constexpr, VC: tl.constexpr, NK: tl.constexpr):
+    """A swapped form's running max, sum (``[heads]``) and NK ``[VC, heads]`` value accumulators."""
+    accs = ()
+    for k in tl.static_range(NK):
+        accs = accs + (tl.zeros([VC, BLOCK_H], dtype=tl.float32),)
+    return tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf"), tl.zeros([BLOCK_H], dtype=tl.float32), accs
 
 
 @triton.jit
@@ -126,11 +135,7 @@ def _decode_stage1_swapped(
     VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
     LOG2: tl.constexpr = LOGIT_CAP == 0
 
-    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    accs = ()
-    for k in tl.static_range(VNF * VNC):
-        accs = accs + (tl.zeros([VC, BLOCK_H], dtype=tl.float32),)
+    e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
 
     if s1 > s0:
         # the query as the dots' B operand: chunk k transposed, [KC, heads], float16, scaled by
@@ -149,22 +154,14 @@ def _decode_stage1_swapped(
         k_head_m = kv_head * stride_km_h
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
+        f_a = 0
         if IDX_AHEAD:
             f_a = tl.load(kv_indices + start + s0).to(tl.int64)
         for n0 in range(s0, s1, BLOCK_N):
             mask_n = (n0 + offs_b) < s1
             if SLIDING_WINDOW > 0:
                 mask_n = mask_n & ((n0 + offs_b) >= lo)
-            if IDX_AHEAD:
-                first = f_a
-                f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
-            else:
-                first = tl.load(kv_indices + start + n0).to(tl.int64)
-            pg = first // V_PAGE
-            if BLOCK_N == V_PAGE:
-                t0 = 0
-            else:
-                t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+            pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
             loc = pg * V_PAGE + t0 + offs_b
             # keys [tokens, bytes] (the A operand as stored), meta per token, values [bytes, tokens]
             k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
@@ -223,11 +220,7 @@ def _kivi_decode_stage1_swapped(
     LOG2: tl.constexpr = LOGIT_CAP == 0
     offs_kc = tl.arange(0, KC)
     offs_b = tl.arange(0, BLOCK_N)
-    e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    accs = ()
-    for k in tl.static_range(VNF * VNC):
-        accs = accs + (tl.zeros([VC, BLOCK_H], dtype=tl.float32),)
+    e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
     if s1 > s0:
         q_scale = _query_scale(sm_scale, LOG2)
         q_col = Q + b * stride_qb + heads[None, :] * stride_qh
