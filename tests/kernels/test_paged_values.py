@@ -391,5 +391,14 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
         assert (o[lens.index(0)] == 0).all()
     with pytest.raises(ValueError, match="transposed-page layout"):
         run(vc, swap=True)
+    if (kb, vb, asym) == (4, 4, False):  # KVTUNER_DECODE's swap applies to paged pools only
+        import kvtuner.ops.decode as D
+
+        try:
+            D._ENV_TUNING = {"swap": 1}
+            assert_close(run(pv), o, atol=1e-5, rtol=1e-5)
+            assert_close(run(vc), ref, atol=5e-3, rtol=5e-3)  # (token-major: the usual form, no error)
+        finally:
+            D._ENV_TUNING = None
     with pytest.raises(ValueError, match="sum_later and lazy_rescale must be off"):
         run(pv, swap=True, sum_later=True)

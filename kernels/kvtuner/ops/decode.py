@@ -1043,8 +1043,8 @@ def decode_attention(
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
         sum_later = bool(env["sum_later"]) if sum_later is None and "sum_later" in env else sum_later
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
-        if swap is None:
-            swap = bool(env.get("swap", 0))
+        if swap is None:  # (the environment's 1 applies where values are page-transposed)
+            swap = bool(env.get("swap", 0)) and bool(v_page)
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "

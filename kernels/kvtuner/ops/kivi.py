@@ -717,8 +717,8 @@ def kivi_decode_attention(
         if sum_later is None:  # off until timed here: capped at 128 it spills more (ci/kivi_aot.py, Triton 3.8)
             sum_later = bool(env.get("sum_later", 0))
         fast = {"PREFETCH": int(prefetch), "CODES_ASM": bool(codes_asm), "SUM_LATER": bool(sum_later)}
-    if swap is None:
-        swap = bool(env.get("swap", 0))
+    if swap is None:  # (the environment's 1 applies where packed values are page-transposed)
+        swap = bool(env.get("swap", 0)) and packed and bool(v_page)
     args = (q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
