@@ -316,6 +316,17 @@ def test_kivi_padding_page_skipped(device):
         assert torch.equal(after[i].view(torch.uint8), before[i].view(torch.uint8))
 
 
+def _long_pool(device, gen, kbits, vbits, asym, hkv, r, vpage):
+    """Four requests of ~3k, ~1k, 135 and 200 tokens (prefills, then 70 decode steps) in pages of 64,
+    head_dim 128, residual ``r``; returns the pool and its ``(indptr, indices, ring ids)``."""
+    pool = Pool(device, gen, kbits, 64, r, asym, 128, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096,
+                vpage=vpage)
+    pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
+    for _ in range(70):
+        pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
+    return (pool, *pool.requests([0, 1, 2, 3]))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("path,split_q,atol,prefetch", [(None, None, 4e-2, None), (None, True, 1e-2, None),
                                                        (False, True, 1e-2, None), (None, None, 4e-2, 2)])
@@ -325,15 +336,9 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, p
     if vpage and vbits == 16:
         pytest.skip("16-bit values stay token-major")
     gen = torch.Generator().manual_seed(kbits + vbits)
-    g, d, hkv, hq = 64, 128, 8, 32
-    pool = Pool(device, gen, kbits, g, 128, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096,
-                vpage=vpage)
-    pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
-    for _ in range(70):
-        pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
+    d, hq = 128, 32
+    pool, indptr, idx, ridx = _long_pool(device, gen, kbits, vbits, asym, 8, 128, vpage)
     pool.check_semantics()
-    rings = [0, 1, 2, 3]
-    indptr, idx, ridx = pool.requests(rings)
     q = (torch.randn(4, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
     o = torch.empty(4, hq, d, dtype=torch.float32, device=device)
     ms = 16
@@ -355,14 +360,8 @@ def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
     """The swapped per-channel decode (``swap``) over long requests with many splits, values
     transposed within the key pages (the served layout at --page-size 64)."""
     gen = torch.Generator().manual_seed(kbits + vbits + 7)
-    g, d, hkv, hq = 64, 128, 4, 28
-    pool = Pool(device, gen, kbits, g, 64, asym, d, hkv, vbits=vbits, vg=64, n_pages=200, rings=4, ctx=4096,
-                vpage=True)
-    pool.run([(0, 3000), (1, 1000), (2, 65), (3, 130)])
-    for _ in range(70):
-        pool.run([(0, 1), (1, 1), (2, 1), (3, 1)])
-    rings = [0, 1, 2, 3]
-    indptr, idx, ridx = pool.requests(rings)
+    d, hq = 128, 28
+    pool, indptr, idx, ridx = _long_pool(device, gen, kbits, vbits, asym, 4, 64, True)
     q = (torch.randn(4, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
     ms = 16
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,

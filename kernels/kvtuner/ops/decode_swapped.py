@@ -192,6 +192,17 @@ def _decode_stage1_swapped(
 
 
 @triton.jit
+def _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask, VNC: tl.constexpr,
+              VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The per-channel swapped form's value tile: the byte chunks ``[VC, tokens]`` of the BLOCK_N slots
+    from ``first`` (one run of a page: key pages are value pages, tiles never straddle one) and their
+    meta columns (``loc``: the slots, ``mask``: those loaded)."""
+    t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
+    v_raw = _load_pages_t(Vd, (first // V_PAGE) * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+    return v_raw, _load_meta(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
+
+
+@triton.jit
 def _kivi_decode_stage1_swapped(
     Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
@@ -270,10 +281,8 @@ def _kivi_decode_stage1_swapped(
                     corr += tl.sum(qc[f] * o_f[:, None], 0)
             if K_ASYM:
                 qk += corr[None, :]
-            # (key pages are value pages: tiles never straddle one)
-            t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
-            v_raw = _load_pages_t(Vd, page * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
+            v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+                                    VNC, VC, VNM, V_PAGE, BLOCK_N)
             e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
         if nq < s1:
@@ -300,10 +309,8 @@ def _kivi_decode_stage1_swapped(
                         qk = tl.dot(kr, qr[c], qk)
                 if LOG2:
                     qk = qk * q_scale
-                pg = first // V_PAGE
-                t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
-                v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_ld, VNM)
+                v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+                                        VNC, VC, VNM, V_PAGE, BLOCK_N)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
