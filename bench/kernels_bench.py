@@ -98,10 +98,21 @@ def flashinfer_decode(q, k, v, indptr, idx, hq: int, hkv: int, d: int):
     return (lambda: w.run(q, (kp, vp))), tc
 
 
-def num_splits_for(batch: int, ctx: int, hkv: int, sms: int, max_splits: int) -> int:
-    # like SGLang's heuristic in spirit: enough programs to fill the GPU, at least 256 tokens a split
-    want = max(1, math.ceil(2 * sms / max(1, batch * hkv)))
-    return int(max(1, min(max_splits, want, math.ceil(ctx / 256))))
+def num_splits_for(batch: int, ctx: int, hq: int, hkv: int, sms: int, max_splits: int, device) -> tuple[int, str]:
+    """The split count the server would give these requests: SGLang's own heuristic (its triton
+    backend's ``get_num_kv_splits_triton``, what the patched server runs) where importable, else
+    one like it in spirit (enough programs to fill the GPU, at least 256 tokens a split)."""
+    try:
+        from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton  # type: ignore
+
+        seq = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        out = torch.zeros(batch, dtype=torch.int32, device=device)
+        get_num_kv_splits_triton[(1,)](out, seq, batch, 1, hq, hkv, max_splits, sms,
+                                       MAX_NUM_SEQ=max(256, triton.next_power_of_2(batch)))
+        return int(out[0]), "sglang"
+    except Exception:  # noqa: BLE001
+        want = max(1, math.ceil(2 * sms / max(1, batch * hkv)))
+        return int(max(1, min(max_splits, want, math.ceil(ctx / 256)))), "estimate"
 
 
 def with_page(args, vc: QuantKV, kf: TensorFormat) -> QuantKV:
@@ -140,14 +151,14 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     q = torch.randn(batch, hq, d, dtype=torch.bfloat16, device=device)
     o = torch.empty(batch, hq, d, dtype=torch.bfloat16, device=device)
     ms = args.max_splits
-    ns = num_splits_for(batch, ctx, hkv, sms, ms)
+    ns, ns_from = num_splits_for(batch, ctx, hq, hkv, sms, ms, device)
     logits = torch.empty(batch, hq, ms, d, dtype=torch.float32, device=device)
     lse = torch.empty(batch, hq, ms, dtype=torch.float32, device=device)
     nsplit = torch.full((batch,), ns, dtype=torch.int32, device=device)
     sm = d**-0.5
     t = bench_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
     moved = k_bytes + v_bytes + q.numel() * 2 + o.numel() * 2 + idx.numel() * idx.element_size()
-    res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns}
+    res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns, "splits_from": ns_from}
     sg = None
     if cfg == "bf16" and sglang_fwd is not None:
         try:
@@ -215,7 +226,7 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write results JSON here")
     ap.add_argument("--group", type=int, default=64, help="group size for quantized formats")
     ap.add_argument("--asym", action="store_true")
-    ap.add_argument("--max-splits", type=int, default=16)
+    ap.add_argument("--max-splits", type=int, default=8, help="the most KV splits (the server's --triton-attention-num-kv-splits, default 8)")
     ap.add_argument("--mem-budget-gib", type=float, default=40.0)
     ap.add_argument("--no-flashinfer", dest="flashinfer", action="store_false",
                     help="skip FlashInfer's bf16 decode (its first use JIT-compiles for minutes on a bare host)")

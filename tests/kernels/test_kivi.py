@@ -358,7 +358,11 @@ def test_kivi_decode_gpu_long(device, kbits, vbits, asym, path, split_q, atol, p
 @pytest.mark.parametrize("kbits,vbits,asym", [(2, 2, True), (4, 4, False), (4, 2, True), (8, 4, False)])
 def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
     """The swapped per-channel decode (``swap``) over long requests with many splits, values
-    transposed within the key pages (the served layout at --page-size 64)."""
+    transposed within the key pages (the served layout at --page-size 64).  With the query split in
+    two float16 halves (``split_q``) it matches the reference to 1e-2; without (the default for 2-4
+    bit keys) it matches the usual form, whose float16 query rounding it shares (on the H100 and
+    under the interpreter the two forms were off from the reference by the same 0.117 at one output
+    of the K2V2 case, past the 4e-2 this test first asked of both)."""
     gen = torch.Generator().manual_seed(kbits + vbits + 7)
     d, hq = 128, 28
     pool, indptr, idx, ridx = _long_pool(device, gen, kbits, vbits, asym, 4, 64, True)
@@ -366,11 +370,16 @@ def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
     ms = 16
     ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                       pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
-    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}):
+
+    def run(**kw):
         o = torch.full((4, hq, d), float("nan"), dtype=torch.float32, device=device)
         logits = torch.empty(4, hq, ms, d, dtype=torch.float32, device=device)
         lse = torch.empty(4, hq, ms, dtype=torch.float32, device=device)
         ns = torch.tensor([16, 7, 1, 3], dtype=torch.int32, device=device)
-        kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms,
-                              d**-0.5, swap=True, **kw)
-        assert_close(o, ref, atol=1e-2 if kbits == 8 else 4e-2)
+        return kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns,
+                                     ms, d**-0.5, **kw)
+
+    usual = run(swap=False)
+    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}, {"num_stages": 3}):
+        assert_close(run(swap=True, split_q=True, **kw), ref, atol=1e-2)
+        assert_close(run(swap=True, **kw), usual, atol=2e-3, rtol=2e-3)  # (sums in another order)

@@ -253,22 +253,22 @@ def test_paged_launch_defaults():
         assert _paged_launch(f(kb, asym), f(vb, asym)) == (4, 128)
 
 
-def test_one_warp_launch_rule():
-    """One warp a program (H100 sweep, bench/NOTES-decode.md) only for symmetric K and V of at most
-    4 bits, on Hopper, when requests x KV-head blocks fill 7 one-warp programs an SM."""
+def test_swap_launch_rule():
+    """The swapped form is the default launch (H100 sweep, raw/session29_h100) on Hopper once
+    requests x KV-head blocks give every SM one: one warp for K and V of at most 4 bits, two with an
+    8-bit side; smaller grids, 16-bit sides and other architectures keep 4 warps (0)."""
     from kvtuner.format import TensorFormat
-    from kvtuner.ops.decode import ONE_WARP_MIN_PER_SM, _one_warp_launch
+    from kvtuner.ops.decode import _swap_launch
 
     def f(bits, asym=False):
-        return TensorFormat(bits=bits, head_dim=128, group=64, asym=asym)
+        return TensorFormat(bits=bits, head_dim=128, group=64 if bits < 16 else 128, asym=asym)
 
-    full = ONE_WARP_MIN_PER_SM * 132
-    assert _one_warp_launch(f(2), f(2), full, 132, 9) and _one_warp_launch(f(4), f(4), 4096, 132, 9)
-    assert _one_warp_launch(f(4), f(2), full, 132, 9)
-    assert not _one_warp_launch(f(2), f(2), full - 1, 132, 9)  # 64 x 8k at 4 KV heads: 256 pairs
-    assert not _one_warp_launch(f(2), f(2), 4096, 132, 8)  # not measured off Hopper
-    for kf, vf in [(f(4, True), f(4, True)), (f(8), f(4)), (f(4), f(8)), (f(8), f(8)), (f(16), f(4))]:
-        assert not _one_warp_launch(kf, vf, 4096, 132, 9), (kf, vf)
+    assert _swap_launch(f(2), f(2), 132, 132, 9) == 1 and _swap_launch(f(4, True), f(4, True), 4096, 132, 9) == 1
+    assert _swap_launch(f(4), f(2), 256, 132, 9) == 1  # 64 requests at 4 KV heads
+    assert _swap_launch(f(8), f(4), 256, 132, 9) == 2 and _swap_launch(f(8, True), f(8, True), 256, 132, 9) == 2
+    assert _swap_launch(f(4), f(4), 131, 132, 9) == 0  # fewer pairs than SMs
+    assert _swap_launch(f(4), f(4), 4096, 132, 8) == 0  # not measured off Hopper
+    assert _swap_launch(f(16), f(4), 4096, 132, 9) == 0
 
 
 @pytest.mark.parametrize("kb,vb", [(2, 2), (4, 4), (4, 2)])
@@ -305,12 +305,12 @@ def test_one_warp_equals_four(device, kb, vb, monkeypatch):
     with pytest.raises(ValueError, match="lazy_rescale needs sum_later off"):
         run(sum_later=True, lazy_rescale=True)
     calls = []
-    real = D._one_warp_launch
-    monkeypatch.setattr(D, "_one_warp_launch", lambda *a: calls.append(a) or real(*a))
+    real = D._swap_launch
+    monkeypatch.setattr(D, "_swap_launch", lambda *a: calls.append(a) or real(*a))
     if device == "cuda":
         monkeypatch.setattr(D, "_sm_count", lambda index: 1)
         monkeypatch.setattr(D, "_sm_major", lambda index: 9)
-        assert_close(run(), one, atol=1e-5, rtol=1e-5)
+        assert_close(run(), run(swap=True), atol=1e-5, rtol=1e-5)
         assert calls and calls[-1][2] == b * hkv  # (requests x KV-head blocks)
         calls.clear()
     run(num_warps=4)  # an asked-for launch is kept; the interpreter never takes the rule

@@ -79,8 +79,8 @@ def test_paged_default_keeps_a_tile_of_copies_in_flight(tmp_path):
 
 
 def test_one_warp_keeps_the_probabilities_in_registers(tmp_path):
-    """The one-warp launch of symmetric low-bit formats (``_one_warp_launch``: one warp a program,
-    sums every tile, 255 registers): no spills, copies in flight, and fewer barriers a tile than the
+    """The one-warp launch of the usual form (one warp a program, sums every tile, 255 registers; the
+    default for symmetric low-bit formats on a full grid until the swapped form replaced it): no spills, copies in flight, and fewer barriers a tile than the
     4-warp form, whose warps exchange the probabilities through shared memory (Triton 3.6, the GPU
     host's: 2 against 7 and no shared-memory store in the loop; CI's 3.8: 2 against 6)."""
     s = _s("0,0,1,3,64,1,0,255", tmp_path, asym=False)

@@ -849,27 +849,25 @@ def _paged_launch(kf, vf) -> tuple[int, int]:
     return 4, 128
 
 
-# one warp a program: registers a thread (8 programs an SM fit) and the least number of (request,
-# KV-head block) pairs a launch needs, in programs an SM, before it takes that form
+# the one-warp launch of the usual (heads on M) form, where a benchmark asks for it
 ONE_WARP_MAXNREG = 255
-ONE_WARP_MIN_PER_SM = 7
 
 
-def _one_warp_launch(kf, vf, pairs: int, sm_count: int, sm_major: int) -> bool:
-    """Whether the paged form runs one warp a program (the probabilities stay in that warp's
-    registers for P x V: no shared-memory exchange, ``sum_later`` off, capped at
-    :data:`ONE_WARP_MAXNREG`) instead of :func:`_paged_launch`'s 4 warps.  Measured on an H100
-    (``raw/session27_h100/call1/decode_sweep_paged64_w1.json``, 28/4 heads, d=128, pages of 64): with
-    at least ~1,024 programs (7.8 an SM) one warp wins for symmetric 2-bit K and V (64 x 8k at 4
-    splits 0.136 vs 0.188 ms; 256 x 3k 0.199 vs 0.283; 1024 x 3k 0.834 vs 1.130) and symmetric int4
-    (0.184 vs 0.193, 0.273 vs 0.295, 1.106 vs 1.136); with 512 programs (3.9 an SM) it loses (int2
-    0.231 vs 0.188, int4 0.278 vs 0.190); asymmetric formats and 8-bit K or V keep 4 warps (int8
-    0.306-1.733 vs 0.276-1.563; int4 asym 0.246 vs 0.217 at 64 x 8k).  The split count a request
-    gets is on the device (SGLang's heuristic; CUDA graphs fix a launch per batch size), so the
-    rule counts only ``pairs`` = requests x KV-head blocks: one program each at least.  Hopper only
-    (the measured architecture)."""
-    sym_low = all(f.quantized and not f.asym and f.bits <= 4 for f in (kf, vf))
-    return sm_major == 9 and sym_low and pairs >= ONE_WARP_MIN_PER_SM * sm_count
+def _swap_launch(kf, vf, pairs: int, sm_count: int, sm_major: int) -> int:
+    """The swapped form's warps a program where it is the paged form's default launch (0: keep
+    :func:`_paged_launch`'s 4 warps): one warp for K and V of at most 4 bits, two where either is
+    8-bit, once requests x KV-head blocks (``pairs``) give every SM one at least.  Measured on an H100
+    (``raw/session29_h100/call1/decode_sweep_paged64_swap.json``, 28/4 heads, d=128, pages of 64,
+    SGLang's split counts 4 and 1), swapped vs 4 warps: int4 asym 64 x 8k 0.160 vs 0.209 ms and
+    1024 x 3k 0.987 vs 1.264; int4 sym 0.151 vs 0.189 and 0.899 vs 1.110; int2 0.108 vs 0.186 and
+    0.674 vs 1.106; int8 (2 warps) 0.275 vs 0.267 and 1.390 vs 1.486.  It replaces the one-warp
+    launch of the usual form (symmetric <= 4 bits on a full grid: 0.136-0.205 at 64 x 8k).  Smaller
+    grids (fewer than one pair an SM: batch < 33 at 4 KV heads) and other architectures keep the
+    measured 4 warps.  The split count is on the device (SGLang's heuristic; CUDA graphs fix a
+    launch per batch size), so the rule counts only ``pairs``.  Hopper only (measured there)."""
+    if sm_major != 9 or pairs < sm_count or not (kf.quantized and vf.quantized):
+        return 0
+    return 2 if max(kf.bits, vf.bits) > 4 else 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -988,19 +986,22 @@ def decode_attention(
       (with 0 and 2 stages each tile's copies waited a global load's latency and the loop's top then
       waited for all of them; sm_90 offline, with 1 and 3 stages a tile's copies stay in flight while
       the one before is computed: ``bench/NOTES-decode.md``).  0 and 2 stages restore the earlier form.
-    * launch of the paged form: 4 warps capped at 128 registers (:func:`_paged_launch`), or one warp a
-      program at 255 registers with ``sum_later`` off where :func:`_one_warp_launch` says so (symmetric
-      K and V of at most 4 bits on a full grid, Hopper, the default 64-token tiles of pages >= 64;
-      26% faster for int2 on an H100).  Any launch setting given (``block_n``, ``num_warps``,
-      ``sum_later``, ``maxnreg``, or the same fields of ``KVTUNER_DECODE``) skips that rule.
+    * launch of the paged form: the swapped form (``swap``, below) where :func:`_swap_launch` says so
+      (Hopper, the default 64-token tiles of pages >= 64, a grid of one (request, KV-head block) pair
+      an SM at least: one warp a program, two with an 8-bit K or V), else 4 warps capped at 128
+      registers (:func:`_paged_launch`).  Any launch setting given (``block_n``, ``num_warps``,
+      ``sum_later``, ``maxnreg``, ``lazy_rescale``, ``swap``, or the same fields of ``KVTUNER_DECODE``)
+      skips that rule.
     * ``lazy_rescale`` (packed path with ``sum_later`` off; default off, ``KVTUNER_DECODE``'s tenth
       field; untimed): the running max moves only when a tile's max passes it by more than 2**8, so
       most tiles skip rescaling the accumulators (:func:`_softmax_step_lazy`; the one-warp loop
       rescales 64 accumulator values a thread a tile).
-    * ``swap`` (paged form; default off, ``KVTUNER_DECODE``'s eleventh field; untimed): tokens on the
-      MMA's M side and the query heads on N in blocks of 8 (``decode_swapped``): for 7 or 4 query heads a
-      KV head, half the MMAs and accumulators of the usual form, whose heads fill rows of 16.  One warp
-      a program unless ``num_warps`` says otherwise; the softmax sums are taken every tile.
+    * ``swap`` (paged form; the default launch on Hopper, above; ``KVTUNER_DECODE``'s eleventh field):
+      tokens on the MMA's M side and the query heads on N in blocks of 8 (``decode_swapped``): for 7
+      or 4 query heads a KV head, half the MMAs and accumulators of the usual form, whose heads fill
+      rows of 16.  One warp a program unless ``num_warps`` says otherwise; the softmax sums are taken
+      every tile.  H100, 28/4 heads, 64 x 8k: int4 0.160 ms against SGLang's bf16 0.490 (0.33x);
+      capped at 128 registers it is much slower (0.273), so no cap by default.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1043,8 +1044,18 @@ def decode_attention(
             codes_asm = bool(env.get("codes_asm", bool(v_page) and q.is_cuda and torch.version.hip is None))
         sum_later = bool(env["sum_later"]) if sum_later is None and "sum_later" in env else sum_later
         maxnreg = env.get("maxnreg") if maxnreg is None else maxnreg
-        if swap is None:  # (the environment's 1 applies where values are page-transposed)
-            swap = bool(env.get("swap", 0)) and bool(v_page)
+        if swap is None and "swap" in env:  # (the environment's 1 applies where values are page-transposed)
+            swap = bool(env["swap"]) and bool(v_page)
+        # the paged form's launch when nothing was asked for: the swapped form (_swap_launch) on a
+        # full enough grid, else 4 warps (_paged_launch, below) (measured with 64-token tiles: pages >= 64)
+        if (swap is None and v_page >= PAGED_TILE and tile <= 0 and num_warps is None and sum_later is None
+                and maxnreg is None and not (lazy_rescale or env.get("lazy")) and q.is_cuda
+                and torch.version.hip is None):
+            pairs = bsz * triton.cdiv(hq, min(block_h, group))
+            dev = q.device.index
+            warps = _swap_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev))
+            if warps:
+                swap, num_warps = True, warps
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1053,18 +1064,9 @@ def decode_attention(
                 raise ValueError("swap takes the softmax sums every tile: sum_later and lazy_rescale must be off")
             num_warps = 1 if num_warps is None else num_warps
             sum_later = False
-        # the paged form's launch when nothing was asked for: one warp a program for symmetric
-        # low-bit formats on a full grid (_one_warp_launch), else 4 warps (_paged_launch, below)
-        # (measured with 64-token tiles: pages of 64 or more)
-        if (v_page >= PAGED_TILE and tile <= 0 and num_warps is None and sum_later is None and maxnreg is None
-                and q.is_cuda and torch.version.hip is None):
-            pairs = bsz * triton.cdiv(hq, min(block_h, group))
-            dev = q.device.index
-            if _one_warp_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev)):
-                num_warps, sum_later, maxnreg = 1, False, ONE_WARP_MAXNREG
         sum_later = True if sum_later is None else sum_later
         if lazy_rescale is None:  # (the environment's 1 applies where the sums are taken every tile)
-            lazy_rescale = bool(env.get("lazy", 0)) and not sum_later
+            lazy_rescale = bool(env.get("lazy", 0)) and not sum_later and not swap
         if lazy_rescale and sum_later:
             raise ValueError("lazy_rescale needs sum_later off (the running sums are rescaled every tile "
                              "with sum_later)")

@@ -36,7 +36,7 @@ from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_pack
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
                                 _offset_rows, _program_heads, _pv_chunks_loaded, _query_scale, _softmax_step,
-                                _store_split, _sums_init)
+                                _sm_count, _sm_major, _store_split, _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -655,9 +655,12 @@ def kivi_decode_attention(
     ``codes_asm`` defaults on on CUDA).  ``sum_later`` (fast path; ``KVTUNER_DECODE``'s sixth
     field): the softmax sums kept per token, summed after the loops; off by default (untimed here;
     under the register cap it spills more, ``ci/kivi_aot.py``).  ``swap`` (packed values transposed
-    within the key pages; ``KVTUNER_DECODE``'s eleventh field; default off, untimed): tokens on the MMA's M
-    side, the query heads on N in blocks of 8 (``decode_swapped``), one warp a program unless ``num_warps``
-    says otherwise, the softmax sums every tile."""
+    within the key pages; ``KVTUNER_DECODE``'s eleventh field): tokens on the MMA's M side, the query
+    heads on N in blocks of 8 (``decode_swapped``), one warp a program unless ``num_warps`` says
+    otherwise, the softmax sums every tile.  The default launch on CUDA where decode.py's
+    ``_swap_launch`` takes it (Hopper, a grid of one (request, KV-head block) pair an SM) for keys of
+    2-4 bits with none of ``split_q`` / ``sum_later`` / ``prefetch=2`` / ``num_warps`` / ``maxnreg``
+    asked for, with 3 pipeline stages."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -682,6 +685,7 @@ def kivi_decode_attention(
     asked = {"num_warps": num_warps is not None or "num_warps" in env,
              "maxnreg": maxnreg is not None or "maxnreg" in env}  # (the swapped form's own defaults otherwise)
     num_warps = num_warps if num_warps is not None else env.get("num_warps", 4)
+    stages_asked = num_stages is not None or "num_stages" in env
     num_stages = num_stages if num_stages is not None else env.get("num_stages", 2)
     if prefetch not in (0, 2):
         raise ValueError(f"prefetch {prefetch}: the per-channel decode has forms 0 and 2")
@@ -717,8 +721,16 @@ def kivi_decode_attention(
         if sum_later is None:  # off until timed here: capped at 128 it spills more (ci/kivi_aot.py, Triton 3.8)
             sum_later = bool(env.get("sum_later", 0))
         fast = {"PREFETCH": int(prefetch), "CODES_ASM": bool(codes_asm), "SUM_LATER": bool(sum_later)}
-    if swap is None:  # (the environment's 1 applies where packed values are page-transposed)
-        swap = bool(env.get("swap", 0)) and packed and bool(v_page)
+    if swap is None and "swap" in env:  # (the environment's 1 applies where packed values are page-transposed)
+        swap = bool(env["swap"]) and packed and bool(v_page)
+    if (swap is None and packed and v_page and kf.bits <= 4 and not split_q and not sum_later and prefetch == 0
+            and not (asked["num_warps"] or asked["maxnreg"]) and q.is_cuda and torch.version.hip is None):
+        # the default launch on Hopper (decode.py's _swap_launch; K2V2 on an H100, 28/4 heads:
+        # 64 x 8k 0.192 vs 0.264 ms, 1024 x 3k 1.140 vs 1.627, raw/session29_h100/call1/kivi_decode_w1.json)
+        dev = q.device.index
+        if _swap_launch(kf, v_cache.fmt, bsz * triton.cdiv(hq, min(16, hq // hkv)), _sm_count(dev), _sm_major(dev)):
+            swap = True
+            num_stages = num_stages if stages_asked else 3
     args = (q, k_cache.data, k_cache.meta, k_resid, v_cache.data, _meta_arg(v_cache), kv_indptr, kv_indices, req_idx,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), k_cache.data.stride(0), k_cache.data.stride(1), k_cache.meta.stride(0),
