@@ -94,7 +94,8 @@ def main() -> int:
     ap.add_argument("--shapes", default="64x8192,16x1024")
     ap.add_argument("--splits", default="1,2,4,8")
     ap.add_argument("--heads", default="32/8", help="query/KV heads (the Qwen2.5-7B shape is 28/4)")
-    ap.add_argument("--variants", default="all", help="'all' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
+    ap.add_argument("--variants", default="all", help="'all', 'none' or 'pf,warps,block_n[,maxnreg[,stages]];...'")
+    ap.add_argument("--no-general", action="store_true", help="skip the general (unpacked-path) kernel's timings")
     ap.add_argument("--paged", type=int, default=0,
                     help="slots in whole pages of this many tokens (shuffled page order) for every row")
     ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap]]]]]];...' variants of "
@@ -115,6 +116,8 @@ def main() -> int:
             # prefetch 2: the slot indices one tile ahead, the packed bytes streamed by the pipeliner
             # (num_stages - 1 tiles in flight through shared memory)
             variants += [(2, w, bn, 0, st) for w in (4, 8) for bn in (64, 128) for st in (3, 4)]
+        elif args.variants == "none":  # only the --vt variants (and the general kernel unless --no-general)
+            variants = []
         else:  # pf,warps,block_n[,maxnreg[,stages]]: maxnreg 0 and 2 stages unless given
             variants = []
             for v in args.variants.split(";"):
@@ -176,7 +179,8 @@ def main() -> int:
             kc, vc, idx, indptr = make(batch, ctx, hkv, d, kb, vb, g, asym, device, page=args.paged)
             nbytes = kc.data.numel() + kc.meta.numel() * 2 + vc.data.numel() + vc.meta.numel() * 2
             row = {"shape": shape, "cfg": cfg, "bytes": nbytes, "general": {}, "variants": {}}
-            row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
+            if not args.no_general:
+                row["general"] = {n: bench(lambda n=n: decode_attention(q, kc, vc, o, indptr, idx, lg, lse, nsp[n], ms, sm, packed_path=False)) for n in splits}
             for pf, w, bn, mr, st in variants:
                 key = f"pf{int(pf)}_w{w}_n{bn}" + (f"_r{mr}" if mr else "") + (f"_s{st}" if st != 2 else "")
                 try:
@@ -210,7 +214,7 @@ def main() -> int:
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)
             row["best"] = best
             res["timings"].append(row)
-            gbest = min(row["general"].values())
+            gbest = min(row["general"].values(), default=float("nan"))
             print(shape, cfg, "general", round(gbest, 4), "best", best and (round(best[0], 4), best[1], best[2]),
                   "GB/s", best and round(nbytes / best[0] / 1e6), flush=True)
             del kc, vc
@@ -224,7 +228,7 @@ def main() -> int:
             print(row["shape"], "bf16 sglang", round(base, 4), "kvtuner16", round(min(row["kvtuner16"].values()), 4))
         else:
             b = row["best"]
-            print(row["shape"], row["cfg"], "general", round(min(row["general"].values()), 4),
+            print(row["shape"], row["cfg"], "general", round(min(row["general"].values(), default=float("nan")), 4),
                   "new", b and round(b[0], 4), "x bf16", b and round(b[0] / base, 3), b and b[1], b and b[2])
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     return 0

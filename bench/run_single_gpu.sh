@@ -144,6 +144,18 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --cfgs ${SWAP_CFGS:-int4,int4_sym,int2,int8,k8v4} --paged 64 --variants '1,4,128,0,2' \
             --vt '4,3,1,1,-1,1;1,3,1,0,255,1;1,3,1,0,0,1,0,1;1,3,1,0,128,1,0,1;2,3,1,0,0,1,0,1;4,3,1,0,0,1,0,1' \
             --out $OUT/decode_sweep_paged64_swap$kt.json") ;;
+        # the swapped form's split counts (one and two warps a program; SGLang's heuristic gives 64 x 8k
+        # 4 splits at 28/4 heads, 2 at 32/8, and the served 640 x 3k 1): do more splits fill the GPU?
+        # SPLIT_HEADS / SPLIT_SHAPES / SPLIT_SPLITS / SPLIT_CFGS narrow it; no general kernel, no usual form
+        split-sweep) kjobs+=("kbench-split-sweep${SPLIT_HEADS:+-${SPLIT_HEADS//\//_}}$t_tag=${t_env}python3 bench/decode_sweep.py --heads ${SPLIT_HEADS:-28/4} \
+            --shapes ${SPLIT_SHAPES:-64x8192,640x3072} --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
+            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
+            --out $OUT/decode_sweep_splits${SPLIT_HEADS:+_${SPLIT_HEADS//\//_}}$kt.json") ;;
+        # the same at 32/8 heads (issue 3's other head count), 64 x 8k only
+        split-sweep32) kjobs+=("kbench-split-sweep32$t_tag=${t_env}python3 bench/decode_sweep.py --heads 32/8 \
+            --shapes 64x8192 --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
+            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
+            --out $OUT/decode_sweep_splits32$kt.json") ;;
         # per-channel keys (the served KV2 per-channel configuration: values transposed within the key pages)
         # with one warp a program against its default launch (4 warps capped at 128), at the decode-heavy
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916
@@ -153,7 +165,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/kivi_decode_w1$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, paged-swap, kivi-w1, paged128)" >&2; return 2 ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, paged-swap, split-sweep, split-sweep32, kivi-w1, paged128)" >&2; return 2 ;;
         esac
     done
     # KBENCH_FIRST=1: the kernel benchmarks before the server jobs (a GPU of their own early)
