@@ -271,6 +271,18 @@ def test_swap_launch_rule():
     assert _swap_launch(f(16), f(4), 4096, 132, 9) == 0
 
 
+def test_swap_min_splits(monkeypatch):
+    """Where the swapped form is the default launch a request gets at least 2 KV splits (one warp a
+    program) or 3 (two warps: an 8-bit side): the H100 split sweep (raw/session30_h100) at the served
+    640 x 3k, where SGLang's heuristic gives 1.  The environment's twelfth field sets the floor."""
+    import kvtuner.ops.decode as D
+
+    assert D.swap_min_splits(1) == 2 and D.swap_min_splits(2) == 3
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,4")
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    assert D._env_tuning() == {"min_splits": 4}
+
+
 @pytest.mark.parametrize("kb,vb", [(2, 2), (4, 4), (4, 2)])
 def test_one_warp_equals_four(device, kb, vb, monkeypatch):
     """The one-warp form (sums every tile, 255 registers) reads the same tiles as 4 warps with the
@@ -389,6 +401,10 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(o, run(pv), atol=5e-3, rtol=5e-3)  # (the usual form: sums in another order)
     if 0 in lens:
         assert (o[lens.index(0)] == 0).all()
+    # a floor on the split count (min_splits; past max_kv_splits it is clamped): more, shorter splits,
+    # the same attention (the one-token and empty requests get empty splits, which stage 2 skips)
+    for floor in (3, ms + 2):
+        assert_close(run(pv, swap=True, min_splits=floor), ref)
     with pytest.raises(ValueError, match="transposed-page layout"):
         run(vc, swap=True)
     if (kb, vb, asym) == (4, 4, False):  # KVTUNER_DECODE's swap applies to paged pools only

@@ -40,10 +40,13 @@ def _program_heads(KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constex
 
 @triton.jit
 def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr,
-                   MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, SLIDING_WINDOW: tl.constexpr):
+                   MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+                   MIN_SPLITS: tl.constexpr = 1):
     """What a stage-1 program works on: request ``b``, KV ``split``, its KV head and query
     ``heads`` (``mask_h``), and the token range ``[s0, s1)`` of the request's slot list
-    starting at ``start`` (after the sliding window)."""
+    starting at ``start`` (after the sliding window).  The request's split count is
+    ``num_kv_splits[b]``, at least ``MIN_SPLITS``, at most ``MAX_SPLITS`` (stage 2 merges every
+    split whose log-sum-exp is finite, so it needs no count)."""
     b, split, kv_head, heads, mask_h = _program_heads(KV_GROUP, HQ, BLOCK_H)
     start = tl.load(kv_indptr + b).to(tl.int64)
     seq_len = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
@@ -51,7 +54,7 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
         win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
         start = start + (seq_len - win)
         seq_len = win
-    n_splits = tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS)
+    n_splits = tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS)
     n_splits = tl.maximum(n_splits, 1)
     per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
     s0 = per_split * split
@@ -870,6 +873,18 @@ def _swap_launch(kf, vf, pairs: int, sm_count: int, sm_major: int) -> int:
     return 2 if max(kf.bits, vf.bits) > 4 else 1
 
 
+def swap_min_splits(num_warps: int) -> int:
+    """The fewest KV splits a request gets where the swapped form is the default launch: SGLang's
+    heuristic (``get_num_kv_splits_triton``) counts programs for its own 4-warp kernel and gives a
+    batch of 640 at 3k tokens one split, which leaves the one-warp form's grid short.  Measured on an
+    H100 (``bench/results/raw/session30_h100/call1/decode_sweep_splits*.json``, 28/4 heads, pages of 64):
+    640 x 3k one warp, 1 -> 2 splits: int4 sym 0.621 -> 0.564 ms, int4 asym 0.670 -> 0.621, int2 0.456
+    -> 0.415; two warps (int8), 1 -> 3 splits: 0.940 -> 0.882.  At 64 x 8k SGLang's 4 (28/4) and 2
+    (32/8) splits stay (the floor is below them), except int8 at 32/8: 2 -> 3 splits, 0.538 -> 0.474.
+    A floor, not a replacement: the request's own count (SGLang's) wins where it is higher."""
+    return 2 if num_warps <= 1 else 3
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
     """Streaming multiprocessors of a CUDA device (cached: read once a device)."""
@@ -893,7 +908,7 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
@@ -902,11 +917,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead", "lazy", "swap")
+                "idx_ahead", "lazy", "swap", "min_splits")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -951,6 +966,7 @@ def decode_attention(
     idx_ahead: int | None = None,
     lazy_rescale: bool | None = None,
     swap: bool | None = None,
+    min_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1002,6 +1018,9 @@ def decode_attention(
       rows of 16.  One warp a program unless ``num_warps`` says otherwise; the softmax sums are taken
       every tile.  H100, 28/4 heads, 64 x 8k: int4 0.160 ms against SGLang's bf16 0.490 (0.33x);
       capped at 128 registers it is much slower (0.273), so no cap by default.
+    * ``min_splits`` (swapped form only; ``KVTUNER_DECODE``'s twelfth field): the fewest KV splits a
+      request gets (``num_kv_splits`` is raised to it, never lowered); default :func:`swap_min_splits`
+      where the swapped form is the default launch, else 1 (the counts as given).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1056,6 +1075,10 @@ def decode_attention(
             warps = _swap_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev))
             if warps:
                 swap, num_warps = True, warps
+                if min_splits is None:
+                    min_splits = env.get("min_splits", swap_min_splits(warps))
+        if min_splits is None:
+            min_splits = env.get("min_splits")
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1116,6 +1139,7 @@ def decode_attention(
             LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
+            MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
