@@ -158,8 +158,11 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,1")
     assert D._env_tuning() == {"swap": 1}
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1")
-    with pytest.raises(ValueError, match="idx_ahead,lazy,swap"):
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,3")
+    assert D._env_tuning() == {"min_splits": 3}
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1")
+    with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")
