@@ -160,9 +160,9 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     moved = k_bytes + v_bytes + q.numel() * 2 + o.numel() * 2 + idx.numel() * idx.element_size()
     res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns, "splits_from": ns_from}
     if kf.quantized and vf.quantized and args.page >= 64:  # the swapped default launch raises the count to a floor
-        from kvtuner.ops.decode import _sm_major, _swap_launch, swap_min_splits
+        from kvtuner.ops.decode import swap_default_warps, swap_min_splits
 
-        w = _swap_launch(kf, vf, batch * -(-hq // min(16, hq // hkv)), sms, _sm_major(torch.device(device).index))
+        w = swap_default_warps(kf, vf, batch, hq, hq // hkv, torch.device(device).index)
         if w:
             res["kvtuner_splits"] = min(ms, max(ns, swap_min_splits(w)))
     sg = None

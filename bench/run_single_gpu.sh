@@ -102,6 +102,12 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
     local kjobs=()
+    split_job() {  # the split sweep's job: NAME-SUFFIX HEADS SHAPES (one and two warps, 1-8 splits)
+        kjobs+=("kbench-split-sweep$1$t_tag=${t_env}python3 bench/decode_sweep.py --heads $2 --shapes $3 \
+            --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
+            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
+            --out $OUT/decode_sweep_splits${1//-/_}$kt.json")
+    }
     for c in ${KBENCH:-}; do  # NAME[%TUNING]: a tuned entry runs under KVTUNER_DECODE (e.g. "paged%,,,,,,,0":
         # the paged form without key words) and writes its own files (..-tTUNING.json)
         tuning "$c"
@@ -147,15 +153,9 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # the swapped form's split counts (one and two warps a program; SGLang's heuristic gives 64 x 8k
         # 4 splits at 28/4 heads, 2 at 32/8, and the served 640 x 3k 1): do more splits fill the GPU?
         # SPLIT_HEADS / SPLIT_SHAPES / SPLIT_SPLITS / SPLIT_CFGS narrow it; no general kernel, no usual form
-        split-sweep) kjobs+=("kbench-split-sweep${SPLIT_HEADS:+-${SPLIT_HEADS//\//_}}$t_tag=${t_env}python3 bench/decode_sweep.py --heads ${SPLIT_HEADS:-28/4} \
-            --shapes ${SPLIT_SHAPES:-64x8192,640x3072} --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
-            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
-            --out $OUT/decode_sweep_splits${SPLIT_HEADS:+_${SPLIT_HEADS//\//_}}$kt.json") ;;
+        split-sweep) split_job "${SPLIT_HEADS:+-${SPLIT_HEADS//\//_}}" "${SPLIT_HEADS:-28/4}" "${SPLIT_SHAPES:-64x8192,640x3072}" ;;
         # the same at 32/8 heads (issue 3's other head count), 64 x 8k only
-        split-sweep32) kjobs+=("kbench-split-sweep32$t_tag=${t_env}python3 bench/decode_sweep.py --heads 32/8 \
-            --shapes 64x8192 --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
-            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
-            --out $OUT/decode_sweep_splits32$kt.json") ;;
+        split-sweep32) split_job 32 32/8 64x8192 ;;
         # per-channel keys (the served KV2 per-channel configuration: values transposed within the key pages)
         # with one warp a program against its default launch (4 warps capped at 128), at the decode-heavy
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916

@@ -271,16 +271,13 @@ def test_swap_launch_rule():
     assert _swap_launch(f(16), f(4), 4096, 132, 9) == 0
 
 
-def test_swap_min_splits(monkeypatch):
+def test_swap_min_splits():
     """Where the swapped form is the default launch a request gets at least 2 KV splits (one warp a
     program) or 3 (two warps: an 8-bit side): the H100 split sweep (raw/session30_h100) at the served
-    640 x 3k, where SGLang's heuristic gives 1.  The environment's twelfth field sets the floor."""
-    import kvtuner.ops.decode as D
+    640 x 3k, where SGLang's heuristic gives 1 (the environment's twelfth field: test_decode.py)."""
+    from kvtuner.ops.decode import swap_min_splits
 
-    assert D.swap_min_splits(1) == 2 and D.swap_min_splits(2) == 3
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,4")
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    assert D._env_tuning() == {"min_splits": 4}
+    assert swap_min_splits(1) == 2 and swap_min_splits(2) == 3
 
 
 @pytest.mark.parametrize("kb,vb", [(2, 2), (4, 4), (4, 2)])

@@ -885,6 +885,14 @@ def swap_min_splits(num_warps: int) -> int:
     return 2 if num_warps <= 1 else 3
 
 
+def swap_default_warps(kf, vf, bsz: int, hq: int, group: int, device_index: int | None, block_h: int = 16) -> int:
+    """:func:`_swap_launch` for ``bsz`` requests of ``hq`` query heads (``group`` a KV head) on a CUDA
+    device: the swapped form's warps a program where it is the default launch, else 0.  The grid's
+    (request, KV-head block) pairs are counted as the usual form blocks its heads (``block_h``)."""
+    pairs = bsz * triton.cdiv(hq, min(block_h, group))
+    return _swap_launch(kf, vf, pairs, _sm_count(device_index), _sm_major(device_index))
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int | None) -> int:
     """Streaming multiprocessors of a CUDA device (cached: read once a device)."""
@@ -1070,9 +1078,7 @@ def decode_attention(
         if (swap is None and v_page >= PAGED_TILE and tile <= 0 and num_warps is None and sum_later is None
                 and maxnreg is None and not (lazy_rescale or env.get("lazy")) and q.is_cuda
                 and torch.version.hip is None):
-            pairs = bsz * triton.cdiv(hq, min(block_h, group))
-            dev = q.device.index
-            warps = _swap_launch(k_cache.fmt, v_cache.fmt, pairs, _sm_count(dev), _sm_major(dev))
+            warps = swap_default_warps(k_cache.fmt, v_cache.fmt, bsz, hq, group, q.device.index, block_h)
             if warps:
                 swap, num_warps = True, warps
                 if min_splits is None:
