@@ -102,10 +102,11 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
     local kjobs=()
-    split_job() {  # the split sweep's job: NAME-SUFFIX HEADS SHAPES (one and two warps, 1-8 splits)
+    split_job() {  # the split sweep's job: NAME-SUFFIX HEADS SHAPES (one and two warps, 1-8 splits;
+        # SPLIT_VT: other --vt variants of the swapped form, e.g. its stages and register caps)
         kjobs+=("kbench-split-sweep$1$t_tag=${t_env}python3 bench/decode_sweep.py --heads $2 --shapes $3 \
             --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
-            --paged 64 --variants none --no-general --vt '1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1' \
+            --paged 64 --variants none --no-general --vt '${SPLIT_VT:-1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1}' \
             --out $OUT/decode_sweep_splits${1//-/_}$kt.json")
     }
     for c in ${KBENCH:-}; do  # NAME[%TUNING]: a tuned entry runs under KVTUNER_DECODE (e.g. "paged%,,,,,,,0":
