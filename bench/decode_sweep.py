@@ -38,6 +38,8 @@ CFGS = {  # name: (k bits, v bits, group, asym)
     "int4_g32": (4, 4, 32, False),
     "int4_sym": (4, 4, 64, False),
     "int2_asym": (2, 2, 64, True),
+    "int8_asym": (8, 8, 64, True),
+    "k8v4_asym": (8, 4, 64, True),
 }
 
 

@@ -254,21 +254,24 @@ def test_paged_launch_defaults():
 
 
 def test_swap_launch_rule():
-    """The swapped form is the default launch (H100 sweep, raw/session29_h100) on Hopper once
-    requests x KV-head blocks give every SM one: one warp for K and V of at most 4 bits, two with an
-    8-bit side; smaller grids, 16-bit sides and other architectures keep 4 warps (0)."""
+    """The swapped form is the default launch (H100 sweeps, raw/session29_h100 and session31_h100) on
+    Hopper once requests x KV-head blocks give every SM one: one warp a program (an 8-bit side too,
+    with 2 pipeline stages instead of 3); smaller grids, 16-bit sides and other architectures keep
+    4 warps (0)."""
     from kvtuner.format import TensorFormat
-    from kvtuner.ops.decode import _swap_launch
+    from kvtuner.ops.decode import _swap_launch, swap_default_stages
 
     def f(bits, asym=False):
         return TensorFormat(bits=bits, head_dim=128, group=64 if bits < 16 else 128, asym=asym)
 
     assert _swap_launch(f(2), f(2), 132, 132, 9) == 1 and _swap_launch(f(4, True), f(4, True), 4096, 132, 9) == 1
     assert _swap_launch(f(4), f(2), 256, 132, 9) == 1  # 64 requests at 4 KV heads
-    assert _swap_launch(f(8), f(4), 256, 132, 9) == 2 and _swap_launch(f(8, True), f(8, True), 256, 132, 9) == 2
+    assert _swap_launch(f(8), f(4), 256, 132, 9) == 1 and _swap_launch(f(8, True), f(8, True), 256, 132, 9) == 1
     assert _swap_launch(f(4), f(4), 131, 132, 9) == 0  # fewer pairs than SMs
     assert _swap_launch(f(4), f(4), 4096, 132, 8) == 0  # not measured off Hopper
     assert _swap_launch(f(16), f(4), 4096, 132, 9) == 0
+    assert swap_default_stages(f(8), f(4)) == 2 and swap_default_stages(f(4), f(8, True)) == 2
+    assert swap_default_stages(f(4), f(4)) == 3 and swap_default_stages(f(2, True), f(4, True)) == 3
 
 
 def test_swap_min_splits():

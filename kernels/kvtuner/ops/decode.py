@@ -858,19 +858,32 @@ ONE_WARP_MAXNREG = 255
 
 def _swap_launch(kf, vf, pairs: int, sm_count: int, sm_major: int) -> int:
     """The swapped form's warps a program where it is the paged form's default launch (0: keep
-    :func:`_paged_launch`'s 4 warps): one warp for K and V of at most 4 bits, two where either is
-    8-bit, once requests x KV-head blocks (``pairs``) give every SM one at least.  Measured on an H100
-    (``raw/session29_h100/call1/decode_sweep_paged64_swap.json``, 28/4 heads, d=128, pages of 64,
-    SGLang's split counts 4 and 1), swapped vs 4 warps: int4 asym 64 x 8k 0.160 vs 0.209 ms and
-    1024 x 3k 0.987 vs 1.264; int4 sym 0.151 vs 0.189 and 0.899 vs 1.110; int2 0.108 vs 0.186 and
-    0.674 vs 1.106; int8 (2 warps) 0.275 vs 0.267 and 1.390 vs 1.486.  It replaces the one-warp
-    launch of the usual form (symmetric <= 4 bits on a full grid: 0.136-0.205 at 64 x 8k).  Smaller
-    grids (fewer than one pair an SM: batch < 33 at 4 KV heads) and other architectures keep the
-    measured 4 warps.  The split count is on the device (SGLang's heuristic; CUDA graphs fix a
-    launch per batch size), so the rule counts only ``pairs``.  Hopper only (measured there)."""
+    :func:`_paged_launch`'s 4 warps): one warp, once requests x KV-head blocks (``pairs``) give
+    every SM one at least.  Measured on an H100 (``raw/session29_h100/call1/decode_sweep_paged64_swap.json``,
+    28/4 heads, d=128, pages of 64, SGLang's split counts 4 and 1), swapped vs 4 warps: int4 asym
+    64 x 8k 0.160 vs 0.209 ms and 1024 x 3k 0.987 vs 1.264; int4 sym 0.151 vs 0.189 and 0.899 vs
+    1.110; int2 0.108 vs 0.186 and 0.674 vs 1.106.  An 8-bit side ran two warps until session 31:
+    with two pipeline stages (:func:`swap_default_stages`) one warp is faster
+    (``raw/session31_h100/call1/decode_sweep_splits.json``, int8 sym, 28/4 heads: 64 x 8k at 4
+    splits 0.241 vs 0.281 ms, 640 x 3k 0.882 vs 0.908).  Smaller grids (fewer than one pair an
+    SM: batch < 33 at 4 KV heads) and other architectures keep the measured 4 warps.  The split
+    count is on the device (SGLang's heuristic; CUDA graphs fix a launch per batch size), so the
+    rule counts only ``pairs``.  Hopper only (measured there)."""
     if sm_major != 9 or pairs < sm_count or not (kf.quantized and vf.quantized):
         return 0
-    return 2 if max(kf.bits, vf.bits) > 4 else 1
+    return 1
+
+
+def swap_default_stages(kf, vf) -> int:
+    """Pipeline stages of the swapped form's default launch: 3 (two tiles in flight) where K and V
+    have at most 4 bits, 2 with an 8-bit side.  A program holds a tile's packed bytes a stage; an
+    int8 tile is 16 KB, so 3 stages (38 KB) leave 5 one-warp programs an SM where 2 stages (20 KB,
+    204 registers) leave 9 (sm_90 offline, Triton 3.6).  Measured on an H100, one warp, 28/4 heads
+    (``raw/session31_h100/call1/decode_sweep_splits.json``): int8 sym 64 x 8k at 4 splits 0.241 ms
+    with 2 stages vs 0.293 with 3; 640 x 3k 0.882 vs 0.924.  At 4 bits or fewer the stages barely
+    matter (int4 sym 0.568 vs 0.578, int4 asym 0.636 vs 0.632 at 640 x 3k) except int2, where 3
+    win (0.415 vs 0.454 ms)."""
+    return 2 if max(kf.bits, vf.bits) > 4 else 3
 
 
 def swap_min_splits(num_warps: int) -> int:
@@ -879,9 +892,9 @@ def swap_min_splits(num_warps: int) -> int:
     batch of 640 at 3k tokens one split, which leaves the one-warp form's grid short.  Measured on an
     H100 (``bench/results/raw/session30_h100/call1/decode_sweep_splits*.json``, 28/4 heads, pages of 64):
     640 x 3k one warp, 1 -> 2 splits: int4 sym 0.621 -> 0.564 ms, int4 asym 0.670 -> 0.621, int2 0.456
-    -> 0.415; two warps (int8), 1 -> 3 splits: 0.940 -> 0.882.  At 64 x 8k SGLang's 4 (28/4) and 2
-    (32/8) splits stay (the floor is below them), except int8 at 32/8: 2 -> 3 splits, 0.538 -> 0.474.
-    A floor, not a replacement: the request's own count (SGLang's) wins where it is higher."""
+    -> 0.415; two warps (int8, before session 31's one-warp launch), 1 -> 3 splits: 0.940 -> 0.882.
+    At 64 x 8k SGLang's 4 (28/4) and 2 (32/8) splits stay (the floor is below them).  A floor, not a
+    replacement: the request's own count (SGLang's) wins where it is higher."""
     return 2 if num_warps <= 1 else 3
 
 
@@ -1012,7 +1025,8 @@ def decode_attention(
       the one before is computed: ``bench/NOTES-decode.md``).  0 and 2 stages restore the earlier form.
     * launch of the paged form: the swapped form (``swap``, below) where :func:`_swap_launch` says so
       (Hopper, the default 64-token tiles of pages >= 64, a grid of one (request, KV-head block) pair
-      an SM at least: one warp a program, two with an 8-bit K or V), else 4 warps capped at 128
+      an SM at least: one warp a program, 3 pipeline stages, 2 with an 8-bit K or V:
+      :func:`swap_default_stages`), else 4 warps capped at 128
       registers (:func:`_paged_launch`).  Any launch setting given (``block_n``, ``num_warps``,
       ``sum_later``, ``maxnreg``, ``lazy_rescale``, ``swap``, or the same fields of ``KVTUNER_DECODE``)
       skips that rule.
@@ -1081,6 +1095,8 @@ def decode_attention(
             warps = swap_default_warps(k_cache.fmt, v_cache.fmt, bsz, hq, group, q.device.index, block_h)
             if warps:
                 swap, num_warps = True, warps
+                if num_stages is None:
+                    num_stages = swap_default_stages(k_cache.fmt, v_cache.fmt)
                 if min_splits is None:
                     min_splits = env.get("min_splits", swap_min_splits(warps))
         if min_splits is None:
