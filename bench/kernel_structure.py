@@ -15,7 +15,8 @@ next tile in registers, 2: only the next tile's slot indices; v_page > 0: V read
 pages, ``block_n`` tokens of a page a tile, 0: the kernel's default; codes_asm 1: bytes to codes in
 PTX).  With Triton's nvdisasm at hand it also counts the main loop's instructions, MMAs, barriers
 and shared-memory loads.  The paged form compiles as ``decode_attention`` launches it: keys read as
-32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks; ``KS_LAZY=1``: the lazy
+32-bit words where they fit (``KS_K_WORDS=0`` in the environment: byte chunks; ``KS_PAIR=1``: the swapped
+form's two tiles a loop step; ``KS_LAZY=1``: the lazy
 max of ``lazy_rescale`` where the sums are taken every tile), the fixed row offsets
 under a register cap, the slot index a tile ahead (a variant's ninth field 0: in the iteration).
 ``structure`` also reports the wait on async copies at the loop's top (``loop_copy_wait``: how many
@@ -122,7 +123,8 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
-                  K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=True)
+                  K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=True,
+                  PAIR=os.environ.get("KS_PAIR", "0") == "1")
     return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg)
 
 

@@ -161,8 +161,12 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,3")
     assert D._env_tuning() == {"min_splits": 3}
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1")
-    with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits"):
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,1")
+    assert D._env_tuning() == {"pair": 1}
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1,1")
+    with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")

@@ -405,6 +405,11 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     # the same attention (the one-token and empty requests get empty splits, which stage 2 skips)
     for floor in (3, ms + 2):
         assert_close(run(pv, swap=True, min_splits=floor), ref)
+    # two tiles a loop step (pair): odd tile counts leave a masked second tile, windows start mid-pair
+    assert_close(run(pv, swap=True, pair=True), ref)
+    assert_close(run(pv, swap=True, pair=True, min_splits=3), ref)
+    with pytest.raises(ValueError, match="loop form of the swapped decode"):
+        run(pv, swap=False, pair=True)
     with pytest.raises(ValueError, match="transposed-page layout"):
         run(vc, swap=True)
     if (kb, vb, asym) == (4, 4, False):  # KVTUNER_DECODE's swap applies to paged pools only

@@ -929,8 +929,8 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits"``
-    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` 1 or 0: on or off;
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
@@ -938,11 +938,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead", "lazy", "swap", "min_splits")
+                "idx_ahead", "lazy", "swap", "min_splits", "pair")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -988,6 +988,7 @@ def decode_attention(
     lazy_rescale: bool | None = None,
     swap: bool | None = None,
     min_splits: int | None = None,
+    pair: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1043,6 +1044,9 @@ def decode_attention(
     * ``min_splits`` (swapped form only; ``KVTUNER_DECODE``'s twelfth field): the fewest KV splits a
       request gets (``num_kv_splits`` is raised to it, never lowered); default :func:`swap_min_splits`
       where the swapped form is the default launch, else 1 (the counts as given).
+    * ``pair`` (swapped form only; default off, ``KVTUNER_DECODE``'s thirteenth field; untimed): two
+      tiles a loop step (``decode_swapped``'s ``PAIR``): their scores independent, one softmax step
+      and one rescale of the accumulators for both.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1101,6 +1105,10 @@ def decode_attention(
                     min_splits = env.get("min_splits", swap_min_splits(warps))
         if min_splits is None:
             min_splits = env.get("min_splits")
+        if pair is None:
+            pair = bool(env.get("pair", 0)) and bool(swap)
+        if pair and not swap:
+            raise ValueError("pair is a loop form of the swapped decode (swap)")
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1161,7 +1169,7 @@ def decode_attention(
             LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
-            MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)),
+            MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

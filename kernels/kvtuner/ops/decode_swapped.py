@@ -49,11 +49,13 @@ def _init_t(BLOCK_H: tl.constexpr, VC: tl.constexpr, NK: tl.constexpr):
 @triton.jit
 def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale, LOGIT_CAP: tl.constexpr,
                   LOG2: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
-                  CODES_ASM: tl.constexpr):
+                  CODES_ASM: tl.constexpr, qk2=None, mask_n2=None, v_raw2=None, v_mt2=None, TWO: tl.constexpr = False):
     """One tile of the swapped forms after the scores ``qk [tokens, heads]``: the online softmax over
     the tokens (axis 0, sums every tile), then ``O^T += codes^T [bytes, tokens] x fp16(p * scale *
     2**-(f*bits)) [tokens, heads]`` for each value chunk (``v_raw`` ``[VC, tokens]`` byte chunks as the
-    transposed pages store them, ``v_mt`` the per-token meta columns).  Returns ``(e_max, e_sum, accs)``."""
+    transposed pages store them, ``v_mt`` the per-token meta columns).  ``TWO``: a second tile
+    (``qk2``, ``mask_n2``, ``v_raw2``, ``v_mt2``) in the same step: one max, one rescale of the
+    accumulators, and each chunk's two dots chained.  Returns ``(e_max, e_sum, accs)``."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNC: tl.constexpr = VP // VC
@@ -62,23 +64,59 @@ def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
     VNG: tl.constexpr = V_D // V_G
     qk = _masked_scores(qk, mask_n, mask_h, sm_scale, LOGIT_CAP, LOG2)
     m_new = tl.maximum(tl.max(qk, 0), e_max)
+    if TWO:
+        qk2 = _masked_scores(qk2, mask_n2, mask_h, sm_scale, LOGIT_CAP, LOG2)
+        m_new = tl.maximum(tl.max(qk2, 0), m_new)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     re_scale = _exp(e_max - m_safe, LOG2)
     p = _exp(qk - m_safe[None, :], LOG2)
     e_sum = e_sum * re_scale + tl.sum(p, 0)
+    if TWO:
+        p2 = _exp(qk2 - m_safe[None, :], LOG2)
+        e_sum += tl.sum(p2, 0)
     corrs = ()
     if V_ASYM:
         for g in tl.static_range(VNG):
-            corrs = corrs + (tl.sum(p * v_mt[VNG + g][:, None], 0),)
+            c = tl.sum(p * v_mt[VNG + g][:, None], 0)
+            if TWO:
+                c += tl.sum(p2 * v_mt2[VNG + g][:, None], 0)
+            corrs = corrs + (c,)
     new_accs = ()
     for k in tl.static_range(VNF * VNC):
         ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
         a = accs[k] * re_scale[None, :]
         if V_ASYM:
             a = a + corrs[k // VCPG][None, :]
-        vcodes = _vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM)
-        new_accs = new_accs + (tl.dot(vcodes, ps, a),)
+        a = tl.dot(_vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps, a)
+        if TWO:
+            ps2 = (p2 * (v_mt2[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
+            a = tl.dot(_vcodes(v_raw2[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps2, a)
+        new_accs = new_accs + (a,)
     return m_new, e_sum, new_accs
+
+
+@triton.jit
+def _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+              K_BITS: tl.constexpr, K_ASYM: tl.constexpr, KNG: tl.constexpr, KCPG: tl.constexpr, KNC: tl.constexpr,
+              CODES_ASM: tl.constexpr):
+    """A tile's scores ``[tokens, heads]`` (per-token key groups): per group a chain of dots of the
+    codes (``k_raw``: ``[tokens, bytes]`` chunks, the A operand as stored) with the query chunks ``qs``,
+    started from ``-kconst`` (the codes' bias: no subtraction a score afterwards), then the group's
+    scale (and offset) from the meta columns ``k_mt``."""
+    qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    for g in tl.static_range(KNG):
+        dg = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32) - kconst[g][None, :]
+        for j in tl.static_range(KCPG):
+            if CODES_ASM:
+                kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+            else:
+                kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
+            dg = tl.dot(kcodes, qs[g * KCPG + j], dg)
+        t = (k_mt[g] * q_scale)[:, None] * dg
+        if K_ASYM:
+            t += k_mt[KNG + g][:, None] * qsums[g][None, :]
+        qk += t
+    return qk
 
 
 @triton.jit
@@ -110,8 +148,11 @@ def _decode_stage1_swapped(
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = True,
-    MIN_SPLITS: tl.constexpr = 1,
+    MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False,
 ):
+    """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
+    their scores independent of each other, one softmax step and one rescale of the accumulators for
+    both (``_softmax_pv_t``'s ``TWO``); the slot indices of both are loaded a step ahead."""
     b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, -1, MIN_SPLITS)
     lo = 0
@@ -155,38 +196,65 @@ def _decode_stage1_swapped(
         k_head_m = kv_head * stride_km_h
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
-        f_a = 0
-        if IDX_AHEAD:
+        if PAIR:
+            # two tiles a step: their first slots a step ahead (the second's 0, page 0, past the end:
+            # loaded, but its tokens are masked and its meta read as 0)
             f_a = tl.load(kv_indices + start + s0).to(tl.int64)
-        for n0 in range(s0, s1, BLOCK_N):
-            mask_n = (n0 + offs_b) < s1
-            if SLIDING_WINDOW > 0:
-                mask_n = mask_n & ((n0 + offs_b) >= lo)
-            pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
-            loc = pg * V_PAGE + t0 + offs_b
-            # keys [tokens, bytes] (the A operand as stored), meta per token, values [bytes, tokens]
-            k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-            k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
-            v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
-
-            # ---- scores [tokens, heads]: per group a chain of dots, then scale (+ offset)
-            qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-            for g in tl.static_range(KNG):
-                # the dot starts from -kconst (the codes' bias): no subtraction a score afterwards
-                dg = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32) - kconst[g][None, :]
-                for j in tl.static_range(KCPG):
-                    if CODES_ASM:
-                        kcodes = _codes_asm(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
-                    else:
-                        kcodes = _codes(k_raw[(g * KCPG + j) % KNC], K_BITS, (g * KCPG + j) // KNC)
-                    dg = tl.dot(kcodes, qs[g * KCPG + j], dg)
-                t = (k_mt[g] * q_scale)[:, None] * dg
-                if K_ASYM:
-                    t += k_mt[KNG + g][:, None] * qsums[g][None, :]
-                qk += t
-            e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                                               LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+            f_b = tl.load(kv_indices + start + s0 + BLOCK_N, mask=s0 + BLOCK_N < s1, other=0).to(tl.int64)
+            for n0 in range(s0, s1, 2 * BLOCK_N):
+                first_a = f_a
+                first_b = f_b
+                f_a = tl.load(kv_indices + start + n0 + 2 * BLOCK_N, mask=n0 + 2 * BLOCK_N < s1, other=0).to(tl.int64)
+                f_b = tl.load(kv_indices + start + n0 + 3 * BLOCK_N, mask=n0 + 3 * BLOCK_N < s1, other=0).to(tl.int64)
+                mask_a = (n0 + offs_b) < s1
+                mask_b = (n0 + BLOCK_N + offs_b) < s1
+                if SLIDING_WINDOW > 0:
+                    mask_a = mask_a & ((n0 + offs_b) >= lo)
+                    mask_b = mask_b & ((n0 + BLOCK_N + offs_b) >= lo)
+                pg_a = first_a // V_PAGE
+                pg_b = first_b // V_PAGE
+                if BLOCK_N == V_PAGE:
+                    t0_a = 0
+                    t0_b = 0
+                else:  # a tile's offset in its page, a multiple of BLOCK_N the compiler can see
+                    t0_a = (first_a % V_PAGE) // BLOCK_N * BLOCK_N
+                    t0_b = (first_b % V_PAGE) // BLOCK_N * BLOCK_N
+                loc_a = pg_a * V_PAGE + t0_a + offs_b
+                loc_b = pg_b * V_PAGE + t0_b + offs_b
+                k_raw_a = _load_chunks(Kd, loc_a * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
+                k_mt_a = _load_meta(Km, loc_a * stride_km_s + k_head_m, mask_a, KNM)
+                k_raw_b = _load_chunks(Kd, loc_b * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
+                k_mt_b = _load_meta(Km, loc_b * stride_km_s + k_head_m, mask_b, KNM)
+                v_raw_a = _load_pages_t(Vd, pg_a * stride_vd_s + t0_a + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+                v_mt_a = _load_meta(Vm, loc_a * stride_vm_s + v_head_m, mask_a, VNM)
+                v_raw_b = _load_pages_t(Vd, pg_b * stride_vd_s + t0_b + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+                v_mt_b = _load_meta(Vm, loc_b * stride_vm_s + v_head_m, mask_b, VNM)
+                qk_a = _scores_t(k_raw_a, k_mt_a, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
+                                 KCPG, KNC, CODES_ASM)
+                qk_b = _scores_t(k_raw_b, k_mt_b, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
+                                 KCPG, KNC, CODES_ASM)
+                e_max, e_sum, accs = _softmax_pv_t(qk_a, mask_a, mask_h, e_max, e_sum, accs, v_raw_a, v_mt_a, sm_scale,
+                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
+                                                   qk_b, mask_b, v_raw_b, v_mt_b, True)
+        else:
+            f_a = 0
+            if IDX_AHEAD:
+                f_a = tl.load(kv_indices + start + s0).to(tl.int64)
+            for n0 in range(s0, s1, BLOCK_N):
+                mask_n = (n0 + offs_b) < s1
+                if SLIDING_WINDOW > 0:
+                    mask_n = mask_n & ((n0 + offs_b) >= lo)
+                pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
+                loc = pg * V_PAGE + t0 + offs_b
+                # keys [tokens, bytes] (the A operand as stored), meta per token, values [bytes, tokens]
+                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
+                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+                qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
+                               KNC, CODES_ASM)
+                e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
 
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)
