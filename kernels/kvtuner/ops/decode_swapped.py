@@ -38,6 +38,21 @@ def _load_pages_t(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.co
 
 
 @triton.jit
+def _tile_t(Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
+            stride_vd_s, stride_vm_s, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
+            VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The BLOCK_N slots from ``t0`` of page ``pg``: keys ``[tokens, bytes]`` (the A operand as stored)
+    and their meta columns, values ``[bytes, tokens]`` and theirs (``mask_n``: the meta rows read)."""
+    offs_b = tl.arange(0, BLOCK_N)
+    loc = pg * V_PAGE + t0 + offs_b
+    k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
+    k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+    v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
+    v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+    return k_raw, k_mt, v_raw, v_mt
+
+
+@triton.jit
 def _init_t(BLOCK_H: tl.constexpr, VC: tl.constexpr, NK: tl.constexpr):
     """A swapped form's running max, sum (``[heads]``) and NK ``[VC, heads]`` value accumulators."""
     accs = ()
@@ -219,16 +234,12 @@ def _decode_stage1_swapped(
                 else:  # a tile's offset in its page, a multiple of BLOCK_N the compiler can see
                     t0_a = (first_a % V_PAGE) // BLOCK_N * BLOCK_N
                     t0_b = (first_b % V_PAGE) // BLOCK_N * BLOCK_N
-                loc_a = pg_a * V_PAGE + t0_a + offs_b
-                loc_b = pg_b * V_PAGE + t0_b + offs_b
-                k_raw_a = _load_chunks(Kd, loc_a * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-                k_mt_a = _load_meta(Km, loc_a * stride_km_s + k_head_m, mask_a, KNM)
-                k_raw_b = _load_chunks(Kd, loc_b * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-                k_mt_b = _load_meta(Km, loc_b * stride_km_s + k_head_m, mask_b, KNM)
-                v_raw_a = _load_pages_t(Vd, pg_a * stride_vd_s + t0_a + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                v_mt_a = _load_meta(Vm, loc_a * stride_vm_s + v_head_m, mask_a, VNM)
-                v_raw_b = _load_pages_t(Vd, pg_b * stride_vd_s + t0_b + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                v_mt_b = _load_meta(Vm, loc_b * stride_vm_s + v_head_m, mask_b, VNM)
+                k_raw_a, k_mt_a, v_raw_a, v_mt_a = _tile_t(
+                    Kd, Km, Vd, Vm, pg_a, t0_a, mask_a, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
+                k_raw_b, k_mt_b, v_raw_b, v_mt_b = _tile_t(
+                    Kd, Km, Vd, Vm, pg_b, t0_b, mask_b, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
                 qk_a = _scores_t(k_raw_a, k_mt_a, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
                                  KCPG, KNC, CODES_ASM)
                 qk_b = _scores_t(k_raw_b, k_mt_b, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
@@ -245,12 +256,9 @@ def _decode_stage1_swapped(
                 if SLIDING_WINDOW > 0:
                     mask_n = mask_n & ((n0 + offs_b) >= lo)
                 pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
-                loc = pg * V_PAGE + t0 + offs_b
-                # keys [tokens, bytes] (the A operand as stored), meta per token, values [bytes, tokens]
-                k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
-                v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+                k_raw, k_mt, v_raw, v_mt = _tile_t(
+                    Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
+                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
                 qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
                                KNC, CODES_ASM)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
