@@ -161,7 +161,6 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,3")
     assert D._env_tuning() == {"min_splits": 3}
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,1")
     assert D._env_tuning() == {"pair": 1}
     monkeypatch.setattr(D, "_ENV_TUNING", None)

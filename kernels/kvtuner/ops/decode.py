@@ -573,14 +573,17 @@ def _pv_chunks_loaded(accs, p, re_scale, v_raw, v_mt, V_D: tl.constexpr, V_G: tl
 
 
 @triton.jit
-def _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N: tl.constexpr, V_PAGE: tl.constexpr, IDX_AHEAD: tl.constexpr):
+def _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N: tl.constexpr, V_PAGE: tl.constexpr, IDX_AHEAD: tl.constexpr,
+                AHEAD: tl.constexpr = 1):
     """The page ``pg`` and offset ``t0`` in it of the paged forms' tile at ``n0`` (BLOCK_N slots of one
     page: BLOCK_N divides V_PAGE and splits are tile-aligned, so the slots are contiguous from the
-    first), from its first slot: ``f_a`` when IDX_AHEAD (loaded the tile before; the next tile's is
-    returned), else loaded here.  Returns ``(pg, t0, f_a)``."""
+    first), from its first slot: ``f_a`` when IDX_AHEAD (loaded a step before; the first slot of the
+    tile AHEAD tiles on, a loop step of AHEAD tiles later, is returned, 0 past ``s1``), else loaded
+    here.  Returns ``(pg, t0, f_a)``."""
     if IDX_AHEAD:
         first = f_a
-        f_a = tl.load(kv_indices + start + n0 + BLOCK_N, mask=n0 + BLOCK_N < s1, other=0).to(tl.int64)
+        nxt = n0 + AHEAD * BLOCK_N
+        f_a = tl.load(kv_indices + start + nxt, mask=nxt < s1, other=0).to(tl.int64)
     else:
         first = tl.load(kv_indices + start + n0).to(tl.int64)
     pg = first // V_PAGE

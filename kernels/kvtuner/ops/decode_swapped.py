@@ -38,6 +38,15 @@ def _load_pages_t(data_ptr, base, NC: tl.constexpr, C: tl.constexpr, PAGE: tl.co
 
 
 @triton.jit
+def _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW: tl.constexpr):
+    """The tokens of the tile at ``n0`` that the split reads: before ``s1`` and, with a window, from ``lo``."""
+    mask = (n0 + offs_b) < s1
+    if SLIDING_WINDOW > 0:
+        mask = mask & ((n0 + offs_b) >= lo)
+    return mask
+
+
+@triton.jit
 def _tile_t(Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
             stride_vd_s, stride_vm_s, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
             VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -217,23 +226,10 @@ def _decode_stage1_swapped(
             f_a = tl.load(kv_indices + start + s0).to(tl.int64)
             f_b = tl.load(kv_indices + start + s0 + BLOCK_N, mask=s0 + BLOCK_N < s1, other=0).to(tl.int64)
             for n0 in range(s0, s1, 2 * BLOCK_N):
-                first_a = f_a
-                first_b = f_b
-                f_a = tl.load(kv_indices + start + n0 + 2 * BLOCK_N, mask=n0 + 2 * BLOCK_N < s1, other=0).to(tl.int64)
-                f_b = tl.load(kv_indices + start + n0 + 3 * BLOCK_N, mask=n0 + 3 * BLOCK_N < s1, other=0).to(tl.int64)
-                mask_a = (n0 + offs_b) < s1
-                mask_b = (n0 + BLOCK_N + offs_b) < s1
-                if SLIDING_WINDOW > 0:
-                    mask_a = mask_a & ((n0 + offs_b) >= lo)
-                    mask_b = mask_b & ((n0 + BLOCK_N + offs_b) >= lo)
-                pg_a = first_a // V_PAGE
-                pg_b = first_b // V_PAGE
-                if BLOCK_N == V_PAGE:
-                    t0_a = 0
-                    t0_b = 0
-                else:  # a tile's offset in its page, a multiple of BLOCK_N the compiler can see
-                    t0_a = (first_a % V_PAGE) // BLOCK_N * BLOCK_N
-                    t0_b = (first_b % V_PAGE) // BLOCK_N * BLOCK_N
+                mask_a = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
+                mask_b = _tile_mask(n0 + BLOCK_N, offs_b, s1, lo, SLIDING_WINDOW)
+                pg_a, t0_a, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, True, 2)
+                pg_b, t0_b, f_b = _paged_tile(kv_indices, start, n0 + BLOCK_N, s1, f_b, BLOCK_N, V_PAGE, True, 2)
                 k_raw_a, k_mt_a, v_raw_a, v_mt_a = _tile_t(
                     Kd, Km, Vd, Vm, pg_a, t0_a, mask_a, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
                     stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
@@ -252,9 +248,7 @@ def _decode_stage1_swapped(
             if IDX_AHEAD:
                 f_a = tl.load(kv_indices + start + s0).to(tl.int64)
             for n0 in range(s0, s1, BLOCK_N):
-                mask_n = (n0 + offs_b) < s1
-                if SLIDING_WINDOW > 0:
-                    mask_n = mask_n & ((n0 + offs_b) >= lo)
+                mask_n = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
                 pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
                 k_raw, k_mt, v_raw, v_mt = _tile_t(
                     Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
