@@ -100,12 +100,13 @@ def main() -> int:
     ap.add_argument("--no-general", action="store_true", help="skip the general (unpacked-path) kernel's timings")
     ap.add_argument("--paged", type=int, default=0,
                     help="slots in whole pages of this many tokens (shuffled page order) for every row")
-    ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair]]]]]]];...' variants of "
+    ap.add_argument("--vt", default="", help="with --paged: 'warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair[,mw]]]]]]]]];...' variants of "
                     "the form that reads V transposed within pages (QuantKV.to_paged); asm 1: codes_asm; later 0: "
                     "the softmax sums every tile (sum_later off; default on); maxnreg: a register cap (0: none; -1: decode_attention's measured default); "
                     "idx: idx_ahead 0 or 1 (the slot index a tile ahead; -1, the default: decode_attention's); "
                     "lazy 1: lazy_rescale (needs later 0); swap 1: tokens on the MMA's M side (decode_swapped; "
-                    "needs later 0 and lazy 0; pair 1: two tiles a loop step of the swapped form)")
+                    "needs later 0 and lazy 0; pair 1: two tiles a loop step of the swapped form; mw: its meta rows as 32-bit "
+                    "words, 1 or 0, -1 (the default): decode_attention's)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")
@@ -126,8 +127,9 @@ def main() -> int:
                 f = [int(x) for x in v.split(",")]
                 variants.append(tuple(f + [0, 2][len(f) - 3:]))
         vt_variants = [tuple(int(x) for x in v.split(",")) for v in args.vt.split(";") if v]
-        # warps, stages, asm (0), later (1), maxnreg (0), idx_ahead (-1: the default), lazy (0), swap (0), pair (0)
-        vt_variants = [v + (0, 1, 0, -1, 0, 0, 0)[len(v) - 2:] for v in vt_variants]
+        # warps, stages, asm (0), later (1), maxnreg (0), idx_ahead (-1: the default), lazy (0), swap (0), pair (0),
+        # meta_words (-1: the default)
+        vt_variants = [v + (0, 1, 0, -1, 0, 0, 0, -1)[len(v) - 2:] for v in vt_variants]
     except ValueError as e:
         ap.error(f"malformed argument: {e}")
     bad = [c for c in cfgs if c not in CFGS]
@@ -135,10 +137,11 @@ def main() -> int:
         ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
     if any(len(v) != 5 for v in variants):
         ap.error(f"--variants: each is pf,warps,block_n[,maxnreg[,stages]], got {args.variants!r}")
-    if any(len(v) != 9 or v[5] not in (-1, 0, 1) or v[6] not in (0, 1) or (v[6] and v[3]) or v[7] not in (0, 1)
-           or (v[7] and (v[3] or v[6])) or v[8] not in (0, 1) or (v[8] and not v[7]) for v in vt_variants):
-        ap.error(f"--vt: each is warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair]]]]]]] (idx -1, 0 or 1; lazy 0 or 1, "
-                 f"with later 0; swap 0 or 1, with later 0 and lazy 0; pair 0 or 1, with swap), got {args.vt!r}")
+    if any(len(v) != 10 or v[5] not in (-1, 0, 1) or v[6] not in (0, 1) or (v[6] and v[3]) or v[7] not in (0, 1)
+           or (v[7] and (v[3] or v[6])) or v[8] not in (0, 1) or (v[8] and not v[7]) or v[9] not in (-1, 0, 1)
+           for v in vt_variants):
+        ap.error(f"--vt: each is warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair[,mw]]]]]]]]] (idx -1, 0 or 1; lazy 0 or 1, "
+                 f"with later 0; swap 0 or 1, with later 0 and lazy 0; pair 0 or 1, with swap; mw -1, 0 or 1), got {args.vt!r}")
     if vt_variants and not args.paged:
         ap.error("--vt needs --paged PAGE")
     if args.paged and any(ctx % args.paged for _, ctx in shapes):
@@ -197,15 +200,16 @@ def main() -> int:
                 pv = vc.to_paged(args.paged)
                 ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
                 tile = min(args.paged, PAGED_TILE)  # tokens a tile: the page, or 64 of a larger one
-                for w, st, asm, later, mx, ia, lz, sw, pr in vt_variants:
+                for w, st, asm, later, mx, ia, lz, sw, pr, mw in vt_variants:
                     key = f"vt{args.paged}" + (f"t{tile}" if tile != args.paged else "") + f"_w{w}_s{st}" \
                         + ("_asm" if asm else "") + ("" if later else "_sumeach") \
                         + (f"_r{mx}" if mx > 0 else "_rdefault" if mx < 0 else "") + (f"_i{ia}" if ia >= 0 else "") + ("_lazy" if lz else "") \
-                        + ("_swap" if sw else "") + ("_pair" if pr else "")
-                    run = lambda n, w=w, st=st, asm=asm, later=later, mx=mx, ia=ia, lz=lz, sw=sw, pr=pr: decode_attention(  # noqa: E731
+                        + ("_swap" if sw else "") + ("_pair" if pr else "") + (f"_mw{mw}" if mw >= 0 else "")
+                    run = lambda n, w=w, st=st, asm=asm, later=later, mx=mx, ia=ia, lz=lz, sw=sw, pr=pr, mw=mw: decode_attention(  # noqa: E731
                         q, kc, pv, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
                         codes_asm=bool(asm), sum_later=bool(later), maxnreg=mx if mx >= 0 else None,
-                        idx_ahead=ia if ia >= 0 else None, lazy_rescale=bool(lz), swap=bool(sw), pair=bool(pr))
+                        idx_ahead=ia if ia >= 0 else None, lazy_rescale=bool(lz), swap=bool(sw), pair=bool(pr),
+                        meta_words=bool(mw) if mw >= 0 else None)
                     try:
                         row["variants"][key] = {n: bench(lambda n=n: run(n)) for n in splits}
                         run(splits[-1])

@@ -41,17 +41,24 @@ POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Kr": "*bf16", "Vd": "*u8"
             "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
 
 
-def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnreg: int = 0):
+def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnreg: int = 0, ints: dict | None = None):
     """``triton.compile`` of a kernel for ``sm_{arch}`` with its constexprs, the other arguments
     typed by name (``POINTERS``, else fp32 ``sm_scale`` and i64 integers) and declared as the JIT
-    specializes them: pointers 16-byte aligned, pool strides multiples of 16."""
+    specializes them: pointers 16-byte aligned, pool strides multiples of 16.  ``ints``: the real
+    values of integer arguments, specialized as the JIT does for them (i32, a multiple of 16
+    declared as such, 1 a constant); without it every stride is taken as a multiple of 16, which the
+    meta rows (2-8 float16 a slot) are not."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
-    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i64") for n in names}
-    div16 = [n for n in names if sig[n].startswith("*") or (n.startswith("stride") and n != "stride_qh")]
+    ints = ints or {}
+    consts = {**consts, **{n: 1 for n, v in ints.items() if v == 1}}
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "fp32" if n == "sm_scale" else "i32" if n in ints else "i64")
+           for n in names}
+    div16 = [n for n in names if sig[n].startswith("*") or (n in ints and ints[n] % 16 == 0)
+             or (not ints and n.startswith("stride") and n != "stride_qh")]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in div16})
     opts = {"num_warps": num_warps, "num_stages": num_stages, **({"maxnreg": maxnreg} if maxnreg else {})}
@@ -124,8 +131,32 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=True,
-                  PAIR=os.environ.get("KS_PAIR", "0") == "1")
-    return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg)
+                  PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
+    consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
+    consts["HQ"] = hq = kv_group * 4
+    return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg,
+                    ints=real_strides(kf, vf, hq, 4, splits, v_page))
+
+
+def real_strides(kf, vf, hq: int, hkv: int, splits: int, v_page: int) -> dict:
+    """The integer arguments of a paged decode launch as ``decode_attention`` passes them for a
+    pool of ``hkv`` heads (values transposed within pages of ``v_page``), ``hq`` query heads and
+    ``splits`` KV splits: the strides the JIT specializes on."""
+    import torch
+
+    from kvtuner.ops import QuantKV
+    from kvtuner.ops._common import row_strides
+
+    kc = QuantKV.empty(2 * v_page, hkv, kf, device="cpu")
+    vc = QuantKV.empty(2 * v_page, hkv, vf, device="cpu").to_paged(v_page)
+    d = kf.head_dim
+    lg = torch.empty(1, hq, splits, vf.head_dim)
+    lse = torch.empty(1, hq, splits)
+    names = ["stride_qb", "stride_qh", "stride_kd_s", "stride_kd_h", "stride_km_s", "stride_km_h", "stride_vd_s",
+             "stride_vd_h", "stride_vm_s", "stride_vm_h", "stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh",
+             "stride_ls"]
+    vals = [hq * d, d, *row_strides(kc), *row_strides(vc), *lg.stride()[:3], *lse.stride()[:3]]
+    return dict(zip(names, vals))
 
 
 def loop_stats(sass: str) -> dict:

@@ -274,6 +274,27 @@ def test_swap_launch_rule():
     assert swap_default_stages(f(4), f(4)) == 3 and swap_default_stages(f(2, True), f(4, True)) == 3
 
 
+def test_meta_words_fit():
+    """Meta rows are read as 32-bit words only where the pool's meta is 4-byte aligned and its
+    strides are multiples of the row (2 or 4 float16); other row widths keep the 16-bit loads."""
+    from kvtuner.ops.decode import _meta_words_fit
+
+    for asym in (False, True):
+        kv = QuantKV.empty(8, 2, fmt(4, 128, 64, asym))
+        assert _meta_words_fit(kv)
+        big = torch.zeros(8 * 2 * kv.fmt.n_meta + 1, dtype=torch.float16)
+        off = QuantKV(kv.data, big[1:].view(8, 2, kv.fmt.n_meta), kv.fmt)  # 2-byte aligned view
+        assert not _meta_words_fit(off)
+    wide = QuantKV(QuantKV.empty(8, 2, fmt(4, 128, 64, True)).data,
+                   torch.zeros(8, 3, 4, dtype=torch.float16)[:, :2], fmt(4, 128, 64, True))
+    assert _meta_words_fit(wide)  # slot stride 12, head stride 4: multiples of the row of 4
+    odd = QuantKV(QuantKV.empty(8, 2, fmt(4, 128, 64, False)).data,
+                  torch.zeros(8, 5, 2, dtype=torch.float16)[:, 1:3].contiguous().as_strided((8, 2, 2), (3, 2, 1)),
+                  fmt(4, 128, 64, False))
+    assert not _meta_words_fit(odd)  # slot stride 3: not a whole row
+    assert _meta_words_fit(QuantKV.empty(8, 2, fmt(4, 128, 32, True)))  # rows of 8: the 16-bit loads
+
+
 def test_swap_min_splits():
     """Where the swapped form is the default launch a request gets at least 2 KV splits (one warp a
     program) or 3 (two warps: an 8-bit side): the H100 split sweep (raw/session30_h100) at the served
@@ -405,6 +426,8 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     # the same attention (the one-token and empty requests get empty splits, which stage 2 skips)
     for floor in (3, ms + 2):
         assert_close(run(pv, swap=True, min_splits=floor), ref)
+    # meta rows read as 16-bit values instead of 32-bit words (meta_words off): the same numbers
+    assert_close(run(pv, swap=True, meta_words=False), o, atol=1e-6, rtol=1e-6)
     # two tiles a loop step (pair): odd tile counts leave a masked second tile, windows start mid-pair
     assert_close(run(pv, swap=True, pair=True), ref)
     assert_close(run(pv, swap=True, pair=True, min_splits=3), ref)

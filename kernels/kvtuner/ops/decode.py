@@ -462,6 +462,34 @@ def _load_meta(meta_ptr, row, mask_n, NM: tl.constexpr):
 
 
 @triton.jit
+def _f16_halves(w):
+    """The two float16 of int32 words ``w`` (low half first), as float32."""
+    lo = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _load_meta_words(meta_ptr, row, mask_n, NM: tl.constexpr):
+    """:func:`_load_meta` for NM = 2 or 4 (rows of whole 32-bit words: ``row`` even) through int32
+    words, split in registers: a 4- or 8-byte load a token, which Triton's pipeliner can stage
+    through asynchronous copies a tile ahead (it leaves loads narrower than 32 bits a thread in the
+    iteration, where each tile waited on its 16-bit meta loads: ncu, session 32)."""
+    wp = meta_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    if NM == 2:
+        c0, c1 = _f16_halves(tl.load(wp + row // 2, mask=mask_n, other=0))
+        out = (c0, c1)
+    else:
+        cols = tl.arange(0, 2)
+        w = tl.load(wp + tl.multiple_of(row // 2, 2)[:, None] + cols[None, :], mask=mask_n[:, None], other=0)
+        w0, w1 = tl.split(w)
+        c0, c1 = _f16_halves(w0)
+        c2, c3 = _f16_halves(w1)
+        out = (c0, c1, c2, c3)
+    return out
+
+
+@triton.jit
 def _vcodes(raw, BITS: tl.constexpr, F: tl.constexpr, ASYM: tl.constexpr, CODES_ASM: tl.constexpr):
     """Value codes of bit field F as float16 ready for P x V with no correction afterwards:
     ``u * 2**(F*BITS)`` (asym: the offset is added per group) or ``(u + qmin) * 2**(F*BITS)``
@@ -929,11 +957,22 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
     return kf.quantized and min(kf.group, kp) == kp and kp >= 64 and kds % 4 == 0 and kdh % 4 == 0
 
 
+def _meta_words_fit(kv: QuantKV) -> bool:
+    """Whether a pool's meta rows can be read as int32 words (:func:`_load_meta_words`): the meta
+    4-byte aligned, 2 or 4 values a row, its slot and head strides multiples of that (in float16: a
+    row of 4 starts on an even word, as the kernel declares).  Rows of another width keep the 16-bit
+    loads, so they fit too."""
+    nm = kv.fmt.n_meta
+    if nm not in (2, 4):
+        return True
+    return kv.meta.data_ptr() % 4 == 0 and kv.meta.stride(0) % nm == 0 and kv.meta.stride(1) % nm == 0
+
+
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair"``
-    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` 1 or 0: on or off;
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
@@ -941,11 +980,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead", "lazy", "swap", "min_splits", "pair")
+                "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -992,6 +1031,7 @@ def decode_attention(
     swap: bool | None = None,
     min_splits: int | None = None,
     pair: bool | None = None,
+    meta_words: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1050,6 +1090,10 @@ def decode_attention(
     * ``pair`` (swapped form only; default off, ``KVTUNER_DECODE``'s thirteenth field; untimed): two
       tiles a loop step (``decode_swapped``'s ``PAIR``): their scores independent, one softmax step
       and one rescale of the accumulators for both.
+    * ``meta_words`` (swapped form only; default on, ``KVTUNER_DECODE``'s fourteenth field): meta rows
+      of 2 or 4 float16 (symmetric / asymmetric, two groups a head) read as 32-bit words, so the
+      loads go through the asynchronous copies of the pipeline instead of 16-bit loads waited on in
+      the iteration (:func:`_meta_words_fit` checks the alignment; where it fails, the 16-bit loads).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1112,6 +1156,8 @@ def decode_attention(
             pair = bool(env.get("pair", 0)) and bool(swap)
         if pair and not swap:
             raise ValueError("pair is a loop form of the swapped decode (swap)")
+        if meta_words is None:
+            meta_words = bool(env.get("meta_words", 1))
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1173,6 +1219,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
+            META_WORDS=bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

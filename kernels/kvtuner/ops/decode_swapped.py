@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _key_consts, _load_chunks, _load_meta, _masked_scores,
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _key_consts, _load_chunks, _load_meta, _load_meta_words,
+                                _masked_scores,
                                 _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
@@ -49,15 +50,23 @@ def _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW: tl.constexpr):
 @triton.jit
 def _tile_t(Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
             stride_vd_s, stride_vm_s, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
-            VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+            VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+            K_WORDS: tl.constexpr = False, V_WORDS: tl.constexpr = False):
     """The BLOCK_N slots from ``t0`` of page ``pg``: keys ``[tokens, bytes]`` (the A operand as stored)
-    and their meta columns, values ``[bytes, tokens]`` and theirs (``mask_n``: the meta rows read)."""
+    and their meta columns, values ``[bytes, tokens]`` and theirs (``mask_n``: the meta rows read;
+    ``K_WORDS`` / ``V_WORDS``: meta rows read as 32-bit words, :func:`decode._load_meta_words`)."""
     offs_b = tl.arange(0, BLOCK_N)
     loc = pg * V_PAGE + t0 + offs_b
     k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-    k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+    if K_WORDS:
+        k_mt = _load_meta_words(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+    else:
+        k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
     v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-    v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+    if V_WORDS:
+        v_mt = _load_meta_words(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+    else:
+        v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
     return k_raw, k_mt, v_raw, v_mt
 
 
@@ -172,7 +181,7 @@ def _decode_stage1_swapped(
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = True,
-    MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False,
+    MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
 ):
     """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
     their scores independent of each other, one softmax step and one rescale of the accumulators for
@@ -200,6 +209,9 @@ def _decode_stage1_swapped(
     VNG: tl.constexpr = V_D // V_G
     VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
     LOG2: tl.constexpr = LOGIT_CAP == 0
+    # meta rows as 32-bit words where a row is 2 or 4 float16 (the launcher checks the alignment)
+    KW: tl.constexpr = META_WORDS and (KNM == 2 or KNM == 4)
+    VW: tl.constexpr = META_WORDS and (VNM == 2 or VNM == 4)
 
     e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
 
@@ -232,10 +244,10 @@ def _decode_stage1_swapped(
                 pg_b, t0_b, f_b = _paged_tile(kv_indices, start, n0 + BLOCK_N, s1, f_b, BLOCK_N, V_PAGE, True, 2)
                 k_raw_a, k_mt_a, v_raw_a, v_mt_a = _tile_t(
                     Kd, Km, Vd, Vm, pg_a, t0_a, mask_a, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
-                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
                 k_raw_b, k_mt_b, v_raw_b, v_mt_b = _tile_t(
                     Kd, Km, Vd, Vm, pg_b, t0_b, mask_b, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
-                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
                 qk_a = _scores_t(k_raw_a, k_mt_a, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
                                  KCPG, KNC, CODES_ASM)
                 qk_b = _scores_t(k_raw_b, k_mt_b, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
@@ -252,7 +264,7 @@ def _decode_stage1_swapped(
                 pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
                 k_raw, k_mt, v_raw, v_mt = _tile_t(
                     Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
-                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N)
+                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
                 qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
                                KNC, CODES_ASM)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,

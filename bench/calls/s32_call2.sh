@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Session 32, call 2 (H100): the swapped decode with its meta rows read as 32-bit words (meta_words,
+# now the default) against the 16-bit loads, at 2 and 3 stages; then, if the words win by >= 3% for
+# int4 sym at 640 x 3k, the served int4 row with the best stage count, then issue 3's table.
+# Usage (carry .bundle):  GIT_SHA=<sha> L=585 bash bench/calls/s32_call2.sh
+set -u
+O=${OUT:?}; L=${L:-585}; export GIT_SHA
+OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=60 KBENCH=split-sweep SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+    SPLIT_CFGS=int4_sym,int4,int2,int8,k8v4 \
+    SPLIT_VT='1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
+    bash bench/run_single_gpu.sh e2e
+echo "[t] $SECONDS s after the sweep"
+tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
+pick=$(python3 - <<'PY'
+import json
+try:
+    d = json.load(open("/tmp/decode_sweep_splits.json"))
+    r = next(r for r in d["timings"] if r["cfg"] == "int4_sym" and r["shape"] == "640x3072")
+    v = r["variants"]
+    best = lambda mw: min((min(t.values()), k) for k, t in v.items() if k.endswith(f"_mw{mw}") and "error" not in t)
+    (t1, k1), (t0, _) = best(1), best(0)
+    st = 2 if "_s2_" in k1 else 3
+    print("served" if t1 <= 0.97 * t0 else "full", st, round(t1, 4), round(t0, 4))
+except Exception as e:
+    print("full", 0, "error", type(e).__name__, e)
+PY
+)
+echo "[decision] $pick"
+set -- $pick
+if [ "$1" = served ]; then
+    OUT=$O/c DEADLINE=$((L - SECONDS)) NEED=200 SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%,,,$2" \
+        bash bench/run_single_gpu.sh e2e
+fi
+OUT=$O/d DEADLINE=$((L - SECONDS)) NEED=150 KBENCH=full-p64 bash bench/run_single_gpu.sh e2e
+echo "[t] $SECONDS s at the end"
