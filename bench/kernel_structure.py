@@ -138,6 +138,44 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                     ints=real_strides(kf, vf, hq, 4, splits, v_page))
 
 
+def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int,
+                                num_warps: int, num_stages: int, arch: int = 90, codes_asm: bool = True,
+                                maxnreg: int = 0):
+    """The per-channel-keys stage 1 with tokens on the MMA's M side (``decode_swapped``'s
+    ``_kivi_decode_stage1_swapped``): key pages of ``group`` tokens, values transposed within them,
+    a residual window of one page, specialized on the strides of a real pool (``KS_META_WORDS=0``:
+    the meta as 16-bit loads)."""
+    import torch
+
+    from kvtuner.format import TensorFormat
+    from kvtuner.ops import QuantKV
+    from kvtuner.ops import decode_swapped as S
+    from kvtuner.ops._common import qmin_of, row_strides
+    from kvtuner.ops.kivi import _v_constexprs
+
+    kf = TensorFormat(kb, head_dim, group, asym, axis=1)
+    vf = TensorFormat(vb, head_dim, group, asym)
+    splits, hkv = int(os.environ.get("KS_SPLITS", "2")), 4
+    hq = kv_group * hkv
+    consts = dict(KV_GROUP=kv_group, HQ=hq, BLOCK_H=8 if kv_group <= 8 else 16, BLOCK_N=min(group, 64),
+                  MAX_SPLITS=splits, LOGIT_CAP=0.0, SLIDING_WINDOW=-1, R=group, K_BITS=kb, K_D=head_dim, K_G=group,
+                  K_ASYM=bool(asym), K_QMIN=qmin_of(kf),
+                  **{k: v for k, v in _v_constexprs(vf).items() if k != "V_QMIN"},
+                  SPLIT_Q=False, V_PAGE=group, CODES_ASM=bool(codes_asm), DOT_F32=False,
+                  META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
+    kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
+    vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
+    d = head_dim
+    names = ["stride_qb", "stride_qh", "stride_kd_s", "stride_kd_h", "stride_km_p", "stride_km_h", "stride_kr_s",
+             "stride_kr_h", "stride_vd_s", "stride_vd_h", "stride_vm_s", "stride_vm_h", "stride_ob", "stride_oh",
+             "stride_os", "stride_lb", "stride_lh", "stride_ls"]
+    lg, lse = torch.empty(1, hq, splits, d), torch.empty(1, hq, splits)
+    vals = [hq * d, d, kc.data.stride(0), kc.data.stride(1), kc.meta.stride(0), kc.meta.stride(1), hkv * d, d,
+            *row_strides(vc), *lg.stride()[:3], *lse.stride()[:3]]
+    return _compile(S._kivi_decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg,
+                    ints=dict(zip(names, vals)))
+
+
 def real_strides(kf, vf, hq: int, hkv: int, splits: int, v_page: int) -> dict:
     """The integer arguments of a paged decode launch as ``decode_attention`` passes them for a
     pool of ``hkv`` heads (values transposed within pages of ``v_page``), ``hq`` query heads and
@@ -223,10 +261,11 @@ def structure(kernel) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=["per-token", "kivi", "swapped"], default="per-token",
+    ap.add_argument("--kernel", choices=["per-token", "kivi", "swapped", "kivi-swapped"], default="per-token",
                     help="the packed decode stage 1 of per-token keys (decode.py), per-channel keys (kivi.py), or "
                          "per-token keys with tokens on the MMA's M side (decode_swapped.py: the variant's block_n, "
-                         "prefetch, sum_later and idx fields are ignored; v_page 0 means 64)")
+                         "prefetch, sum_later and idx fields are ignored; v_page 0 means 64), or kivi-swapped (the "
+                         "per-channel form of decode_swapped.py: warps, stages, codes_asm and maxnreg apply)")
     ap.add_argument("--kv", default="4,4", help="key bits,value bits (8/4/2)")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--asym", action="store_true")
@@ -247,7 +286,10 @@ def main(argv=None) -> int:
         f = [int(x) for x in v.split(",")]
         bn, pf, w, st, vp, asm, later, mx, ia = f + [0, 0, 1, 0, -1][len(f) - 4:]
         try:
-            if args.kernel == "swapped":
+            if args.kernel == "kivi-swapped":
+                k = compile_kivi_swapped_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, w, st,
+                                                args.arch, bool(asm), mx)
+            elif args.kernel == "swapped":
                 k = compile_swapped_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, w, st, args.arch,
                                            vp or 64, bool(asm), mx)
             elif args.kernel == "kivi":

@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _key_consts, _load_chunks, _load_meta, _load_meta_words,
-                                _masked_scores,
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _key_consts, _load_chunks, _load_meta,
+                                _load_meta_words, _masked_scores,
                                 _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
@@ -276,13 +276,31 @@ def _decode_stage1_swapped(
 
 @triton.jit
 def _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask, VNC: tl.constexpr,
-              VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+              VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+              V_WORDS: tl.constexpr = False):
     """The per-channel swapped form's value tile: the byte chunks ``[VC, tokens]`` of the BLOCK_N slots
     from ``first`` (one run of a page: key pages are value pages, tiles never straddle one) and their
-    meta columns (``loc``: the slots, ``mask``: those loaded)."""
+    meta columns (``loc``: the slots, ``mask``: those loaded; ``V_WORDS``: read as 32-bit words)."""
     t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
     v_raw = _load_pages_t(Vd, (first // V_PAGE) * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-    return v_raw, _load_meta(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
+    if V_WORDS:
+        v_mt = _load_meta_words(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
+    else:
+        v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
+    return v_raw, v_mt
+
+
+@triton.jit
+def _load_f16_run(ptr, off, N: tl.constexpr, WORDS: tl.constexpr):
+    """``N`` consecutive float16 from ``ptr + off`` as float32 ``[N]``; ``WORDS``: through ``N / 2``
+    int32 words (``off`` even, ``ptr`` 4-byte aligned), split in registers and put back in order."""
+    if WORDS:
+        w = tl.load(ptr.to(tl.pointer_type(tl.int32), bitcast=True) + off // 2 + tl.arange(0, N // 2))
+        lo, hi = _f16_halves(w)
+        out = tl.reshape(tl.join(lo, hi), [N])
+    else:
+        out = tl.load(ptr + off + tl.arange(0, N)).to(tl.float32)
+    return out
 
 
 @triton.jit
@@ -296,6 +314,7 @@ def _kivi_decode_stage1_swapped(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+    META_WORDS: tl.constexpr = False,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -312,6 +331,10 @@ def _kivi_decode_stage1_swapped(
     VNF: tl.constexpr = 8 // V_BITS
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     LOG2: tl.constexpr = LOGIT_CAP == 0
+    # meta as 32-bit words (the launcher checks the alignment): the pages' channel scales (KC even)
+    # and value rows of 2 or 4 float16
+    KW: tl.constexpr = META_WORDS and KC % 2 == 0
+    VW: tl.constexpr = META_WORDS and (VNM == 2 or VNM == 4)
     offs_kc = tl.arange(0, KC)
     offs_b = tl.arange(0, BLOCK_N)
     e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
@@ -339,12 +362,12 @@ def _kivi_decode_stage1_swapped(
             loc = first + offs_b
             page = first // K_G
             k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, 1, KC, False)[0]  # [tokens, KC]
-            mrow = Km + page * stride_km_p + k_head_m
+            moff = page * stride_km_p + k_head_m
             qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
             if K_ASYM:
                 corr = tl.zeros([BLOCK_H], dtype=tl.float32)
             for f in tl.static_range(KNF):
-                s_f = tl.load(mrow + f * KC + offs_kc).to(tl.float32)
+                s_f = _load_f16_run(Km, moff + f * KC, KC, KW)
                 w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[:, None]
                 hi = w.to(tl.float16)
                 # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
@@ -360,12 +383,12 @@ def _kivi_decode_stage1_swapped(
                 if SPLIT_Q:
                     qk = tl.dot(codes, (w - hi.to(tl.float32)).to(tl.float16), qk)
                 if K_ASYM:
-                    o_f = tl.load(mrow + K_D + f * KC + offs_kc).to(tl.float32)
+                    o_f = _load_f16_run(Km, moff + K_D + f * KC, KC, KW)
                     corr += tl.sum(qc[f] * o_f[:, None], 0)
             if K_ASYM:
                 qk += corr[None, :]
             v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-                                    VNC, VC, VNM, V_PAGE, BLOCK_N)
+                                    VNC, VC, VNM, V_PAGE, BLOCK_N, VW)
             e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
         if nq < s1:
@@ -393,7 +416,7 @@ def _kivi_decode_stage1_swapped(
                 if LOG2:
                     qk = qk * q_scale
                 v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-                                        VNC, VC, VNM, V_PAGE, BLOCK_N)
+                                        VNC, VC, VNM, V_PAGE, BLOCK_N, VW)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,

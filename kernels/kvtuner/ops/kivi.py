@@ -36,7 +36,7 @@ from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_pack
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
                                 _offset_rows, _program_heads, _pv_chunks_loaded, _query_scale, _softmax_step,
-                                _sm_count, _sm_major, _store_split, _sums_init, _swap_launch)
+                                _meta_words_fit, _sm_count, _sm_major, _store_split, _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -72,6 +72,13 @@ def _v_constexprs(fmt: TensorFormat) -> dict:
         raise NotImplementedError(f"kvtuner kernels need a power-of-two group, got {g}")
     return dict(V_BITS=fmt.bits, V_D=fmt.head_dim, V_G=g, V_ASYM=bool(fmt.asym and fmt.quantized),
                 V_QMIN=qmin_of(fmt))
+
+
+def _kivi_meta_words_fit(kc: QuantKV) -> bool:
+    """Whether the per-channel keys' page meta can be read as int32 words: 4-byte aligned, even
+    strides (a page's channel scales start on a word, as do their bit-field runs of KC)."""
+    m = kc.meta
+    return m.data_ptr() % 4 == 0 and m.stride(0) % 2 == 0 and m.stride(1) % 2 == 0
 
 
 def _meta_arg(kv: QuantKV) -> torch.Tensor:
@@ -632,6 +639,7 @@ def kivi_decode_attention(
     codes_asm: bool | None = None,
     sum_later: bool | None = None,
     swap: bool | None = None,
+    meta_words: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -660,7 +668,9 @@ def kivi_decode_attention(
     otherwise, the softmax sums every tile.  The default launch on CUDA where decode.py's
     ``_swap_launch`` takes it (Hopper, a grid of one (request, KV-head block) pair an SM) for keys of
     2-4 bits with none of ``split_q`` / ``sum_later`` / ``prefetch=2`` / ``num_warps`` / ``maxnreg``
-    asked for, with 3 pipeline stages."""
+    asked for, with 3 pipeline stages.  ``meta_words`` (swapped form; default on, ``KVTUNER_DECODE``'s
+    fourteenth field): the pages' channel scales and the value meta rows read as 32-bit words
+    (``decode._meta_words_fit``), staged by the pipeliner instead of 16-bit loads in the iteration."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -752,8 +762,11 @@ def kivi_decode_attention(
         num_warps = num_warps if asked["num_warps"] else 1  # one warp, no register cap, unless asked
         maxnreg = maxnreg if asked["maxnreg"] else 0
         vc = {k: v for k, v in _v_constexprs(v_cache.fmt).items() if k != "V_QMIN"}
+        if meta_words is None:
+            meta_words = bool(env.get("meta_words", 1))
+        words = bool(meta_words) and _kivi_meta_words_fit(k_cache) and _meta_words_fit(v_cache)
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
-            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), num_warps=num_warps,
+            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words, num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
