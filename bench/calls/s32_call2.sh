@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Session 32, call 2 (H100): the swapped decode with its meta rows read as 32-bit words (meta_words,
-# now the default) against the 16-bit loads, at 2 and 3 stages; then, if the words win by >= 3% for
+# now the default) against the 16-bit loads, at 2 and 3 stages (and per-channel K2V2); then, if the words win by >= 3% for
 # int4 sym at 640 x 3k, the served int4 row with the best stage count, then issue 3's table.
 # Usage (carry .bundle):  GIT_SHA=<sha> L=585 bash bench/calls/s32_call2.sh
 set -u
 O=${OUT:?}; L=${L:-585}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=60 KBENCH=split-sweep SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1" SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+    KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_mw0:meta_words=0' \
     SPLIT_CFGS=int4_sym,int4,int2,int8,k8v4 \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
