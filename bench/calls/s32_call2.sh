@@ -12,6 +12,16 @@ OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1" SPLIT_SH
     SPLIT_VT='1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweep"
+# the new default under ncu (640 x 3k, 2 splits), as call 1 profiled the old one
+export PYTHONPATH=$PWD/kernels:/tmp/site
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1); mkdir -p "$O/ncu"
+timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --set full -f -o /tmp/ncu_mw \
+    python3 bench/profile_decode.py --heads 28/4 --page 64 --cfg int4_sym --batch 640 --ctx 3072 --splits 2 > "$O/ncu/mw.log" 2>&1
+"$NCU" -i /tmp/ncu_mw.ncu-rep --page details > "$O/ncu/i4s_640x3k_mw.details.txt" 2>&1
+"$NCU" -i /tmp/ncu_mw.ncu-rep --page source --csv --print-source sass > "$O/ncu/i4s_640x3k_mw.sass.csv" 2>&1
+grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Issue Slots Busy" "$O/ncu/i4s_640x3k_mw.details.txt"
+(cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
+echo "[t] $SECONDS s after ncu"
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
 pick=$(python3 - <<'PY'
 import json
