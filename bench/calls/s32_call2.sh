@@ -6,7 +6,7 @@
 set -u
 O=${OUT:?}; L=${L:-585}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1" SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1" SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4,6 \
     KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_mw0:meta_words=0' \
     SPLIT_CFGS=int4_sym,int4,int2,int8,k8v4 \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
