@@ -6,13 +6,16 @@
 set -u
 O=${OUT:?}; L=${L:-585}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1" SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4,6 \
+# LEAN=1 (a short device budget): int4 only, 2 and 4 splits, no per-channel sweep, no profile
+if [ "${LEAN:-0}" = 1 ]; then KB=split-sweep SPL=2,4 CFGS=int4_sym,int4; else KB="split-sweep kivi-w1" SPL=2,4,6 CFGS=int4_sym,int4,int2,int8,k8v4; fi
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="$KB" SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=$SPL \
     KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_mw0:meta_words=0' \
-    SPLIT_CFGS=int4_sym,int4,int2,int8,k8v4 \
+    SPLIT_CFGS=$CFGS \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweep"
 # the new default under ncu (640 x 3k, 2 splits), as call 1 profiled the old one
+[ "${LEAN:-0}" = 1 ] || {
 export PYTHONPATH=$PWD/kernels:/tmp/site
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1); mkdir -p "$O/ncu"
 timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --set full -f -o /tmp/ncu_mw \
@@ -21,7 +24,7 @@ timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --
 "$NCU" -i /tmp/ncu_mw.ncu-rep --page source --csv --print-source sass > "$O/ncu/i4s_640x3k_mw.sass.csv" 2>&1
 grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Issue Slots Busy" "$O/ncu/i4s_640x3k_mw.details.txt"
 (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
-echo "[t] $SECONDS s after ncu"
+echo "[t] $SECONDS s after ncu"; }
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
 pick=$(python3 - <<'PY'
 import json
