@@ -5,11 +5,11 @@
 # Usage (carry nothing):  GIT_SHA=<sha> bash bench/calls/s32_call3.sh
 set -u
 export PYTHONPATH=$PWD/kernels PYTHONUNBUFFERED=1 GIT_SHA
-python3 bench/decode_sweep.py --heads 28/4 --shapes 640x3072,64x8192 --splits 2,4 --cfgs int4_sym,int4,int2,int8 \
+python3 bench/decode_sweep.py --heads 28/4 --shapes 640x3072,64x8192 --splits 2,4 --cfgs ${CFGS:-int4_sym,int4,int2,int8} \
     --paged 64 --variants none --no-general \
     --vt '1,3,1,0,0,1,0,1,0,0;1,2,1,0,0,1,0,1,0,0;1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
     --out "$OUT/decode_sweep_mw.json" 2>&1 | grep -v "^check" | tail -30
 echo "[t] $SECONDS s after the sweep"
-timeout $((200 - SECONDS)) python3 bench/kivi_decode.py --cfgs K2V2 --heads 28,4 --shape 1024x3072,64x8192 --residuals 64 \
+[ "${KIVI:-1}" = 1 ] && timeout $((200 - SECONDS)) python3 bench/kivi_decode.py --cfgs K2V2 --heads 28,4 --shape 1024x3072,64x8192 --residuals 64 \
     --splits 2,4 --vpage --no-per-token --variants 'swap:;swap_mw0:meta_words=0' --out "$OUT/kivi_mw.json" 2>&1 | tail -12
 echo "[t] $SECONDS s at the end"
