@@ -94,8 +94,12 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   CODES_ASM=bool(codes_asm), SUM_LATER=bool(sum_later), ROWS_FIXED=bool(v_page) and bool(maxnreg),
                   K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1",
                   IDX_AHEAD=bool(v_page) and bool(1 if idx_ahead < 0 else idx_ahead),
-                  LAZY=not sum_later and os.environ.get("KS_LAZY", "0") == "1")
-    return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg)
+                  LAZY=not sum_later and os.environ.get("KS_LAZY", "0") == "1",
+                  META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
+    consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
+    consts["HQ"] = hq = kv_group * 4
+    return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg,
+                    ints=real_strides(kf, vf, hq, 4, splits, v_page))
 
 
 def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, block_n: int,
@@ -185,8 +189,9 @@ def real_strides(kf, vf, hq: int, hkv: int, splits: int, v_page: int) -> dict:
     from kvtuner.ops import QuantKV
     from kvtuner.ops._common import row_strides
 
-    kc = QuantKV.empty(2 * v_page, hkv, kf, device="cpu")
-    vc = QuantKV.empty(2 * v_page, hkv, vf, device="cpu").to_paged(v_page)
+    kc = QuantKV.empty(128, hkv, kf, device="cpu")
+    vc = QuantKV.empty(128, hkv, vf, device="cpu")
+    vc = vc.to_paged(v_page) if v_page else vc
     d = kf.head_dim
     lg = torch.empty(1, hq, splits, vf.head_dim)
     lse = torch.empty(1, hq, splits)

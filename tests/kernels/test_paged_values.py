@@ -98,19 +98,22 @@ def test_decode_reads_a_paged_pool(device, kb, vb, asym, page, hq, hkv, lens, sp
     b, ms = len(lens), 4
     q = (torch.randn(b, hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
 
-    def run(v):
+    def run(v, **kw):
         o = torch.full((b, hq, d), float("nan"), dtype=torch.float32, device=device)
         logits = torch.full((b, hq, ms, d), float("nan"), dtype=torch.float32, device=device)
         lse = torch.full((b, hq, ms), float("nan"), dtype=torch.float32, device=device)
         nsplit = torch.tensor(splits, dtype=torch.int32, device=device)
         return decode_attention(q, kc, v, o, indptr_of(lens, device), idx, logits, lse, nsplit, ms, d**-0.5,
-                                sliding_window=window, block_n=16 if page == 32 else 0)
+                                sliding_window=window, block_n=16 if page == 32 else 0, **kw)
 
     o = run(vc.to_paged(page))
     ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
                                  d**-0.5, sliding_window=window)
     assert_close(o, ref)
     assert_close(o, run(vc), atol=5e-3, rtol=5e-3)
+    # the meta rows as 32-bit words (meta_words, opt-in in this form): the same numbers, paged or not
+    assert_close(run(vc.to_paged(page), meta_words=True), o, atol=1e-6, rtol=1e-6)
+    assert_close(run(vc, meta_words=True), run(vc), atol=1e-6, rtol=1e-6)
     if 0 in lens:
         assert (o[lens.index(0)] == 0).all()
 

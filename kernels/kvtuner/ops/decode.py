@@ -490,6 +490,17 @@ def _load_meta_words(meta_ptr, row, mask_n, NM: tl.constexpr):
 
 
 @triton.jit
+def _meta_rows(meta_ptr, row, mask_n, NM: tl.constexpr, WORDS: tl.constexpr):
+    """A tile's NM meta columns: :func:`_load_meta_words` where ``WORDS`` (the launcher checked the
+    alignment, :func:`_meta_words_fit`) and a row is 2 or 4 float16, else :func:`_load_meta`."""
+    if WORDS and (NM == 2 or NM == 4):
+        out = _load_meta_words(meta_ptr, row, mask_n, NM)
+    else:
+        out = _load_meta(meta_ptr, row, mask_n, NM)
+    return out
+
+
+@triton.jit
 def _vcodes(raw, BITS: tl.constexpr, F: tl.constexpr, ASYM: tl.constexpr, CODES_ASM: tl.constexpr):
     """Value codes of bit field F as float16 ready for P x V with no correction afterwards:
     ``u * 2**(F*BITS)`` (asym: the offset is added per group) or ``(u + qmin) * 2**(F*BITS)``
@@ -660,6 +671,7 @@ def _decode_stage1_packed(
     K_QMIN: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = True, ROWS_FIXED: tl.constexpr = False,
     K_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = False, LAZY: tl.constexpr = False,
+    META_WORDS: tl.constexpr = False,
 ):
     if V_PAGE > 0:
         # tiles of one page each: splits over the whole request, tiles below the window skipped
@@ -748,9 +760,9 @@ def _decode_stage1_packed(
             mask_n = (s0 + offs_b) < s1
             loc = tl.load(kv_indices + start + s0 + offs_b, mask=mask_n, other=0).to(tl.int64)
             k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
-            k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+            k_mt = _meta_rows(Km, loc * stride_km_s + k_head_m, mask_n, KNM, META_WORDS)
             v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
-            v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+            v_mt = _meta_rows(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM, META_WORDS)
             mask_nx = (s0 + BLOCK_N + offs_b) < s1
             loc_x = tl.load(kv_indices + start + s0 + BLOCK_N + offs_b, mask=mask_nx, other=0).to(tl.int64)
         f_a = 0
@@ -784,30 +796,30 @@ def _decode_stage1_packed(
                     k_raw = (tl.load(kd_p.to(tl.pointer_type(tl.int32)) + (kd_o // 4)[None, :] + words[:, None]),)
                 else:
                     k_raw = _load_chunks(kd_p, kd_o, offs_b < BLOCK_N, KNC, KC, True)
-                k_mt = _load_meta(km_p, km_o, mask_n, KNM)
+                k_mt = _meta_rows(km_p, km_o, mask_n, KNM, META_WORDS)
                 v_raw = _load_chunks_paged(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-                v_mt = _load_meta(vm_p, vm_o, mask_n, VNM)
+                v_mt = _meta_rows(vm_p, vm_o, mask_n, VNM, META_WORDS)
             elif PREFETCH == 2:
                 loc = loc_n
                 loc_n = tl.load(kv_indices + start + n0 + BLOCK_N + offs_b, mask=(n0 + BLOCK_N + offs_b) < s1,
                                 other=0).to(tl.int64)
                 k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
-                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                k_mt = _meta_rows(Km, loc * stride_km_s + k_head_m, mask_n, KNM, META_WORDS)
                 v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
-                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+                v_mt = _meta_rows(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM, META_WORDS)
             elif PREFETCH == 1:
                 k_raw_x = _load_chunks(Kd, loc_x * stride_kd_s + k_head_d, mask_nx, KNC, KC, True)
-                k_mt_x = _load_meta(Km, loc_x * stride_km_s + k_head_m, mask_nx, KNM)
+                k_mt_x = _meta_rows(Km, loc_x * stride_km_s + k_head_m, mask_nx, KNM, META_WORDS)
                 v_raw_x = _load_chunks(Vd, loc_x * stride_vd_s + v_head_d, mask_nx, VNC, VC, False)
-                v_mt_x = _load_meta(Vm, loc_x * stride_vm_s + v_head_m, mask_nx, VNM)
+                v_mt_x = _meta_rows(Vm, loc_x * stride_vm_s + v_head_m, mask_nx, VNM, META_WORDS)
                 mask_nxx = (n0 + 2 * BLOCK_N + offs_b) < s1
                 loc_xx = tl.load(kv_indices + start + n0 + 2 * BLOCK_N + offs_b, mask=mask_nxx, other=0).to(tl.int64)
             else:
                 loc = tl.load(kv_indices + start + n0 + offs_b, mask=mask_n, other=0).to(tl.int64)
                 k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, mask_n, KNC, KC, True)
-                k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+                k_mt = _meta_rows(Km, loc * stride_km_s + k_head_m, mask_n, KNM, META_WORDS)
                 v_raw = _load_chunks(Vd, loc * stride_vd_s + v_head_d, mask_n, VNC, VC, False)
-                v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+                v_mt = _meta_rows(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM, META_WORDS)
             # ---- scores: per group, a chain of dots over its chunks, then scale (+ offset)
             qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
             if K_WORDS:
@@ -1090,10 +1102,13 @@ def decode_attention(
     * ``pair`` (swapped form only; default off, ``KVTUNER_DECODE``'s thirteenth field; untimed): two
       tiles a loop step (``decode_swapped``'s ``PAIR``): their scores independent, one softmax step
       and one rescale of the accumulators for both.
-    * ``meta_words`` (swapped form only; default on, ``KVTUNER_DECODE``'s fourteenth field): meta rows
-      of 2 or 4 float16 (symmetric / asymmetric, two groups a head) read as 32-bit words, so the
-      loads go through the asynchronous copies of the pipeline instead of 16-bit loads waited on in
-      the iteration (:func:`_meta_words_fit` checks the alignment; where it fails, the 16-bit loads).
+    * ``meta_words`` (packed path; ``KVTUNER_DECODE``'s fourteenth field; default on for the swapped
+      form, off for the others): meta rows of 2 or 4 float16 (symmetric / asymmetric, two groups a
+      head) read as 32-bit words, so the loads are wide enough for the pipeliner's asynchronous
+      copies instead of 16-bit loads waited on in the iteration (ncu on the swapped int4 loop,
+      session 32; :func:`_meta_words_fit` checks the alignment; where it fails, the 16-bit loads).
+      Offline (sm_80/sm_90) the four-warp forms gain the copies but also loop instructions for
+      symmetric int4 and int8 (+18%), so they keep the 16-bit loads until timed.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1156,8 +1171,8 @@ def decode_attention(
             pair = bool(env.get("pair", 0)) and bool(swap)
         if pair and not swap:
             raise ValueError("pair is a loop form of the swapped decode (swap)")
-        if meta_words is None:
-            meta_words = bool(env.get("meta_words", 1))
+        if meta_words is None:  # on for the swapped form (ncu: its tiles waited on 16-bit meta loads)
+            meta_words = bool(env.get("meta_words", 1 if swap else 0))
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1238,6 +1253,7 @@ def decode_attention(
             ROWS_FIXED=bool(v_page) and bool(maxnreg) and block_n * max(kds, kms, vms) < 2**31,  # (32-bit rows)
             K_WORDS=bool(v_page) and bool(k_words) and _k_words_fit(k_cache.fmt, kds, kdh),
             IDX_AHEAD=int(idx_ahead) if v_page else 0, LAZY=bool(lazy_rescale),
+            META_WORDS=bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

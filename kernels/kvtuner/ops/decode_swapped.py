@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _key_consts, _load_chunks, _load_meta,
-                                _load_meta_words, _masked_scores,
-                                _paged_tile, _program_range, _query_scale, _vcodes)
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _key_consts, _load_chunks, _masked_scores,
+                                _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -51,22 +50,16 @@ def _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW: tl.constexpr):
 def _tile_t(Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
             stride_vd_s, stride_vm_s, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
             VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-            K_WORDS: tl.constexpr = False, V_WORDS: tl.constexpr = False):
+            WORDS: tl.constexpr = False):
     """The BLOCK_N slots from ``t0`` of page ``pg``: keys ``[tokens, bytes]`` (the A operand as stored)
     and their meta columns, values ``[bytes, tokens]`` and theirs (``mask_n``: the meta rows read;
-    ``K_WORDS`` / ``V_WORDS``: meta rows read as 32-bit words, :func:`decode._load_meta_words`)."""
+    ``WORDS``: meta rows read as 32-bit words, :func:`decode._meta_rows`)."""
     offs_b = tl.arange(0, BLOCK_N)
     loc = pg * V_PAGE + t0 + offs_b
     k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, KNC, KC, False)
-    if K_WORDS:
-        k_mt = _load_meta_words(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
-    else:
-        k_mt = _load_meta(Km, loc * stride_km_s + k_head_m, mask_n, KNM)
+    k_mt = _meta_rows(Km, loc * stride_km_s + k_head_m, mask_n, KNM, WORDS)
     v_raw = _load_pages_t(Vd, pg * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-    if V_WORDS:
-        v_mt = _load_meta_words(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
-    else:
-        v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM)
+    v_mt = _meta_rows(Vm, loc * stride_vm_s + v_head_m, mask_n, VNM, WORDS)
     return k_raw, k_mt, v_raw, v_mt
 
 
@@ -209,9 +202,6 @@ def _decode_stage1_swapped(
     VNG: tl.constexpr = V_D // V_G
     VNM: tl.constexpr = VNG * (2 if V_ASYM else 1)
     LOG2: tl.constexpr = LOGIT_CAP == 0
-    # meta rows as 32-bit words where a row is 2 or 4 float16 (the launcher checks the alignment)
-    KW: tl.constexpr = META_WORDS and (KNM == 2 or KNM == 4)
-    VW: tl.constexpr = META_WORDS and (VNM == 2 or VNM == 4)
 
     e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
 
@@ -244,10 +234,10 @@ def _decode_stage1_swapped(
                 pg_b, t0_b, f_b = _paged_tile(kv_indices, start, n0 + BLOCK_N, s1, f_b, BLOCK_N, V_PAGE, True, 2)
                 k_raw_a, k_mt_a, v_raw_a, v_mt_a = _tile_t(
                     Kd, Km, Vd, Vm, pg_a, t0_a, mask_a, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
-                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 k_raw_b, k_mt_b, v_raw_b, v_mt_b = _tile_t(
                     Kd, Km, Vd, Vm, pg_b, t0_b, mask_b, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s,
-                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
+                    stride_km_s, stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 qk_a = _scores_t(k_raw_a, k_mt_a, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
                                  KCPG, KNC, CODES_ASM)
                 qk_b = _scores_t(k_raw_b, k_mt_b, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG,
@@ -264,7 +254,7 @@ def _decode_stage1_swapped(
                 pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
                 k_raw, k_mt, v_raw, v_mt = _tile_t(
                     Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
-                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, KW, VW)
+                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
                                KNC, CODES_ASM)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
@@ -283,11 +273,7 @@ def _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, 
     meta columns (``loc``: the slots, ``mask``: those loaded; ``V_WORDS``: read as 32-bit words)."""
     t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
     v_raw = _load_pages_t(Vd, (first // V_PAGE) * stride_vd_s + t0 + v_head_d, VNC, VC, V_PAGE, BLOCK_N)
-    if V_WORDS:
-        v_mt = _load_meta_words(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
-    else:
-        v_mt = _load_meta(Vm, loc * stride_vm_s + v_head_m, mask, VNM)
-    return v_raw, v_mt
+    return v_raw, _meta_rows(Vm, loc * stride_vm_s + v_head_m, mask, VNM, V_WORDS)
 
 
 @triton.jit
@@ -334,7 +320,7 @@ def _kivi_decode_stage1_swapped(
     # meta as 32-bit words (the launcher checks the alignment): the pages' channel scales (KC even)
     # and value rows of 2 or 4 float16
     KW: tl.constexpr = META_WORDS and KC % 2 == 0
-    VW: tl.constexpr = META_WORDS and (VNM == 2 or VNM == 4)
+    VW: tl.constexpr = META_WORDS
     offs_kc = tl.arange(0, KC)
     offs_b = tl.arange(0, BLOCK_N)
     e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
