@@ -318,9 +318,8 @@ def _kivi_decode_stage1_swapped(
     VNM: tl.constexpr = (V_D // V_G) * (2 if V_ASYM else 1)
     LOG2: tl.constexpr = LOGIT_CAP == 0
     # meta as 32-bit words (the launcher checks the alignment): the pages' channel scales (KC even)
-    # and value rows of 2 or 4 float16
+    # and value rows of 2 or 4 float16 (_meta_rows)
     KW: tl.constexpr = META_WORDS and KC % 2 == 0
-    VW: tl.constexpr = META_WORDS
     offs_kc = tl.arange(0, KC)
     offs_b = tl.arange(0, BLOCK_N)
     e_max, e_sum, accs = _init_t(BLOCK_H, VC, VNF * VNC)
@@ -374,7 +373,7 @@ def _kivi_decode_stage1_swapped(
             if K_ASYM:
                 qk += corr[None, :]
             v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-                                    VNC, VC, VNM, V_PAGE, BLOCK_N, VW)
+                                    VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
             e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
         if nq < s1:
@@ -402,7 +401,7 @@ def _kivi_decode_stage1_swapped(
                 if LOG2:
                     qk = qk * q_scale
                 v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-                                        VNC, VC, VNM, V_PAGE, BLOCK_N, VW)
+                                        VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
