@@ -95,7 +95,7 @@ def compile_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_g
                   K_WORDS=bool(v_page) and D._k_words_fit(kf, 16, 16) and os.environ.get("KS_K_WORDS", "1") == "1",
                   IDX_AHEAD=bool(v_page) and bool(1 if idx_ahead < 0 else idx_ahead),
                   LAZY=not sum_later and os.environ.get("KS_LAZY", "0") == "1",
-                  META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
+                  META_WORDS=os.environ.get("KS_META_WORDS", "0") == "1")  # (as launched: off in this form)
     consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
     consts["HQ"] = hq = kv_group * 4
     return _compile(D._decode_stage1_packed, consts, num_warps, num_stages, arch, maxnreg,
@@ -227,7 +227,10 @@ def loop_stats(sass: str) -> dict:
     return {"loop_copy_wait": min(waits) if waits else None,
             "loop_instructions": len(ops), "loop_mma": sum(b in ("HMMA", "HGMMA") for b in base),
             "loop_barriers": base.count("BAR"), "loop_lds": sum(b in ("LDS", "LDSM") for b in base),
-            "loop_lds_bytes": sum(o in ("LDS.U8", "LDS.S8") for o in ops), "loop_sts": base.count("STS")}
+            "loop_lds_bytes": sum(o in ("LDS.U8", "LDS.S8") for o in ops), "loop_sts": base.count("STS"),
+            # global loads narrower than 32 bits a thread: left in the iteration by the pipeliner
+            # (the 16-bit meta loads ncu found the swapped loop waiting on, session 32)
+            "loop_ldg_narrow": sum(b == "LDG" and any(t in o for t in (".U16", ".S16", ".U8", ".S8")) for b, o in zip(base, ops))}
 
 
 def structure(kernel) -> dict:

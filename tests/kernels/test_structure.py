@@ -20,11 +20,12 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 
 
-def _s(variant: str, tmp_path, asym: bool = True, kernel: str = "per-token") -> dict:
+def _s(variant: str, tmp_path, asym: bool = True, kernel: str = "per-token", **extra_env) -> dict:
     """Compile in a process of its own: the tests run kernels under the Triton interpreter,
-    whose functions cannot be compiled."""
-    out = tmp_path / f"{kernel}_{variant.replace(',', '_')}{'' if asym else '_sym'}.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    whose functions cannot be compiled (``extra_env``: kernel_structure's KS_* switches)."""
+    tag = "_".join(f"{k}{v}" for k, v in extra_env.items())
+    out = tmp_path / f"{kernel}_{variant.replace(',', '_')}{'' if asym else '_sym'}{tag}.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra_env
     env["PYTHONPATH"] = str(ROOT / "kernels")
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_structure.py"), "--kernel", kernel, "--kv", "4,4",
                         *(["--asym"] if asym else []), "--variants", variant, "--out", str(out)], env=env,
@@ -94,10 +95,23 @@ def test_swapped_form_halves_the_mmas_of_one_warp(tmp_path):
     """Tokens on the MMA's M side (``swap``, ``decode_swapped``): with 7 query heads a KV head on N in a
     block of 8, a 64-token tile of int4 takes half the MMAs of the one-warp usual form (64 against 128:
     its heads fill rows of 16), streams both packed tiles multi-buffered, and sends only the query's
-    chunks through shared memory as float16, once; no spills (Triton 3.6: 168 registers against 255)."""
+    chunks through shared memory as float16, once; no spills (Triton 3.6, strides as the JIT
+    specializes them: 196 registers against 255)."""
     s = _s("0,0,1,3,64,1,0,0", tmp_path, asym=False, kernel="swapped")
     assert s["async_copies"] > 0 and all(b[0] >= 2 for b in s["packed_buffers"])
     assert s["f16_tiles_via_shared"] == 2 and s["spill_bytes"] in (0, None)
     one = _s("0,0,1,3,64,1,0,255", tmp_path, asym=False)
     if s.get("loop_mma") and one.get("loop_mma"):
         assert 2 * s["loop_mma"] == one["loop_mma"]
+
+
+def test_swapped_meta_rows_come_by_async_copies(tmp_path):
+    """The swapped form's meta rows (two float16 a token and head, symmetric int4) read as 32-bit words
+    (``meta_words``, its default): the pipeliner stages them with the packed bytes, so no global load
+    narrower than 32 bits is left in the loop; read as float16 (meta_words off) they are 16-bit loads
+    in the iteration, which ncu found every tile waiting on (H100, session 32)."""
+    s = _s("0,0,1,3,64,1,0,0", tmp_path, asym=False, kernel="swapped")
+    old = _s("0,0,1,3,64,1,0,0", tmp_path, asym=False, kernel="swapped", KS_META_WORDS="0")
+    assert s["async_copies"] > old["async_copies"] and s["spill_bytes"] in (0, None)
+    if s.get("loop_instructions") and old.get("loop_instructions"):
+        assert s["loop_ldg_narrow"] == 0 < old["loop_ldg_narrow"]
