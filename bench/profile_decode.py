@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KW = {"block_n", "num_warps", "num_stages", "prefetch", "maxnreg", "codes_asm", "sum_later", "k_words", "idx_ahead",
-      "lazy_rescale", "swap", "min_splits", "pair"}
-FLAGS = {"codes_asm", "sum_later", "k_words", "lazy_rescale", "swap", "pair"}
+      "lazy_rescale", "swap", "min_splits", "pair", "meta_words"}
+FLAGS = {"codes_asm", "sum_later", "k_words", "lazy_rescale", "swap", "pair", "meta_words"}
 
 
 def parse_kw(s: str) -> dict:

@@ -35,6 +35,9 @@ def test_tools_refuse_unknown_names_in_one_line():
           "--levels", "64,x"], "--levels"),
         (["bench/decode_sweep.py", "--out", "o", "--cfgs", "int3"], "int3"),
         (["bench/step_profile.py", "--configs", "int5"], "int5"),
+        (["bench/profile_decode.py", "--kw", "swap=1,meta=1"], "meta=1"),
+        (["bench/profile_decode.py", "--cfg", "int3"], "int3"),
+        (["bench/decode_sweep.py", "--out", "o", "--paged", "64", "--variants", "none", "--vt", "1,3,1,0,0,1,0,1,0,2"], "mw"),
     ]
     for args, word in cases:
         p = _run(*args, "--check")
@@ -48,6 +51,9 @@ def test_tools_accept_valid_arguments_with_check():
                   "concurrency,grid", "--workloads", "decode_heavy", "--levels", "64,256"],
                  ["bench/decode_sweep.py", "--out", "o", "--variants", "1,4,128,0,2;2,4,64,0,3"],
                  ["bench/step_profile.py", "--configs", "int4", "bf16"],
+                 ["bench/profile_decode.py", "--cfg", "int4_sym", "--heads", "28/4", "--page", "64", "--kw",
+                  "swap=1,meta_words=0,num_stages=2"],
+                 ["bench/decode_sweep.py", "--out", "o", "--paged", "64", "--variants", "none", "--vt", "1,2,1,0,0,1,0,1,0,1"],
                  ["bench/kernels_bench.py"]):
         p = _run(*args, "--check")
         assert p.returncode == 0, (args, p.stderr[-500:])
