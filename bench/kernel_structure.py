@@ -20,8 +20,12 @@ form's two tiles a loop step; ``KS_LAZY=1``: the lazy
 max of ``lazy_rescale`` where the sums are taken every tile), the fixed row offsets
 under a register cap, the slot index a tile ahead (a variant's ninth field 0: in the iteration).
 ``structure`` also reports the wait on async copies at the loop's top (``loop_copy_wait``: how many
-copy groups may stay in flight; 0 means each iteration waits for every copy issued before it).  The integer arguments are declared multiples
-of 16 and the pointers 16-byte aligned, as Triton's JIT specializes them for the real pool.
+copy groups may stay in flight; 0 means each iteration waits for every copy issued before it).  Pointers are declared 16-byte aligned; the integer
+arguments of the per-token, swapped and per-channel swapped forms as the JIT specializes them for a
+real pool (``real_strides``: i32 values, a multiple of 16 declared only where it is one, 1 a constant;
+the meta strides of 2-8 float16 are not multiples of 16, which decides how the meta rows load), those of
+the per-channel four-warp form all as multiples of 16.  ``KS_META_WORDS`` (1 or 0; default as launched:
+on for the swapped forms, off for the per-token one) reads the meta rows as 32-bit words.
 """
 
 from __future__ import annotations
