@@ -969,15 +969,19 @@ def _k_words_fit(kf, kds: int, kdh: int) -> bool:
     return kf.quantized and min(kf.group, kp) == kp and kp >= 64 and kds % 4 == 0 and kdh % 4 == 0
 
 
+def _f16_words_fit(t: torch.Tensor, unit: int) -> bool:
+    """Whether float16 rows of ``unit`` values in ``t`` can be read as int32 words: ``t`` 4-byte
+    aligned, its first two strides multiples of ``unit`` (a row starts on a word, and on an even
+    word for a unit of 4, as the kernels declare)."""
+    return t.data_ptr() % 4 == 0 and t.stride(0) % unit == 0 and t.stride(1) % unit == 0
+
+
 def _meta_words_fit(kv: QuantKV) -> bool:
-    """Whether a pool's meta rows can be read as int32 words (:func:`_load_meta_words`): the meta
-    4-byte aligned, 2 or 4 values a row, its slot and head strides multiples of that (in float16: a
-    row of 4 starts on an even word, as the kernel declares).  Rows of another width keep the 16-bit
-    loads, so they fit too."""
+    """Whether a pool's meta rows can be read as int32 words (:func:`_load_meta_words`): rows of 2 or
+    4 float16 that :func:`_f16_words_fit`.  Rows of another width keep the 16-bit loads, so they fit
+    too."""
     nm = kv.fmt.n_meta
-    if nm not in (2, 4):
-        return True
-    return kv.meta.data_ptr() % 4 == 0 and kv.meta.stride(0) % nm == 0 and kv.meta.stride(1) % nm == 0
+    return nm not in (2, 4) or _f16_words_fit(kv.meta, nm)
 
 
 def _env_tuning() -> dict:
@@ -1173,6 +1177,7 @@ def decode_attention(
             raise ValueError("pair is a loop form of the swapped decode (swap)")
         if meta_words is None:  # on for the swapped form (ncu: its tiles waited on 16-bit meta loads)
             meta_words = bool(env.get("meta_words", 1 if swap else 0))
+        meta_words = bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache)
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1234,7 +1239,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache),
+            META_WORDS=meta_words,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
@@ -1253,7 +1258,7 @@ def decode_attention(
             ROWS_FIXED=bool(v_page) and bool(maxnreg) and block_n * max(kds, kms, vms) < 2**31,  # (32-bit rows)
             K_WORDS=bool(v_page) and bool(k_words) and _k_words_fit(k_cache.fmt, kds, kdh),
             IDX_AHEAD=int(idx_ahead) if v_page else 0, LAZY=bool(lazy_rescale),
-            META_WORDS=bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache),
+            META_WORDS=meta_words,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

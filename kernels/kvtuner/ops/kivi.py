@@ -34,9 +34,10 @@ import triton.language as tl
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
-from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _load_chunks, _load_chunks_paged, _load_meta,
-                                _offset_rows, _program_heads, _pv_chunks_loaded, _query_scale, _softmax_step,
-                                _meta_words_fit, _sm_count, _sm_major, _store_split, _sums_init, _swap_launch)
+from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _f16_words_fit, _load_chunks, _load_chunks_paged,
+                                _load_meta, _meta_words_fit, _offset_rows, _program_heads, _pv_chunks_loaded,
+                                _query_scale, _softmax_step, _sm_count, _sm_major, _store_split, _sums_init,
+                                _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -72,13 +73,6 @@ def _v_constexprs(fmt: TensorFormat) -> dict:
         raise NotImplementedError(f"kvtuner kernels need a power-of-two group, got {g}")
     return dict(V_BITS=fmt.bits, V_D=fmt.head_dim, V_G=g, V_ASYM=bool(fmt.asym and fmt.quantized),
                 V_QMIN=qmin_of(fmt))
-
-
-def _kivi_meta_words_fit(kc: QuantKV) -> bool:
-    """Whether the per-channel keys' page meta can be read as int32 words: 4-byte aligned, even
-    strides (a page's channel scales start on a word, as do their bit-field runs of KC)."""
-    m = kc.meta
-    return m.data_ptr() % 4 == 0 and m.stride(0) % 2 == 0 and m.stride(1) % 2 == 0
 
 
 def _meta_arg(kv: QuantKV) -> torch.Tensor:
@@ -764,7 +758,8 @@ def kivi_decode_attention(
         vc = {k: v for k, v in _v_constexprs(v_cache.fmt).items() if k != "V_QMIN"}
         if meta_words is None:
             meta_words = bool(env.get("meta_words", 1))
-        words = bool(meta_words) and _kivi_meta_words_fit(k_cache) and _meta_words_fit(v_cache)
+        # (a page's channel scales, and their bit-field runs of KC, start on a word)
+        words = bool(meta_words) and _f16_words_fit(k_cache.meta, 2) and _meta_words_fit(v_cache)
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words, num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
