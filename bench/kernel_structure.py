@@ -126,9 +126,11 @@ def compile_kivi_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int,
 
 
 def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: int, kv_group: int, num_warps: int,
-                           num_stages: int, arch: int = 90, v_page: int = 64, codes_asm: bool = True, maxnreg: int = 0):
+                           num_stages: int, arch: int = 90, v_page: int = 64, codes_asm: bool = True, maxnreg: int = 0,
+                           idx_ahead: int = 1):
     """The paged stage 1 with tokens on the MMA's M side (``decode_swapped``, ``swap``): 64-token
-    tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head)."""
+    tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head); the slot
+    index loaded ``idx_ahead`` tiles ahead."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode_swapped as S
     from kvtuner.ops._common import fmt_constexprs, qmin_of
@@ -138,7 +140,7 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   MAX_SPLITS=16, LOGIT_CAP=0.0, SLIDING_WINDOW=-1,
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
-                  K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=True,
+                  K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
                   PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
     consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
     consts["HQ"] = hq = kv_group * 4
@@ -276,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", choices=["per-token", "kivi", "swapped", "kivi-swapped"], default="per-token",
                     help="the packed decode stage 1 of per-token keys (decode.py), per-channel keys (kivi.py), or "
                          "per-token keys with tokens on the MMA's M side (decode_swapped.py: the variant's block_n, "
-                         "prefetch, sum_later and idx fields are ignored; v_page 0 means 64), or kivi-swapped (the "
+                         "prefetch and sum_later fields are ignored, idx may be 2; v_page 0 means 64), or kivi-swapped (the "
                          "per-channel form of decode_swapped.py: warps, stages, codes_asm and maxnreg apply)")
     ap.add_argument("--kv", default="4,4", help="key bits,value bits (8/4/2)")
     ap.add_argument("--group", type=int, default=64)
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
                                                 args.arch, bool(asm), mx)
             elif args.kernel == "swapped":
                 k = compile_swapped_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, w, st, args.arch,
-                                           vp or 64, bool(asm), mx)
+                                           vp or 64, bool(asm), mx, 1 if ia < 0 else ia)
             elif args.kernel == "kivi":
                 k = compile_kivi_stage1(kb, vb, args.group, args.asym, args.head_dim, args.kv_group, bn, pf, w, st, args.arch,
                                         mx or 128, vp, bool(asm), bool(later))
@@ -315,7 +317,8 @@ def main(argv=None) -> int:
             s = {"error": f"{type(e).__name__}: {e}"[:300]}
         row = {"block_n": tile_of(bn, vp), "prefetch": 0 if vp else pf, "num_warps": w, "num_stages": st, "v_page": vp,
                "codes_asm": bool(asm), "sum_later": bool(later), "maxnreg": mx,
-               "idx_ahead": bool(vp) and bool(1 if ia < 0 else ia), **s}
+               "idx_ahead": (1 if ia < 0 else ia) if args.kernel == "swapped" else bool(vp) and bool(1 if ia < 0 else ia),
+               **s}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -390,6 +390,34 @@ def test_lazy_rescale_follows_a_rising_max(device):
     assert_close(outs[1], outs[0], atol=5e-3, rtol=5e-3)
 
 
+def test_swapped_slot_chunks(device):
+    """``idx_ahead=2`` loads the first slots of 32 tiles at a time: a split of 69 tiles (pages of 16)
+    crosses two chunk boundaries, with a window starting inside the second chunk, and still gives the
+    reference's output and the one-tile-ahead form's."""
+    gen = torch.Generator().manual_seed(41)
+    d, ms, page, hkv, hq = 128, 2, 16, 1, 4
+    lens = [1100, 530]
+    kf, vf = fmt(4, d, 64, False), fmt(4, d, 64, False)
+    idx, kc, vc = _paged_pools(lens, page, kf, vf, hkv, device, gen)
+    pv = vc.to_paged(page)
+    q = (torch.randn(len(lens), hq * hkv, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+
+    def run(window, **kw):
+        o = torch.zeros((len(lens), hq * hkv, d), dtype=torch.float32, device=device)
+        lg = torch.zeros((len(lens), hq * hkv, ms, d), dtype=torch.float32, device=device)
+        lse = torch.zeros((len(lens), hq * hkv, ms), dtype=torch.float32, device=device)
+        nsplit = torch.tensor([1, 2], dtype=torch.int32, device=device)
+        return decode_attention(q, kc, pv, o, indptr_of(lens, device), idx, lg, lse, nsplit, ms, d**-0.5,
+                                sliding_window=window, block_n=16, swap=True, **kw)
+
+    for window in (-1, 700):
+        ref = R.decode_attention_ref(q, kc.data, kc.meta, kf, vc.data, vc.meta, vf, indptr_of(lens, device), idx,
+                                     d**-0.5, sliding_window=window)
+        o = run(window, idx_ahead=2)
+        assert_close(o, ref)
+        assert_close(o, run(window, idx_ahead=1), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("kb,vb,asym,page,hq,hkv,lens,splits,window,cap", [
     (4, 4, False, 64, 7, 2, [130, 64, 1, 0, 77], [2, 1, 1, 1, 3], -1, 0.0),
     (4, 4, True, 64, 7, 1, [200, 5], [3, 1], -1, 0.0),
@@ -431,6 +459,11 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
         assert_close(run(pv, swap=True, min_splits=floor), ref)
     # meta rows read as 16-bit values instead of 32-bit words (meta_words off): the same numbers
     assert_close(run(pv, swap=True, meta_words=False), o, atol=1e-6, rtol=1e-6)
+    # the tiles' first slots loaded up front, 32 at a time (idx_ahead 2): the same numbers
+    assert_close(run(pv, swap=True, idx_ahead=2), o, atol=1e-6, rtol=1e-6)
+    assert_close(run(pv, swap=True, idx_ahead=2, min_splits=3), ref)
+    with pytest.raises(ValueError, match="2 with the swapped form"):
+        run(pv, swap=False, sum_later=False, idx_ahead=2)
     # two tiles a loop step (pair): odd tile counts leave a masked second tile, windows start mid-pair
     assert_close(run(pv, swap=True, pair=True), ref)
     assert_close(run(pv, swap=True, pair=True, min_splits=3), ref)

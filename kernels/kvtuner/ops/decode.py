@@ -625,12 +625,20 @@ def _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N: tl.constexpr, V_PAGE: t
         f_a = tl.load(kv_indices + start + nxt, mask=nxt < s1, other=0).to(tl.int64)
     else:
         first = tl.load(kv_indices + start + n0).to(tl.int64)
+    pg, t0 = _first_page(first, BLOCK_N, V_PAGE)
+    return pg, t0, f_a
+
+
+@triton.jit
+def _first_page(first, BLOCK_N: tl.constexpr, V_PAGE: tl.constexpr):
+    """The page of a tile's first slot and the tile's offset in it (a multiple of BLOCK_N the
+    compiler can see)."""
     pg = first // V_PAGE
     if BLOCK_N == V_PAGE:
         t0 = 0
-    else:  # the tile's offset in its page, a multiple of BLOCK_N the compiler can see
+    else:
         t0 = (first % V_PAGE) // BLOCK_N * BLOCK_N
-    return pg, t0, f_a
+    return pg, t0
 
 
 @triton.jit
@@ -989,7 +997,8 @@ def _env_tuning() -> dict:
     configuration without a code change:
     ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` 1 or 0: on or off;
-    ``maxnreg`` 0: no register cap; ``idx_ahead`` 0 or 1; see :func:`decode_attention`).  Read once."""
+    ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
+    :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
     if _ENV_TUNING is None:
         import os
@@ -1196,8 +1205,9 @@ def decode_attention(
             raise ValueError("codes_asm is PTX: it needs CUDA tensors (the interpreter runs the plain conversion)")
         if k_words is None:
             k_words = bool(env.get("k_words", 1))
-        if idx_ahead is None:
+        if idx_ahead is None:  # (the environment's 2 applies to the swapped form; 1 elsewhere)
             idx_ahead = env.get("idx_ahead", 1)
+            idx_ahead = 1 if idx_ahead == 2 and not swap else idx_ahead
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -1210,8 +1220,9 @@ def decode_attention(
         # the slot index a tile ahead; 3 pipeline stages where shared memory holds them for 4
         # programs an SM (Hopper: 228 KB; a third int8 tile takes a program to 41 KB).  Timed on an
         # H200 against the earlier form: 2-10% faster, int8 3% slower (bench/NOTES-decode.md)
-        if idx_ahead not in (0, 1):
-            raise ValueError(f"idx_ahead {idx_ahead}: 0 or 1 (tiles the slot index is loaded ahead)")
+        if idx_ahead not in (0, 1, 2) or (idx_ahead == 2 and not swap):
+            raise ValueError(f"idx_ahead {idx_ahead}: 0 or 1 (tiles the slot index is loaded ahead), 2 with the "
+                             "swapped form (swap)")
         if num_stages is None and idx_ahead and q.is_cuda and _sm_major(q.device.index) >= 9:
             num_stages = 3
         if sum_later:  # measured launch of the paged form (_paged_launch)
@@ -1237,7 +1248,7 @@ def decode_attention(
             KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
             LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
-            V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=bool(idx_ahead),
+            V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
             META_WORDS=meta_words,
             num_warps=num_warps, num_stages=num_stages,

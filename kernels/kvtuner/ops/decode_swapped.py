@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _key_consts, _load_chunks, _masked_scores,
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _first_page, _key_consts, _load_chunks, _masked_scores,
                                 _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
@@ -163,6 +163,24 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
 
 
 @triton.jit
+def _step_t(Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
+            stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
+            e_max, e_sum, accs, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
+            VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+            K_BITS: tl.constexpr, K_ASYM: tl.constexpr, KNG: tl.constexpr, KCPG: tl.constexpr,
+            LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr,
+            V_BITS: tl.constexpr, V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr):
+    """One tile of the swapped loop (page ``pg``, offset ``t0``): its loads, scores and softmax step."""
+    k_raw, k_mt, v_raw, v_mt = _tile_t(
+        Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
+        stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
+    qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
+                   KNC, CODES_ASM)
+    return _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+
+
+@triton.jit
 def _decode_stage1_swapped(
     Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh,
@@ -173,7 +191,7 @@ def _decode_stage1_swapped(
     MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = True,
+    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
     MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
 ):
     """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
@@ -245,6 +263,25 @@ def _decode_stage1_swapped(
                 e_max, e_sum, accs = _softmax_pv_t(qk_a, mask_a, mask_h, e_max, e_sum, accs, v_raw_a, v_mt_a, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
                                                    qk_b, mask_b, v_raw_b, v_mt_b, True)
+        elif IDX_AHEAD == 2:
+            # the first slots of up to IDX_CHUNK tiles loaded at once before their loop (one load's
+            # latency for all of them; ncu: with a slot loaded a tile ahead, each tile still waited
+            # on it at the loop's end), each tile's picked out of the vector in registers
+            IDX_CHUNK: tl.constexpr = 32
+            offs_t = tl.arange(0, IDX_CHUNK)
+            for c0 in range(s0, s1, IDX_CHUNK * BLOCK_N):
+                c1 = tl.minimum(c0 + IDX_CHUNK * BLOCK_N, s1)
+                firsts = tl.load(kv_indices + start + c0 + offs_t * BLOCK_N, mask=c0 + offs_t * BLOCK_N < c1,
+                                 other=0).to(tl.int32)
+                for n0 in range(c0, c1, BLOCK_N):
+                    mask_n = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
+                    first = tl.sum(tl.where(offs_t == (n0 - c0) // BLOCK_N, firsts, 0), 0).to(tl.int64)
+                    pg, t0 = _first_page(first, BLOCK_N, V_PAGE)
+                    e_max, e_sum, accs = _step_t(
+                        Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
+                        stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
+                        e_max, e_sum, accs, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, BLOCK_H, K_BITS, K_ASYM,
+                        KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS)
         else:
             f_a = 0
             if IDX_AHEAD:
@@ -252,13 +289,11 @@ def _decode_stage1_swapped(
             for n0 in range(s0, s1, BLOCK_N):
                 mask_n = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
                 pg, t0, f_a = _paged_tile(kv_indices, start, n0, s1, f_a, BLOCK_N, V_PAGE, IDX_AHEAD)
-                k_raw, k_mt, v_raw, v_mt = _tile_t(
-                    Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
-                    stride_vd_s, stride_vm_s, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
-                qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
-                               KNC, CODES_ASM)
-                e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+                e_max, e_sum, accs = _step_t(
+                    Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
+                    stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
+                    e_max, e_sum, accs, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, BLOCK_H, K_BITS, K_ASYM,
+                    KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS)
 
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)
