@@ -9,7 +9,10 @@ earlier one of the same level; rows of a table cut short by a deadline are kept,
 measured); any other table is replaced by the later file.  Each merged file lists its sources
 (``merged_from``: path, git sha, time) so a reader can tell which call measured which row
 (every row also carries its own ``measured_utc``).  ``env-*.json`` files are copied.  Runs with
-different ``KVTUNER_DECODE`` settings (A/B runs of the decode kernel) never merge into one file.
+different ``KVTUNER_DECODE`` settings (A/B runs of the decode kernel) never merge into one file,
+unless ``--as-default TUNING`` says that setting is the launch the measured commit chose by itself
+(e.g. ``,,,3`` where 3 stages were already the default): its rows then merge, each marked with the
+setting it ran under (``kvtuner_decode``).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def merge_table(old: dict, new: dict) -> dict:
     return out
 
 
-def merge(sources: list[Path], into: Path) -> list[Path]:
+def merge(sources: list[Path], into: Path, as_default: tuple[str, ...] = ()) -> list[Path]:
     into.mkdir(parents=True, exist_ok=True)
     written = []
     for src in sources:
@@ -53,12 +56,17 @@ def merge(sources: list[Path], into: Path) -> list[Path]:
             dst.parent.mkdir(parents=True, exist_ok=True)
             old = json.loads(dst.read_text()) if dst.exists() else {}
             tuned = [(d.get("env") or {}).get("kvtuner_decode") for d in (old, new)]
+            marked = tuned[1] if tuned[1] and tuned[1] in as_default else None
+            if marked:  # (the default launch, measured under an explicit setting)
+                new = {**new, "rows": [{**r, "kvtuner_decode": marked} for r in new.get("rows", [])],
+                       "env": {**new["env"], "kvtuner_decode": tuned[0]}}
+                tuned[1] = tuned[0]
             if old and tuned[0] != tuned[1]:
                 raise ValueError(f"{f}: measured with KVTUNER_DECODE={tuned[1]}, {dst} with {tuned[0]}; "
                                  "merge tuned runs into a directory of their own")
             prev = old.get("merged_from") or ([_source(dst, old)] if old else [])
             out = merge_table(old, new) if old else new
-            out["merged_from"] = prev + [_source(f, new)]
+            out["merged_from"] = prev + [{**_source(f, new), **({"kvtuner_decode": marked} if marked else {})}]
             dst.write_text(json.dumps(out, indent=1, default=str))
             written.append(dst)
     return sorted(set(written))
@@ -68,9 +76,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sources", nargs="+", help="suite --out-dir trees, earliest first")
     ap.add_argument("--into", required=True, help="the merged directory (created; existing files are merged into)")
+    ap.add_argument("--as-default", action="append", default=[], metavar="TUNING",
+                    help="a KVTUNER_DECODE value that equals the measured commit's own launch: its rows merge "
+                         "(each marked with it)")
     args = ap.parse_args(argv)
     try:
-        files = merge([Path(s) for s in args.sources], Path(args.into))
+        files = merge([Path(s) for s in args.sources], Path(args.into), tuple(args.as_default))
     except (FileNotFoundError, ValueError) as e:  # JSONDecodeError is a ValueError
         print(f"suite_merge: error: {e}", file=sys.stderr)
         return 2

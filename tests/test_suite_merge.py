@@ -48,3 +48,22 @@ def test_tuned_runs_do_not_merge_into_default_ones(tmp_path, capsys):
     (b / "int4" / "concurrency_decode_heavy.json").write_text(json.dumps(data))
     assert M.main([str(a), str(b), "--into", str(into)]) == 2
     assert "KVTUNER_DECODE=64,2,4,3" in capsys.readouterr().err
+
+
+def test_a_tuned_run_merges_only_as_the_default(tmp_path, capsys):
+    """A run under KVTUNER_DECODE stays apart unless --as-default names its setting (the launch the
+    measured commit chose by itself): then its rows merge, each marked with the setting."""
+    a, b, into = tmp_path / "a", tmp_path / "b", tmp_path / "into"
+    _write(a, "int4", "concurrency_decode_heavy", [{"concurrency": 640, "output_tok_per_s": 1.0}])
+    _write(b, "int4", "concurrency_decode_heavy", [{"concurrency": 640, "output_tok_per_s": 2.0}], sha="b")
+    f = b / "int4" / "concurrency_decode_heavy.json"
+    d = json.loads(f.read_text())
+    d["env"]["kvtuner_decode"] = ",,,3"
+    f.write_text(json.dumps(d))
+    assert M.main([str(a), str(b), "--into", str(into)]) == 2
+    assert "merge tuned runs into a directory of their own" in capsys.readouterr().err
+    into2 = tmp_path / "into2"
+    assert M.main([str(a), str(b), "--into", str(into2), "--as-default", ",,,3"]) == 0
+    sweep = json.loads((into2 / "int4" / "concurrency_decode_heavy.json").read_text())
+    assert sweep["rows"] == [{"concurrency": 640, "output_tok_per_s": 2.0, "kvtuner_decode": ",,,3"}]
+    assert sweep["merged_from"][-1]["kvtuner_decode"] == ",,,3" and "kvtuner_decode" not in sweep["merged_from"][0]
