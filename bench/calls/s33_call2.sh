@@ -5,14 +5,16 @@
 # by >= 2% for int4 sym at 640 x 3k, the served int4 row with it, then issue 3's table with it where
 # it also wins at 64 x 8k.
 # Usage (carry .bundle):  GIT_SHA=<sha> L=520 bash bench/calls/s33_call2.sh
+# LEAN=1 (a short device budget): int4 sym only, no profile, no table
 set -u
 O=${OUT:?}; L=${L:-520}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
 OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH=split-sweep SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
-    SPLIT_CFGS=int4_sym,int4,int2,int8 \
+    SPLIT_CFGS=$([ "${LEAN:-0}" = 1 ] && echo int4_sym || echo int4_sym,int4,int2,int8) \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,3,1,0,0,2,0,1,0,1;1,2,1,0,0,1,0,1,0,1;1,2,1,0,0,2,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweep"
+[ "${LEAN:-0}" = 1 ] || {
 export PYTHONPATH=$PWD/kernels:/tmp/site
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1); mkdir -p "$O/ncu"
 timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --set full -f -o /tmp/ncu_i2 \
@@ -22,7 +24,7 @@ timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --
 "$NCU" -i /tmp/ncu_i2.ncu-rep --page source --csv --print-source sass > "$O/ncu/i4s_640x3k_i2.sass.csv" 2>&1
 grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Issue Slots Busy" "$O/ncu/i4s_640x3k_i2.details.txt"
 (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
-echo "[t] $SECONDS s after ncu"
+echo "[t] $SECONDS s after ncu"; }
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
 pick=$(python3 - <<'PY'
 import json
@@ -47,6 +49,7 @@ if [ "$1" = served ]; then
     OUT=$O/c DEADLINE=$((L - SECONDS)) NEED=200 SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%,,,$2,,,,,2" \
         bash bench/run_single_gpu.sh e2e
 fi
+[ "${LEAN:-0}" = 1 ] && exit 0
 KB=full-p64; [ "$3" = table2 ] && KB="full-p64%,,,,,,,,2"
 OUT=$O/d DEADLINE=$((L - SECONDS)) NEED=150 KBENCH="$KB" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s at the end"
