@@ -3,13 +3,15 @@
 # their loop (idx_ahead 2) against one tile ahead (1, the default): call 1's ncu found 40% of the
 # int4 loop's stall samples on that one slot load, consumed at the loop's end.  Then, if idx 2 wins
 # by >= 2% for int4 sym at 640 x 3k, the served int4 row with it, then issue 3's table with it where
-# it also wins at 64 x 8k.
+# it also wins at 64 x 8k.  The per-channel K2V2 decode gets the same A/B (kivi-w1, idx_ahead 1 / 2).
 # Usage (carry .bundle):  GIT_SHA=<sha> L=520 bash bench/calls/s33_call2.sh
 # LEAN=1 (a short device budget): int4 sym only, no profile, no table
 set -u
 O=${OUT:?}; L=${L:-520}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH=split-sweep SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep$([ "${LEAN:-0}" = 1 ] || echo ' kivi-w1')" \
+    KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_i2:idx_ahead=2' \
+    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
     SPLIT_CFGS=$([ "${LEAN:-0}" = 1 ] && echo int4_sym || echo int4_sym,int4,int2,int8) \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,3,1,0,0,2,0,1,0,1;1,2,1,0,0,1,0,1,0,1;1,2,1,0,0,2,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e

@@ -194,10 +194,13 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
              ("plain fast swap", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True),
              ("window+cap fast split swap", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False, True),
              # its meta as 16-bit loads instead of 32-bit words (meta_words off)
-             ("plain fast swap 16-bit meta", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, False))
+             ("plain fast swap 16-bit meta", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, False),
+             # the pages' first slots loaded 32 tiles at a time before their loop (idx_ahead 2)
+             ("window+cap fast split swap slot chunks", g + 5, 20.0, [1, 2, 1, 3], None, True, 1e-2, None, None, False,
+              True, None, 2))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages, later, swap, mw = (tuned + [None] * 5)[:5]
+        pf, stages, later, swap, mw, ia = (tuned + [None] * 6)[:6]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if swap and not vpage:
             with pytest.raises(ValueError, match="transposed within the key pages"):
@@ -220,7 +223,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
-                              prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw)
+                              prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw, idx_ahead=ia)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                           pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                           logit_cap=cap,

@@ -325,6 +325,54 @@ def _load_f16_run(ptr, off, N: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+                    v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
+                    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr,
+                    K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+                    K_QMIN: tl.constexpr, KC: tl.constexpr, KNF: tl.constexpr, KW: tl.constexpr,
+                    SPLIT_Q: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
+                    V_ASYM: tl.constexpr, VNC: tl.constexpr, VC: tl.constexpr, VNM: tl.constexpr,
+                    V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr):
+    """One packed-page tile of the per-channel swapped loop (its first slot ``first``, tokens from
+    ``p``): the page's scores, ``codes [tokens, bytes] x (q * s)^T``, and the softmax step."""
+    pos = p + offs_b
+    mask_ld = pos < s1
+    mask_n = mask_ld & (pos >= w0)
+    loc = first + offs_b
+    page = first // K_G
+    k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, 1, KC, False)[0]  # [tokens, KC]
+    moff = page * stride_km_p + k_head_m
+    qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    if K_ASYM:
+        corr = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for f in tl.static_range(KNF):
+        s_f = _load_f16_run(Km, moff + f * KC, KC, KW)
+        w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[:, None]
+        hi = w.to(tl.float16)
+        # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
+        if CODES_ASM:
+            c = _codes_asm(k_raw, K_BITS, f)
+        else:
+            c = _codes(k_raw, K_BITS, f)
+        if K_ASYM:
+            codes = (c - 1024.0).to(tl.float16)
+        else:
+            codes = (c - (1024.0 - K_QMIN * (1 << (f * K_BITS)))).to(tl.float16)
+        qk = tl.dot(codes, hi, qk)
+        if SPLIT_Q:
+            qk = tl.dot(codes, (w - hi.to(tl.float32)).to(tl.float16), qk)
+        if K_ASYM:
+            o_f = _load_f16_run(Km, moff + K_D + f * KC, KC, KW)
+            corr += tl.sum(qc[f] * o_f[:, None], 0)
+    if K_ASYM:
+        qk += corr[None, :]
+    v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
+                            VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
+    return _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
+                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+
+
+@triton.jit
 def _kivi_decode_stage1_swapped(
     Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
     stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
@@ -335,7 +383,7 @@ def _kivi_decode_stage1_swapped(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
-    META_WORDS: tl.constexpr = False,
+    META_WORDS: tl.constexpr = False, IDX_CHUNK: tl.constexpr = 0,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -370,47 +418,33 @@ def _kivi_decode_stage1_swapped(
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
         s1q = tl.minimum(s1, nq)
-        # a tile's slots are one run of a page (pages are whole, tiles never straddle one): its first
-        # slot, loaded a tile ahead, gives them all, so the pipeliner can issue the tile's copies early
-        f_a = tl.load(kv_indices + start + s0, mask=s0 < s1q, other=0).to(tl.int64)
-        for p in range(s0, s1q, BLOCK_N):
-            pos = p + offs_b
-            mask_ld = pos < s1
-            mask_n = mask_ld & (pos >= w0)
-            first = f_a
-            f_a = tl.load(kv_indices + start + p + BLOCK_N, mask=p + BLOCK_N < s1q, other=0).to(tl.int64)
-            loc = first + offs_b
-            page = first // K_G
-            k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, 1, KC, False)[0]  # [tokens, KC]
-            moff = page * stride_km_p + k_head_m
-            qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-            if K_ASYM:
-                corr = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for f in tl.static_range(KNF):
-                s_f = _load_f16_run(Km, moff + f * KC, KC, KW)
-                w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[:, None]
-                hi = w.to(tl.float16)
-                # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
-                if CODES_ASM:
-                    c = _codes_asm(k_raw, K_BITS, f)
-                else:
-                    c = _codes(k_raw, K_BITS, f)
-                if K_ASYM:
-                    codes = (c - 1024.0).to(tl.float16)
-                else:
-                    codes = (c - (1024.0 - K_QMIN * (1 << (f * K_BITS)))).to(tl.float16)
-                qk = tl.dot(codes, hi, qk)
-                if SPLIT_Q:
-                    qk = tl.dot(codes, (w - hi.to(tl.float32)).to(tl.float16), qk)
-                if K_ASYM:
-                    o_f = _load_f16_run(Km, moff + K_D + f * KC, KC, KW)
-                    corr += tl.sum(qc[f] * o_f[:, None], 0)
-            if K_ASYM:
-                qk += corr[None, :]
-            v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
-                                    VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
-            e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                                               LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+        if IDX_CHUNK > 0:
+            # the first slots of up to IDX_CHUNK tiles loaded at once before their loop, each tile's
+            # picked out of the vector in registers (the swapped form's idx_ahead 2)
+            offs_t = tl.arange(0, IDX_CHUNK)
+            for c0 in range(s0, s1q, IDX_CHUNK * BLOCK_N):
+                c1 = tl.minimum(c0 + IDX_CHUNK * BLOCK_N, s1q)
+                firsts = tl.load(kv_indices + start + c0 + offs_t * BLOCK_N, mask=c0 + offs_t * BLOCK_N < c1,
+                                 other=0).to(tl.int32)
+                for p in range(c0, c1, BLOCK_N):
+                    first = tl.sum(tl.where(offs_t == (p - c0) // BLOCK_N, firsts, 0), 0).to(tl.int64)
+                    e_max, e_sum, accs = _kivi_page_step(
+                        Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+                        v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
+                        BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
+                        V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
+        else:
+            # a tile's slots are one run of a page (pages are whole, tiles never straddle one): its first
+            # slot, loaded a tile ahead, gives them all, so the pipeliner can issue the tile's copies early
+            f_a = tl.load(kv_indices + start + s0, mask=s0 < s1q, other=0).to(tl.int64)
+            for p in range(s0, s1q, BLOCK_N):
+                first = f_a
+                f_a = tl.load(kv_indices + start + p + BLOCK_N, mask=p + BLOCK_N < s1q, other=0).to(tl.int64)
+                e_max, e_sum, accs = _kivi_page_step(
+                    Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+                    v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
+                    BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
+                    V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
         if nq < s1:
             # the ring's full-precision keys (the newest tokens), RC channels a dot
             RC: tl.constexpr = 32 if K_D >= 32 else K_D

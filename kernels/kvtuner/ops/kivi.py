@@ -634,6 +634,7 @@ def kivi_decode_attention(
     sum_later: bool | None = None,
     swap: bool | None = None,
     meta_words: bool | None = None,
+    idx_ahead: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -664,7 +665,10 @@ def kivi_decode_attention(
     2-4 bits with none of ``split_q`` / ``sum_later`` / ``prefetch=2`` / ``num_warps`` / ``maxnreg``
     asked for, with 3 pipeline stages.  ``meta_words`` (swapped form; default on, ``KVTUNER_DECODE``'s
     fourteenth field): the pages' channel scales and the value meta rows read as 32-bit words
-    (``decode._meta_words_fit``), staged by the pipeliner instead of 16-bit loads in the iteration."""
+    (``decode._meta_words_fit``), staged by the pipeliner instead of 16-bit loads in the iteration.
+    ``idx_ahead`` (swapped form; ``KVTUNER_DECODE``'s ninth field): 1 (default) loads each packed
+    page's first slot a tile ahead; 2 loads those of 32 tiles at once before their loop (as
+    :func:`kvtuner.ops.decode_attention`'s swapped form)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -760,8 +764,14 @@ def kivi_decode_attention(
             meta_words = bool(env.get("meta_words", 1))
         # (a page's channel scales, and their bit-field runs of KC, start on a word)
         words = bool(meta_words) and _f16_words_fit(k_cache.meta, 2) and _meta_words_fit(v_cache)
+        if idx_ahead is None:  # (the environment's 0, the per-token forms' in-loop load, is 1 here)
+            idx_ahead = env.get("idx_ahead", 1) or 1
+        if idx_ahead not in (1, 2):
+            raise ValueError(f"idx_ahead {idx_ahead}: 1 or 2 (the per-channel swapped form's page slots: a tile "
+                             "ahead, or 32 tiles at once)")
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
-            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words, num_warps=num_warps,
+            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
+            IDX_CHUNK=32 if idx_ahead == 2 else 0, num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
