@@ -210,18 +210,24 @@ def real_strides(kf, vf, hq: int, hkv: int, splits: int, v_page: int) -> dict:
 
 
 def loop_stats(sass: str) -> dict:
-    """The main loop of a disassembled kernel (the longest backward branch): instructions a warp
-    runs per iteration, and the ones that tell where time goes (MMAs, barriers, shared-memory
-    loads, of them single-byte ones, and stores)."""
+    """The main loop of a disassembled kernel: instructions a warp runs per iteration, and the ones
+    that tell where time goes (MMAs, barriers, shared-memory loads, of them single-byte ones, and
+    stores).  The main loop is the longest backward branch spanning the most MMAs that holds no
+    other such branch (the inner loop where tiles are looped over in chunks, ``idx_ahead=2``)."""
     lines = sass.splitlines()
     labels = {ln.rstrip(":"): i for i, ln in enumerate(lines) if re.match(r"^\.?L?\w*BB\w*:$", ln.strip())}
-    best = None
+    loops = []
     for i, ln in enumerate(lines):
         m = re.search(r"BRA (\S+?);", ln)
-        if m and labels.get(m.group(1), i) < i and (best is None or i - labels[m.group(1)] > best[1] - best[0]):
-            best = (labels[m.group(1)], i)
-    if best is None:
+        if m and labels.get(m.group(1), i) < i:
+            a = labels[m.group(1)]
+            loops.append((sum("MMA" in x for x in lines[a:i + 1]), -(i - a), (a, i)))
+    if not loops:
         return {}
+    mma = max(x[0] for x in loops)
+    top = [x[2] for x in loops if x[0] == mma]
+    inner = [(a, i) for a, i in top if not any(a <= b and j <= i and (b, j) != (a, i) for b, j in top)]
+    best = max(inner, key=lambda x: x[1] - x[0])
     ops = []
     for ln in lines[best[0]:best[1] + 1]:
         if "\t" not in ln:
@@ -237,7 +243,9 @@ def loop_stats(sass: str) -> dict:
             "loop_lds_bytes": sum(o in ("LDS.U8", "LDS.S8") for o in ops), "loop_sts": base.count("STS"),
             # global loads narrower than 32 bits a thread: left in the iteration by the pipeliner
             # (the 16-bit meta loads ncu found the swapped loop waiting on, session 32)
-            "loop_ldg_narrow": sum(b == "LDG" and any(t in o for t in (".U16", ".S16", ".U8", ".S8")) for b, o in zip(base, ops))}
+            "loop_ldg_narrow": sum(b == "LDG" and any(t in o for t in (".U16", ".S16", ".U8", ".S8")) for b, o in zip(base, ops)),
+            # every global load into registers left in the iteration (LDGSTS, the staged copies, are not)
+            "loop_ldg": base.count("LDG")}
 
 
 def structure(kernel) -> dict:
