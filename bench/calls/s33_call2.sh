@@ -5,26 +5,21 @@
 # by >= 2% for int4 sym at 640 x 3k, the served int4 row with it, then issue 3's table with it where
 # it also wins at 64 x 8k.  The per-channel K2V2 decode gets the same A/B (kivi-w1, idx_ahead 1 / 2).
 # Usage (carry .bundle):  GIT_SHA=<sha> L=520 bash bench/calls/s33_call2.sh
-# LEAN=1 (a short device budget): int4 sym only, no profile, no table
+# LEAN=1 (a short device budget, ~320 s): int4 sym at 640 x 3k, 2 splits only, no profile, no table
 set -u
 O=${OUT:?}; L=${L:-520}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
 OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep$([ "${LEAN:-0}" = 1 ] || echo ' kivi-w1')" \
     KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_i2:idx_ahead=2' \
-    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 \
+    SPLIT_SHAPES=$([ "${LEAN:-0}" = 1 ] && echo 640x3072 || echo 640x3072,64x8192) \
+    SPLIT_SPLITS=$([ "${LEAN:-0}" = 1 ] && echo 2 || echo 2,4) \
     SPLIT_CFGS=$([ "${LEAN:-0}" = 1 ] && echo int4_sym || echo int4_sym,int4,int2,int8) \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,3,1,0,0,2,0,1,0,1;1,2,1,0,0,1,0,1,0,1;1,2,1,0,0,2,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweep"
 [ "${LEAN:-0}" = 1 ] || {
-export PYTHONPATH=$PWD/kernels:/tmp/site
-NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1); mkdir -p "$O/ncu"
-timeout 60 "$NCU" --kernel-name regex:stage1 --launch-skip 3 --launch-count 1 --set full -f -o /tmp/ncu_i2 \
-    python3 bench/profile_decode.py --heads 28/4 --page 64 --cfg int4_sym --batch 640 --ctx 3072 --splits 2 \
-    --kw idx_ahead=2 > "$O/ncu/i2.log" 2>&1
-"$NCU" -i /tmp/ncu_i2.ncu-rep --page details > "$O/ncu/i4s_640x3k_i2.details.txt" 2>&1
-"$NCU" -i /tmp/ncu_i2.ncu-rep --page source --csv --print-source sass > "$O/ncu/i4s_640x3k_i2.sass.csv" 2>&1
-grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Issue Slots Busy" "$O/ncu/i4s_640x3k_i2.details.txt"
+OUT=$O bash bench/calls/ncu_stage1.sh i4s_640x3k_i2 --heads 28/4 --page 64 --cfg int4_sym --batch 640 --ctx 3072 \
+    --splits 2 --kw idx_ahead=2
 (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
 echo "[t] $SECONDS s after ncu"; }
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
@@ -36,7 +31,8 @@ try:
         r = next(r for r in d["timings"] if r["cfg"] == "int4_sym" and r["shape"] == shape)
         return min((min(t.values()), k) for k, t in r["variants"].items() if f"_i{ia}_" in k and "error" not in t)
     (t2, k2), (t1, _) = best("640x3072", 2), best("640x3072", 1)
-    (u2, _), (u1, _) = best("64x8192", 2), best("64x8192", 1)
+    (u2, _), (u1, _) = ((best("64x8192", 2), best("64x8192", 1)) if any(r["shape"] == "64x8192" for r in d["timings"])
+                        else ((1, ""), (0, "")))  # (LEAN: no 64 x 8k rows)
     st = 2 if "_s2_" in k2 else 3
     print("served" if t2 <= 0.98 * t1 else "full", st, "table2" if u2 < u1 else "table1", round(t2, 4), round(t1, 4),
           round(u2, 4), round(u1, 4))

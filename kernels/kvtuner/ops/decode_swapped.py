@@ -163,6 +163,23 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
 
 
 @triton.jit
+def _chunk_firsts(kv_indices, start, c0, s1, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """The first slots of the up to CHUNK tiles from token ``c0`` of a split ending at ``s1``, in one
+    vector load (int32: pool slots), and the chunk's end."""
+    c1 = tl.minimum(c0 + CHUNK * BLOCK_N, s1)
+    offs_t = tl.arange(0, CHUNK)
+    firsts = tl.load(kv_indices + start + c0 + offs_t * BLOCK_N, mask=c0 + offs_t * BLOCK_N < c1, other=0)
+    return c1, firsts.to(tl.int32)
+
+
+@triton.jit
+def _chunk_first(firsts, off, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """The first slot of the tile ``off`` tokens into its chunk, picked out of ``_chunk_firsts``'
+    vector in registers (one warp-wide ``REDUX`` on sm_90), as int64."""
+    return tl.sum(tl.where(tl.arange(0, CHUNK) == off // BLOCK_N, firsts, 0), 0).to(tl.int64)
+
+
+@triton.jit
 def _step_t(Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
             stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
             e_max, e_sum, accs, KNC: tl.constexpr, KC: tl.constexpr, KNM: tl.constexpr, VNC: tl.constexpr,
@@ -268,15 +285,11 @@ def _decode_stage1_swapped(
             # latency for all of them; ncu: with a slot loaded a tile ahead, each tile still waited
             # on it at the loop's end), each tile's picked out of the vector in registers
             IDX_CHUNK: tl.constexpr = 32
-            offs_t = tl.arange(0, IDX_CHUNK)
             for c0 in range(s0, s1, IDX_CHUNK * BLOCK_N):
-                c1 = tl.minimum(c0 + IDX_CHUNK * BLOCK_N, s1)
-                firsts = tl.load(kv_indices + start + c0 + offs_t * BLOCK_N, mask=c0 + offs_t * BLOCK_N < c1,
-                                 other=0).to(tl.int32)
+                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1, BLOCK_N, IDX_CHUNK)
                 for n0 in range(c0, c1, BLOCK_N):
                     mask_n = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
-                    first = tl.sum(tl.where(offs_t == (n0 - c0) // BLOCK_N, firsts, 0), 0).to(tl.int64)
-                    pg, t0 = _first_page(first, BLOCK_N, V_PAGE)
+                    pg, t0 = _first_page(_chunk_first(firsts, n0 - c0, BLOCK_N, IDX_CHUNK), BLOCK_N, V_PAGE)
                     e_max, e_sum, accs = _step_t(
                         Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
                         stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
@@ -421,13 +434,10 @@ def _kivi_decode_stage1_swapped(
         if IDX_CHUNK > 0:
             # the first slots of up to IDX_CHUNK tiles loaded at once before their loop, each tile's
             # picked out of the vector in registers (the swapped form's idx_ahead 2)
-            offs_t = tl.arange(0, IDX_CHUNK)
             for c0 in range(s0, s1q, IDX_CHUNK * BLOCK_N):
-                c1 = tl.minimum(c0 + IDX_CHUNK * BLOCK_N, s1q)
-                firsts = tl.load(kv_indices + start + c0 + offs_t * BLOCK_N, mask=c0 + offs_t * BLOCK_N < c1,
-                                 other=0).to(tl.int32)
+                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1q, BLOCK_N, IDX_CHUNK)
                 for p in range(c0, c1, BLOCK_N):
-                    first = tl.sum(tl.where(offs_t == (p - c0) // BLOCK_N, firsts, 0), 0).to(tl.int64)
+                    first = _chunk_first(firsts, p - c0, BLOCK_N, IDX_CHUNK)
                     e_max, e_sum, accs = _kivi_page_step(
                         Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
                         v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
