@@ -478,6 +478,10 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
             D._ENV_TUNING = {"swap": 1}
             assert_close(run(pv), o, atol=1e-5, rtol=1e-5)
             assert_close(run(vc), ref, atol=5e-3, rtol=5e-3)  # (token-major: the usual form, no error)
+            # the environment's idx_ahead 2 applies to the swapped form and reads as 1 elsewhere
+            D._ENV_TUNING = {"idx_ahead": 2}
+            assert_close(run(pv, swap=True), o, atol=1e-6, rtol=1e-6)
+            assert_close(run(pv, sum_later=False), ref)
         finally:
             D._ENV_TUNING = None
     with pytest.raises(ValueError, match="sum_later and lazy_rescale must be off"):
