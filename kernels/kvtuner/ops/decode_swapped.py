@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _first_page, _key_consts, _load_chunks, _masked_scores,
-                                _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
+from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
+                                _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -338,7 +338,7 @@ def _load_f16_run(ptr, off, N: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                     v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr,
                     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
@@ -439,7 +439,7 @@ def _kivi_decode_stage1_swapped(
                 for p in range(c0, c1, BLOCK_N):
                     first = _chunk_first(firsts, p - c0, BLOCK_N, IDX_CHUNK)
                     e_max, e_sum, accs = _kivi_page_step(
-                        Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+                        Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                         v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                         BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
                         V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
@@ -451,7 +451,7 @@ def _kivi_decode_stage1_swapped(
                 first = f_a
                 f_a = tl.load(kv_indices + start + p + BLOCK_N, mask=p + BLOCK_N < s1q, other=0).to(tl.int64)
                 e_max, e_sum, accs = _kivi_page_step(
-                    Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, offs_kc, qc, mask_h, k_head_d, k_head_m, v_head_d,
+                    Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                     v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                     BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
                     V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
