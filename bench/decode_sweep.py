@@ -137,8 +137,9 @@ def main() -> int:
         ap.error(f"--cfgs: unknown {bad}; known: {list(CFGS)}")
     if any(len(v) != 5 for v in variants):
         ap.error(f"--variants: each is pf,warps,block_n[,maxnreg[,stages]], got {args.variants!r}")
-    if any(len(v) != 10 or v[5] not in (-1, 0, 1, 2) or (v[5] == 2 and not v[7]) or v[6] not in (0, 1) or (v[6] and v[3]) or v[7] not in (0, 1)
-           or (v[7] and (v[3] or v[6])) or v[8] not in (0, 1) or (v[8] and not v[7]) or v[9] not in (-1, 0, 1)
+    if any(len(v) != 10 or v[5] not in (-1, 0, 1, 2) or (v[5] == 2 and not v[7]) or v[6] not in (0, 1)
+           or (v[6] and v[3]) or v[7] not in (0, 1) or (v[7] and (v[3] or v[6])) or v[8] not in (0, 1)
+           or (v[8] and not v[7]) or v[9] not in (-1, 0, 1)
            for v in vt_variants):
         ap.error(f"--vt: each is warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair[,mw]]]]]]]]] (idx -1, 0 or 1, 2 with swap; lazy 0 or 1, "
                  f"with later 0; swap 0 or 1, with later 0 and lazy 0; pair 0 or 1, with swap; mw -1, 0 or 1), got {args.vt!r}")

@@ -221,11 +221,11 @@ def loop_stats(sass: str) -> dict:
         m = re.search(r"BRA (\S+?);", ln)
         if m and labels.get(m.group(1), i) < i:
             a = labels[m.group(1)]
-            loops.append((sum("MMA" in x for x in lines[a:i + 1]), -(i - a), (a, i)))
+            loops.append((sum("MMA" in x for x in lines[a:i + 1]), (a, i)))
     if not loops:
         return {}
     mma = max(x[0] for x in loops)
-    top = [x[2] for x in loops if x[0] == mma]
+    top = [x[1] for x in loops if x[0] == mma]
     inner = [(a, i) for a, i in top if not any(a <= b and j <= i and (b, j) != (a, i) for b, j in top)]
     best = max(inner, key=lambda x: x[1] - x[0])
     ops = []
