@@ -154,7 +154,7 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     """The per-channel-keys stage 1 with tokens on the MMA's M side (``decode_swapped``'s
     ``_kivi_decode_stage1_swapped``): key pages of ``group`` tokens, values transposed within them,
     a residual window of one page, specialized on the strides of a real pool (``KS_META_WORDS=0``:
-    the meta as 16-bit loads; ``KS_IDX_CHUNK=32``: the pages' first slots 32 tiles at a time)."""
+    the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time)."""
     import torch
 
     from kvtuner.format import TensorFormat
@@ -173,7 +173,7 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   **{k: v for k, v in _v_constexprs(vf).items() if k != "V_QMIN"},
                   SPLIT_Q=False, V_PAGE=group, CODES_ASM=bool(codes_asm), DOT_F32=False,
                   META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
-                  IDX_CHUNK=int(os.environ.get("KS_IDX_CHUNK", "0")))
+                  IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")))
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

@@ -67,3 +67,16 @@ def test_run_single_gpu_check_step_names_the_bad_job():
     assert p.returncode == 2, p.stdout + p.stderr
     assert "[check] int5-t64_2_4_3: FAILED" in p.stdout and "[check] int4: ok" in p.stdout
     assert "3 of 4 jobs pass" in p.stdout and "quality" not in p.stdout  # QUALITY unset: no quality job
+
+
+def test_sweep_pick_compares_the_best_of_two_variant_sets(tmp_path):
+    """bench/calls/sweep_pick.py: the decision inside a device call (the new variants' best time
+    against the old ones' within a gain), and a fallback line where the sweep is missing."""
+    f = tmp_path / "sweep.json"
+    f.write_text('{"timings": [{"cfg": "int4_sym", "shape": "640x3072", "variants": {'
+                 '"vt64_w1_s3_i1_mw1": {"2": 0.54, "4": 0.56}, "vt64_w1_s3_i2_mw1": {"2": 0.53},'
+                 '"vt64_w1_s2_i2_mw1": {"2": 0.50}, "vt64_w1_s2_i1_mw1": {"error": "x"}}}]}')
+    base = ["bench/calls/sweep_pick.py", str(f), "--cfg", "int4_sym", "--new", "_i2_", "--old", "_i1_"]
+    assert _run(*base, "--shape", "640x3072", "--gain", "0.98").stdout.split() == ["win", "2", "0.5", "0.54"]
+    assert _run(*base, "--shape", "640x3072", "--gain", "0.9").stdout.split()[0] == "lose"
+    assert _run(*base, "--shape", "64x8192").stdout.split()[:3] == ["lose", "0", "error"]

@@ -26,25 +26,13 @@ grep -E "Duration|Registers Per|Achieved Occupancy|DRAM Throughput|Issue Slots B
 (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
 echo "[t] $SECONDS s after ncu"; }
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
-pick=$(python3 - <<'PY'
-import json
-try:
-    d = json.load(open("/tmp/decode_sweep_splits.json"))
-    r = next(r for r in d["timings"] if r["cfg"] == "int4_sym" and r["shape"] == "640x3072")
-    v = r["variants"]
-    best = lambda mw: min((min(t.values()), k) for k, t in v.items() if k.endswith(f"_mw{mw}") and "error" not in t)
-    (t1, k1), (t0, _) = best(1), best(0)
-    st = 2 if "_s2_" in k1 else 3
-    print("served" if t1 <= 0.97 * t0 else "full", st, round(t1, 4), round(t0, 4))
-except Exception as e:
-    print("full", 0, "error", type(e).__name__, e)
-PY
-)
+pick=$(python3 bench/calls/sweep_pick.py /tmp/decode_sweep_splits.json --cfg int4_sym --shape 640x3072 \
+    --new _mw1 --old _mw0 --gain 0.97)
 echo "[decision] $pick"
 set -- $pick
 # on an H200 the served row and the table would not compare with the H100 baselines: stop here
 nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "[t] not an H100: done"; exit 0; }
-if [ "$1" = served ]; then
+if [ "$1" = win ]; then
     OUT=$O/c DEADLINE=$((L - SECONDS)) NEED=200 SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%,,,$2" \
         bash bench/run_single_gpu.sh e2e
 fi

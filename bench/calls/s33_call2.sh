@@ -23,31 +23,16 @@ OUT=$O bash bench/calls/ncu_stage1.sh i4s_640x3k_i2 --heads 28/4 --page 64 --cfg
 (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
 echo "[t] $SECONDS s after ncu"; }
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json 2>/dev/null
-pick=$(python3 - <<'PY'
-import json
-try:
-    d = json.load(open("/tmp/decode_sweep_splits.json"))
-    def best(shape, ia):
-        r = next(r for r in d["timings"] if r["cfg"] == "int4_sym" and r["shape"] == shape)
-        return min((min(t.values()), k) for k, t in r["variants"].items() if f"_i{ia}_" in k and "error" not in t)
-    (t2, k2), (t1, _) = best("640x3072", 2), best("640x3072", 1)
-    (u2, _), (u1, _) = ((best("64x8192", 2), best("64x8192", 1)) if any(r["shape"] == "64x8192" for r in d["timings"])
-                        else ((1, ""), (0, "")))  # (LEAN: no 64 x 8k rows)
-    st = 2 if "_s2_" in k2 else 3
-    print("served" if t2 <= 0.98 * t1 else "full", st, "table2" if u2 < u1 else "table1", round(t2, 4), round(t1, 4),
-          round(u2, 4), round(u1, 4))
-except Exception as e:
-    print("full", 0, "table1", "error", type(e).__name__, e)
-PY
-)
-echo "[decision] $pick"
+P="python3 bench/calls/sweep_pick.py /tmp/decode_sweep_splits.json --cfg int4_sym --new _i2_ --old _i1_"
+pick=$($P --shape 640x3072 --gain 0.98); table=$($P --shape 64x8192)  # (LEAN: no 64 x 8k rows, "lose")
+echo "[decision] served: $pick; table: $table"
 set -- $pick
 nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { echo "[t] not an H100: done"; exit 0; }
-if [ "$1" = served ]; then
+if [ "$1" = win ]; then
     OUT=$O/c DEADLINE=$((L - SECONDS)) NEED=200 SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%,,,$2,,,,,2" \
         bash bench/run_single_gpu.sh e2e
 fi
 [ "${LEAN:-0}" = 1 ] && exit 0
-KB=full-p64; [ "$3" = table2 ] && KB="full-p64%,,,,,,,,2"
+KB=full-p64; [ "${table%% *}" = win ] && KB="full-p64%,,,,,,,,2"
 OUT=$O/d DEADLINE=$((L - SECONDS)) NEED=150 KBENCH="$KB" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s at the end"

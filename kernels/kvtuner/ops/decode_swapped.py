@@ -162,6 +162,10 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
 
+# tiles whose first slots idx_ahead 2 loads at once (one int32 a thread of a warp)
+SLOT_CHUNK = tl.constexpr(32)
+
+
 @triton.jit
 def _chunk_firsts(kv_indices, start, c0, s1, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """The first slots of the up to CHUNK tiles from token ``c0`` of a split ending at ``s1``, in one
@@ -281,15 +285,14 @@ def _decode_stage1_swapped(
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
                                                    qk_b, mask_b, v_raw_b, v_mt_b, True)
         elif IDX_AHEAD == 2:
-            # the first slots of up to IDX_CHUNK tiles loaded at once before their loop (one load's
+            # the first slots of up to SLOT_CHUNK tiles loaded at once before their loop (one load's
             # latency for all of them; ncu: with a slot loaded a tile ahead, each tile still waited
             # on it at the loop's end), each tile's picked out of the vector in registers
-            IDX_CHUNK: tl.constexpr = 32
-            for c0 in range(s0, s1, IDX_CHUNK * BLOCK_N):
-                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1, BLOCK_N, IDX_CHUNK)
+            for c0 in range(s0, s1, SLOT_CHUNK * BLOCK_N):
+                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1, BLOCK_N, SLOT_CHUNK)
                 for n0 in range(c0, c1, BLOCK_N):
                     mask_n = _tile_mask(n0, offs_b, s1, lo, SLIDING_WINDOW)
-                    pg, t0 = _first_page(_chunk_first(firsts, n0 - c0, BLOCK_N, IDX_CHUNK), BLOCK_N, V_PAGE)
+                    pg, t0 = _first_page(_chunk_first(firsts, n0 - c0, BLOCK_N, SLOT_CHUNK), BLOCK_N, V_PAGE)
                     e_max, e_sum, accs = _step_t(
                         Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
                         stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
@@ -396,7 +399,7 @@ def _kivi_decode_stage1_swapped(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
-    META_WORDS: tl.constexpr = False, IDX_CHUNK: tl.constexpr = 0,
+    META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -431,13 +434,13 @@ def _kivi_decode_stage1_swapped(
         v_head_d = kv_head * stride_vd_h
         v_head_m = kv_head * stride_vm_h
         s1q = tl.minimum(s1, nq)
-        if IDX_CHUNK > 0:
-            # the first slots of up to IDX_CHUNK tiles loaded at once before their loop, each tile's
-            # picked out of the vector in registers (the swapped form's idx_ahead 2)
-            for c0 in range(s0, s1q, IDX_CHUNK * BLOCK_N):
-                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1q, BLOCK_N, IDX_CHUNK)
+        if IDX_AHEAD == 2:
+            # the first slots of up to SLOT_CHUNK tiles loaded at once before their loop, each tile's
+            # picked out of the vector in registers (as in the per-token swapped form)
+            for c0 in range(s0, s1q, SLOT_CHUNK * BLOCK_N):
+                c1, firsts = _chunk_firsts(kv_indices, start, c0, s1q, BLOCK_N, SLOT_CHUNK)
                 for p in range(c0, c1, BLOCK_N):
-                    first = _chunk_first(firsts, p - c0, BLOCK_N, IDX_CHUNK)
+                    first = _chunk_first(firsts, p - c0, BLOCK_N, SLOT_CHUNK)
                     e_max, e_sum, accs = _kivi_page_step(
                         Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                         v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,

@@ -771,7 +771,7 @@ def kivi_decode_attention(
                              "ahead, or 32 tiles at once)")
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
-            IDX_CHUNK=32 if idx_ahead == 2 else 0, num_warps=num_warps,
+            IDX_AHEAD=int(idx_ahead), num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
