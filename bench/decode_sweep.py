@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from kvtuner import reference as R  # noqa: E402
 from kvtuner.format import TensorFormat  # noqa: E402
 from kvtuner.ops import QuantKV, decode_attention  # noqa: E402
+from kvtuner.ops.types import META_LAYOUTS  # noqa: E402
 from kernels_bench import fill_pool, git_sha, hbm_peak, slot_order, try_sglang  # noqa: E402
 
 CFGS = {  # name: (k bits, v bits, group, asym)
@@ -107,6 +108,9 @@ def main() -> int:
                     "lazy 1: lazy_rescale (needs later 0); swap 1: tokens on the MMA's M side (decode_swapped; "
                     "needs later 0 and lazy 0; pair 1: two tiles a loop step of the swapped form; mw: its meta rows as 32-bit "
                     "words, 1 or 0, -1 (the default): decode_attention's)")
+    ap.add_argument("--meta-layouts", default="", help="with --vt: time every --vt variant with the pools' meta "
+                    "in each of these layouts, e.g. 'head,token' (keys end in _mlhead / _mltoken; "
+                    "kvtuner.ops.types.alloc_meta); default: the pools' default layout only, no suffix")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")
@@ -143,6 +147,11 @@ def main() -> int:
            for v in vt_variants):
         ap.error(f"--vt: each is warps,stages[,asm[,later[,maxnreg[,idx[,lazy[,swap[,pair[,mw]]]]]]]]] (idx -1, 0 or 1, 2 with swap; lazy 0 or 1, "
                  f"with later 0; swap 0 or 1, with later 0 and lazy 0; pair 0 or 1, with swap; mw -1, 0 or 1), got {args.vt!r}")
+    layouts = [x for x in args.meta_layouts.split(",") if x]
+    if any(x not in META_LAYOUTS for x in layouts):
+        ap.error(f"--meta-layouts: each is one of {META_LAYOUTS}, got {args.meta_layouts!r}")
+    if layouts and not vt_variants:
+        ap.error("--meta-layouts needs --vt variants")
     if vt_variants and not args.paged:
         ap.error("--vt needs --paged PAGE")
     if args.paged and any(ctx % args.paged for _, ctx in shapes):
@@ -198,15 +207,17 @@ def main() -> int:
             if vt_variants:  # V transposed within pages: timed, and checked against the default form
                 from kvtuner.ops.decode import PAGED_TILE
 
-                pv = vc.to_paged(args.paged)
+                pv0 = vc.to_paged(args.paged)
                 ref = decode_attention(q, kc, vc, o.clone(), indptr, idx, lg, lse, nsp[splits[-1]], ms, sm).clone()
                 tile = min(args.paged, PAGED_TILE)  # tokens a tile: the page, or 64 of a larger one
-                for w, st, asm, later, mx, ia, lz, sw, pr, mw in vt_variants:
+                for (w, st, asm, later, mx, ia, lz, sw, pr, mw), ml in itertools.product(vt_variants, layouts or [""]):
+                    kcm, pv = (kc.with_meta_layout(ml), pv0.with_meta_layout(ml)) if ml else (kc, pv0)
                     key = f"vt{args.paged}" + (f"t{tile}" if tile != args.paged else "") + f"_w{w}_s{st}" \
                         + ("_asm" if asm else "") + ("" if later else "_sumeach") \
                         + (f"_r{mx}" if mx > 0 else "_rdefault" if mx < 0 else "") + (f"_i{ia}" if ia >= 0 else "") + ("_lazy" if lz else "") \
-                        + ("_swap" if sw else "") + ("_pair" if pr else "") + (f"_mw{mw}" if mw >= 0 else "")
-                    run = lambda n, w=w, st=st, asm=asm, later=later, mx=mx, ia=ia, lz=lz, sw=sw, pr=pr, mw=mw: decode_attention(  # noqa: E731
+                        + ("_swap" if sw else "") + ("_pair" if pr else "") + (f"_mw{mw}" if mw >= 0 else "") \
+                        + (f"_ml{ml}" if ml else "")
+                    run = lambda n, w=w, st=st, asm=asm, later=later, mx=mx, ia=ia, lz=lz, sw=sw, pr=pr, mw=mw, kc=kcm, pv=pv: decode_attention(  # noqa: E731
                         q, kc, pv, o, indptr, idx, lg, lse, nsp[n], ms, sm, num_warps=w, num_stages=st,
                         codes_asm=bool(asm), sum_later=bool(later), maxnreg=mx if mx >= 0 else None,
                         idx_ahead=ia if ia >= 0 else None, lazy_rescale=bool(lz), swap=bool(sw), pair=bool(pr),
@@ -217,7 +228,8 @@ def main() -> int:
                         row.setdefault("vt_rel_err", {})[key] = rel_err(o, ref)
                     except Exception as e:  # noqa: BLE001
                         row["variants"][key] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                del pv
+                    del kcm, pv
+                del pv0
             best = min(((t, k, n) for k, v in row["variants"].items() if "error" not in v for n, t in v.items()), default=None)
             row["best"] = best
             res["timings"].append(row)

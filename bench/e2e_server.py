@@ -400,6 +400,8 @@ def main() -> int:
         ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     if os.environ.get("KVTUNER_DECODE"):  # the packed decode's launch settings of an A/B run
         out["kvtuner_decode"] = os.environ["KVTUNER_DECODE"]
+    if os.environ.get("KVTUNER_META_LAYOUT"):  # the pools' meta layout of an A/B run (default head)
+        out["kvtuner_meta_layout"] = os.environ["KVTUNER_META_LAYOUT"]
 
     tok = None
     vocab = 0

@@ -106,7 +106,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # SPLIT_VT: other --vt variants of the swapped form, e.g. its stages and register caps)
         kjobs+=("kbench-split-sweep$1$t_tag=${t_env}python3 bench/decode_sweep.py --heads $2 --shapes $3 \
             --splits ${SPLIT_SPLITS:-1,2,3,4,5,6,8} --cfgs ${SPLIT_CFGS:-int4,int4_sym,int2,int8} \
-            --paged 64 --variants none --no-general --vt '${SPLIT_VT:-1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1}' \
+            --paged 64 --variants none --no-general --vt '${SPLIT_VT:-1,3,1,0,0,1,0,1;2,3,1,0,0,1,0,1}' ${SPLIT_ML:+--meta-layouts $SPLIT_ML} \
             --out $OUT/decode_sweep_splits${1//-/_}$kt.json")
     }
     for c in ${KBENCH:-}; do  # NAME[%TUNING]: a tuned entry runs under KVTUNER_DECODE (e.g. "paged%,,,,,,,0":
@@ -153,20 +153,21 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
             --out $OUT/decode_sweep_paged64_swap$kt.json") ;;
         # the swapped form's split counts (one and two warps a program; SGLang's heuristic gives 64 x 8k
         # 4 splits at 28/4 heads, 2 at 32/8, and the served 640 x 3k 1): do more splits fill the GPU?
-        # SPLIT_HEADS / SPLIT_SHAPES / SPLIT_SPLITS / SPLIT_CFGS narrow it; no general kernel, no usual form
+        # SPLIT_HEADS / SPLIT_SHAPES / SPLIT_SPLITS / SPLIT_CFGS narrow it (SPLIT_ML=head,token: both meta layouts); no general kernel, no usual form
         split-sweep) split_job "${SPLIT_HEADS:+-${SPLIT_HEADS//\//_}}" "${SPLIT_HEADS:-28/4}" "${SPLIT_SHAPES:-64x8192,640x3072}" ;;
         # the same at 32/8 heads (issue 3's other head count), 64 x 8k only
         split-sweep32) split_job 32 32/8 64x8192 ;;
         # per-channel keys (the served KV2 per-channel configuration: values transposed within the key pages)
         # with one warp a program against its default launch (4 warps capped at 128), at the decode-heavy
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916
-        kivi-w1) kjobs+=("kbench-kivi-w1$t_tag=${t_env}python3 bench/kivi_decode.py --cfgs ${KIVI_CFGS:-K2V2,K4V4} --heads 28,4 \
+        # kivi-w1-mltoken: the same with the pools' per-token meta token-major (KVTUNER_META_LAYOUT=token)
+        kivi-w1|kivi-w1-mltoken) local ml=${t_entry#kivi-w1}; kjobs+=("kbench-$t_entry$t_tag=${t_env}${ml:+KVTUNER_META_LAYOUT=token }python3 bench/kivi_decode.py --cfgs ${KIVI_CFGS:-K2V2,K4V4} --heads 28,4 \
             --shape ${KIVI_SHAPES:-64x8192,256x3072,1024x3072} --residuals 64 --splits ${KIVI_SPLITS:-1,2,4,8} --vpage --no-per-token \
             --variants '${KIVI_VARIANTS:-w4:;w1:num_warps=1,maxnreg=255;w1_s3:num_warps=1,maxnreg=255,num_stages=3;w1_pf2:num_warps=1,maxnreg=255,prefetch=2,num_stages=3;w1_later:num_warps=1,maxnreg=255,sum_later=1;w4_pf2:prefetch=2,num_stages=3}' \
-            --out $OUT/kivi_decode_w1$kt.json") ;;
+            --out $OUT/kivi_decode_w1${ml//-/_}$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \
             --cfgs int4,int8 --paged 128 --variants '1,4,128,0,2' --vt '4,2;4,3;4,2,1' --out $OUT/decode_sweep_paged128$kt.json") ;;
-        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, paged-swap, split-sweep, split-sweep32, kivi-w1, paged128)" >&2; return 2 ;;
+        *) echo "KBENCH: unknown $c (serving, full, full-p64, store-p64, paged, paged-w1, paged-lazy, paged-swap, split-sweep, split-sweep32, kivi-w1, kivi-w1-mltoken, paged128)" >&2; return 2 ;;
         esac
     done
     # KBENCH_FIRST=1: the kernel benchmarks before the server jobs (a GPU of their own early)

@@ -213,6 +213,8 @@ def environment() -> dict:
     env["time_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if os.environ.get("KVTUNER_DECODE"):  # the packed decode's launch settings of an A/B run
         env["kvtuner_decode"] = os.environ["KVTUNER_DECODE"]
+    if os.environ.get("KVTUNER_META_LAYOUT"):  # the pools' meta layout of an A/B run (default head)
+        env["kvtuner_meta_layout"] = os.environ["KVTUNER_META_LAYOUT"]
     return env
 
 

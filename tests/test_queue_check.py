@@ -80,3 +80,5 @@ def test_sweep_pick_compares_the_best_of_two_variant_sets(tmp_path):
     assert _run(*base, "--shape", "640x3072", "--gain", "0.98").stdout.split() == ["win", "2", "0.5", "0.54"]
     assert _run(*base, "--shape", "640x3072", "--gain", "0.9").stdout.split()[0] == "lose"
     assert _run(*base, "--shape", "64x8192").stdout.split()[:3] == ["lose", "0", "error"]
+    only = ["--shape", "640x3072", "--gain", "0.98", "--only", "_s3_"]  # the 3-stage variants only
+    assert _run(*base, *only).stdout.split() == ["lose", "3", "0.53", "0.54"]

@@ -5,7 +5,8 @@ in ``bench/calls/`` (one decision between a call's steps):
 
 prints ``win STAGES T_NEW T_OLD`` when the best time of the variants whose key holds NEW (over their
 stage and split counts) is at most GAIN x that of the variants holding OLD, else ``lose ...``;
-STAGES is the new variant's best stage count.  A missing file, row or variant prints
+STAGES is the new variant's best stage count.  ``--only TAG`` keeps the variants whose key holds TAG
+(e.g. the new idx against the old one among ``_mlhead`` rows only).  A missing file, row or variant prints
 ``lose 0 error ...`` (a call goes on with its other steps)."""
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import argparse
 import json
 
 
-def pick(sweep: dict, cfg: str, shape: str, new: str, old: str, gain: float) -> list:
+def pick(sweep: dict, cfg: str, shape: str, new: str, old: str, gain: float, only: str = "") -> list:
     row = next(r for r in sweep["timings"] if r["cfg"] == cfg and r["shape"] == shape)
 
     def best(tag):
-        return min((min(t.values()), k) for k, t in row["variants"].items() if tag in k and "error" not in t)
+        return min((min(t.values()), k) for k, t in row["variants"].items()
+                   if tag in k and only in k and "error" not in t)
 
     (t_new, k_new), (t_old, _) = best(new), best(old)
     return ["win" if t_new <= gain * t_old else "lose", 2 if "_s2_" in k_new else 3, round(t_new, 4), round(t_old, 4)]
@@ -32,10 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("--new", required=True, help="a part of the new variants' keys, e.g. _mw1 or _i2_")
     ap.add_argument("--old", required=True)
     ap.add_argument("--gain", type=float, default=1.0, help="the new wins at <= GAIN x the old time")
+    ap.add_argument("--only", default="", help="compare only variants whose key holds this too, e.g. _mlhead")
     a = ap.parse_args(argv)
     try:
         with open(a.sweep) as f:
-            out = pick(json.load(f), a.cfg, a.shape, a.new, a.old, a.gain)
+            out = pick(json.load(f), a.cfg, a.shape, a.new, a.old, a.gain, a.only)
     except Exception as e:  # noqa: BLE001  (the decision falls back; the call goes on)
         out = ["lose", 0, "error", type(e).__name__, e]
     print(*out)

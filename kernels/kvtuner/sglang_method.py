@@ -54,6 +54,9 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
                  v_head_dim: Optional[int] = None, v_page: int = 0):
         self.cfg = cfg
         self.v_page = v_page  # values transposed within pages of v_page slots (0: token-major)
+        from kvtuner.ops.types import meta_layout_default
+
+        self.meta_layout = meta_layout_default()  # per-token meta rows head-major (or KVTUNER_META_LAYOUT=token)
         self.v_pages: list[int] = []  # per local layer: v_page where the layer can use it, else 0
         self._v_page_at: dict[int, int] = {}  # value buffer data_ptr -> its layer's page
         self.start_layer = start_layer
@@ -82,6 +85,8 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
         return self.formats[local_layer]
 
     def create_buffers(self, size, head_num, head_dim, layer_num, device) -> dict:
+        from kvtuner.ops.types import alloc_meta
+
         self.head_num, self.head_dim = head_num, head_dim
         vd = self.v_head_dim or head_dim
         self.formats = [
@@ -93,8 +98,11 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
                 dtype = torch.uint8 if fmt.quantized else self.model_dtype
                 # zeros: slot 0 (padding) and never-written slots dequantize to 0, not NaN
                 data.append(torch.zeros((size, head_num, fmt.packed_dim), dtype=dtype, device=device))
-                rows = -(-size // fmt.group) if fmt.per_channel else size  # per page for per-channel keys
-                meta.append(torch.zeros((rows, head_num, fmt.n_meta), dtype=torch.float16, device=device))
+                if fmt.per_channel:  # one row per page
+                    meta.append(torch.zeros((-(-size // fmt.group), head_num, fmt.n_meta), dtype=torch.float16,
+                                            device=device))
+                else:  # head-major unless KVTUNER_META_LAYOUT=token (kvtuner.ops.types.alloc_meta)
+                    meta.append(alloc_meta(size, head_num, fmt.n_meta, device, self.meta_layout, zeros=True))
         self._k_data = k_data
         # the transposed-page layout needs packed K and V (the decode kernels' paged forms; with
         # per-channel keys the value page is the key page); other layers keep token-major values
@@ -110,6 +118,7 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
             size, layer_num, self.start_layer, self.start_layer + layer_num - 1, self.cfg.describe(),
             self.compute_cell_size(head_num, head_dim, layer_num, 2) / max(layer_num, 1),
         )
+        logger.info("kvtuner pool: per-token scales %s-major (%s=token|head)", self.meta_layout, "KVTUNER_META_LAYOUT")
         if self.v_page:
             logger.info("kvtuner pool: values of %d of %d layers transposed within pages of %d slots "
                         "(--kvtuner-v-layout token: token-major)", sum(1 for p in self.v_pages if p), layer_num,

@@ -7,6 +7,7 @@ import torch
 from kvtuner import reference as R
 from kvtuner.format import TensorFormat
 from kvtuner.ops import QuantKV
+from kvtuner.ops.types import meta_layout_default
 
 
 def fmt(bits: int, d: int = 128, g: int = 0, asym: bool = False) -> TensorFormat:
@@ -23,13 +24,15 @@ def rand_kv(n: int, h: int, d: int, device, gen: torch.Generator, dtype=torch.bf
     return x.to(dtype).to(device)
 
 
-def make_cache(s: int, h: int, f: TensorFormat, device, gen, dtype=torch.bfloat16) -> QuantKV:
-    """A pool of ``s`` slots filled through the reference quantizer."""
+def make_cache(s: int, h: int, f: TensorFormat, device, gen, dtype=torch.bfloat16,
+               meta_layout: str | None = None) -> QuantKV:
+    """A pool of ``s`` slots filled through the reference quantizer, its meta in ``meta_layout``
+    (default: the pools' default, head-major; ``kvtuner.ops.types.alloc_meta``)."""
     x = rand_kv(s, h, f.head_dim, device, gen, dtype)
     data, meta = R.quantize(x, f)
     if not f.quantized:
         return QuantKV(data.contiguous(), torch.empty(0, dtype=torch.float16, device=device), f)
-    return QuantKV(data.contiguous(), meta.contiguous(), f)
+    return QuantKV(data.contiguous(), meta.contiguous(), f).with_meta_layout(meta_layout or meta_layout_default())
 
 
 def paged_slots(lens, page: int, gen: torch.Generator, spare: int = 2) -> tuple[torch.Tensor, int]:

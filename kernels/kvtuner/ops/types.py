@@ -2,11 +2,40 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from kvtuner.format import TensorFormat
+
+META_LAYOUT_ENV = "KVTUNER_META_LAYOUT"
+META_LAYOUTS = ("head", "token")
+
+
+def meta_layout_default() -> str:
+    """The meta layout new pools get: ``KVTUNER_META_LAYOUT`` (``head`` or ``token``), else ``head``."""
+    v = os.environ.get(META_LAYOUT_ENV, "").strip().lower() or "head"
+    if v not in META_LAYOUTS:
+        raise ValueError(f"{META_LAYOUT_ENV}={v!r}: expected 'head' or 'token'")
+    return v
+
+
+def alloc_meta(rows: int, heads: int, n_meta: int, device, layout: Optional[str] = None,
+               zeros: bool = False) -> torch.Tensor:
+    """A float16 meta tensor ``[rows, heads, n_meta]``.  ``layout`` (default
+    :func:`meta_layout_default`): ``head`` stores it head-major, ``[heads, rows, n_meta]`` seen
+    through a transpose, so one head's rows of consecutive slots are contiguous (a decode program
+    reads one head: 4 bytes of every 16 when token-major, 4 KV heads x 2 float16, which cost 4x
+    the meta's sectors in DRAM traffic, ncu, session 33); ``token``: ``[rows, heads, n_meta]``."""
+    layout = layout or meta_layout_default()
+    if layout not in META_LAYOUTS:
+        raise ValueError(f"meta layout {layout!r}: expected 'head' or 'token'")
+    make = torch.zeros if zeros else torch.empty
+    if layout == "head":
+        return make(heads, rows, n_meta, dtype=torch.float16, device=device).transpose(0, 1)
+    return make(rows, heads, n_meta, dtype=torch.float16, device=device)
 
 
 @dataclass
@@ -25,6 +54,9 @@ class QuantKV:
     (byte ``j`` of slot ``s``, head ``h`` at ``[s // page, h, j, s % page]``; :meth:`paged_view`),
     so the decode kernel's P x V operand streams tokens without a transpose.  Quantized,
     per-token groups only; ``meta`` stays one row per slot.
+
+    ``meta`` of per-token formats is head-major by default (:func:`alloc_meta`,
+    :attr:`meta_layout`): the kernels read it through its strides, so either layout works.
     """
 
     data: torch.Tensor
@@ -103,6 +135,20 @@ class QuantKV:
         return QuantKV(data, self.meta, self.fmt, page)
 
     @property
+    def meta_layout(self) -> str:
+        """``head`` where one head's meta rows are contiguous (:func:`alloc_meta`), else ``token``."""
+        m = self.meta
+        return "head" if m.dim() == 3 and m.shape[1] > 1 and m.stride(1) > m.stride(0) else "token"
+
+    def with_meta_layout(self, layout: str) -> "QuantKV":
+        """The same pool (data shared) with its meta copied into ``layout`` (for A/B tools and tests)."""
+        if not self.fmt.quantized:
+            return self
+        m = alloc_meta(self.meta.shape[0], self.meta.shape[1], self.meta.shape[2], self.meta.device, layout)
+        m.copy_(self.meta)
+        return QuantKV(self.data, m, self.fmt, self.page)
+
+    @property
     def num_slots(self) -> int:
         return self.data.shape[0]
 
@@ -122,12 +168,17 @@ class QuantKV:
         fmt: TensorFormat,
         dtype: torch.dtype = torch.bfloat16,
         device="cpu",
+        meta_layout: Optional[str] = None,
     ) -> "QuantKV":
-        """Allocate an (uninitialized) pool. ``dtype`` is the model dtype, used for bits=16."""
+        """Allocate an (uninitialized) pool. ``dtype`` is the model dtype, used for bits=16.
+        ``meta_layout``: :func:`alloc_meta`'s, for per-token formats (per-channel keys' meta, one
+        row per page, stays token-major)."""
         if fmt.quantized:
             data = torch.empty(num_slots, num_heads, fmt.packed_dim, dtype=torch.uint8, device=device)
-            rows = num_slots // fmt.group if fmt.per_channel else num_slots
-            meta = torch.empty(rows, num_heads, fmt.n_meta, dtype=torch.float16, device=device)
+            if fmt.per_channel:
+                meta = torch.empty(num_slots // fmt.group, num_heads, fmt.n_meta, dtype=torch.float16, device=device)
+            else:
+                meta = alloc_meta(num_slots, num_heads, fmt.n_meta, device, meta_layout)
         else:
             data = torch.empty(num_slots, num_heads, fmt.head_dim, dtype=dtype, device=device)
             meta = torch.empty((0,), dtype=torch.float16, device=device)
