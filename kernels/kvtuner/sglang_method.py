@@ -81,6 +81,18 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
     def kv_storage_dtype(self) -> torch.dtype:
         return torch.uint8
 
+    @staticmethod
+    def slot_move_views(scales: list) -> list:
+        """The scale buffers as SGLang's row-wise slot move needs them (patch 0009): a head-major
+        buffer (``alloc_meta``) as one ``[slots, n_meta]`` view per head, whole rows per slot."""
+        out = []
+        for t in scales:
+            if t.dim() == 3 and t.shape[1] > 1 and t.stride(1) > t.stride(0):
+                out += [t[:, h] for h in range(t.shape[1])]
+            else:
+                out.append(t)
+        return out
+
     def layer_formats(self, local_layer: int) -> tuple[TensorFormat, TensorFormat]:
         return self.formats[local_layer]
 
