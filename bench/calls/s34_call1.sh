@@ -6,14 +6,17 @@
 # contiguous bytes.  Then (head wins) the served int4 row under the commit's default layout, with
 # idx_ahead 2 where it also wins by >= 2% among the head-major rows; then issue 3's table.  (Token-major
 # wins: the served KV2 with per-channel keys instead.)  Last, where time is left, ncu of the head-major default.
-# Usage (carry .bundle):  GIT_SHA=<sha> L=560 bash bench/calls/s34_call1.sh
+# Usage (carry .bundle):  GIT_SHA=<sha> L=570 bash bench/calls/s34_call1.sh   (LEAN=1 L=330: below)
 set -u
 O=${OUT:?}; L=${L:-560}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
 echo "[t] $SECONDS s after the bundle"
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep kivi-w1 kivi-w1-mltoken" \
+# LEAN=1 (a short device budget, ~330 s): int4 sym at 640 x 3k, 2 splits, then the served row only
+if [ "${LEAN:-0}" = 1 ]; then KB=split-sweep SH=640x3072 SPL=2 CFGS=int4_sym
+else KB="split-sweep kivi-w1 kivi-w1-mltoken" SH=640x3072,64x8192 SPL=2,4 CFGS=int4_sym,int4,int2,int8; fi
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="$KB" \
     KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 KIVI_SPLITS=2,4 KIVI_VARIANTS='swap:;swap_i2:idx_ahead=2' \
-    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 SPLIT_CFGS=int4_sym,int4,int2,int8 SPLIT_ML=head,token \
+    SPLIT_SHAPES=$SH SPLIT_SPLITS=$SPL SPLIT_CFGS=$CFGS SPLIT_ML=head,token \
     SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,3,1,0,0,2,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweep"
@@ -30,6 +33,7 @@ if [ "$1" = win ]; then
     OUT=$O/c DEADLINE=$((L - SECONDS)) NEED=200 SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%,,,$st,,,,,$i" \
         bash bench/run_single_gpu.sh e2e
 fi
+[ "${LEAN:-0}" = 1 ] && { echo "[t] $SECONDS s at the end (lean)"; exit 0; }
 if [ "${ml%% *}" = win ]; then
     KB=full-p64; [ "${tidx%% *}" = win ] && KB="full-p64%,,,,,,,,2"
     OUT=$O/d DEADLINE=$((L - SECONDS)) NEED=120 KBENCH="$KB" bash bench/run_single_gpu.sh e2e
