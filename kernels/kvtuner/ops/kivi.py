@@ -666,9 +666,10 @@ def kivi_decode_attention(
     asked for, with 3 pipeline stages.  ``meta_words`` (swapped form; default on, ``KVTUNER_DECODE``'s
     fourteenth field): the pages' channel scales and the value meta rows read as 32-bit words
     (``decode._meta_words_fit``), staged by the pipeliner instead of 16-bit loads in the iteration.
-    ``idx_ahead`` (swapped form; ``KVTUNER_DECODE``'s ninth field): 1 (default) loads each packed
-    page's first slot a tile ahead; 2 loads those of 32 tiles at once before their loop (as
-    :func:`kvtuner.ops.decode_attention`'s swapped form)."""
+    ``idx_ahead`` (swapped form; ``KVTUNER_DECODE``'s ninth field): 2 (default) loads the packed
+    pages' first slots of 32 tiles at once before their loop (as :func:`kvtuner.ops.decode_attention`'s
+    swapped form can); 1 loads each a tile ahead.  2 was timed faster for K2V2 on an H100 (1024 x 3k:
+    0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -764,8 +765,8 @@ def kivi_decode_attention(
             meta_words = bool(env.get("meta_words", 1))
         # (a page's channel scales, and their bit-field runs of KC, start on a word)
         words = bool(meta_words) and _f16_words_fit(k_cache.meta, 2) and _meta_words_fit(v_cache)
-        if idx_ahead is None:  # (the environment's 0, the per-token forms' in-loop load, is 1 here)
-            idx_ahead = env.get("idx_ahead", 1) or 1
+        if idx_ahead is None:  # 2 unless the environment says (its 0, the per-token forms' in-loop load, is 1 here)
+            idx_ahead = env.get("idx_ahead", 2) or 1
         if idx_ahead not in (1, 2):
             raise ValueError(f"idx_ahead {idx_ahead}: 1 or 2 (the per-channel swapped form's page slots: a tile "
                              "ahead, or 32 tiles at once)")
