@@ -3,7 +3,7 @@
 # (issue 7's 2.5x target) with CUDA graphs to 1,024 and the swapped per-channel decode as it is now
 # (meta words: 39-43% faster than the 16-bit loads, raw/session33_h100/call1/b/kivi_decode_w1.json).
 # Its only served row is session 27's (13,400 tok/s, graphs to 256, the kernels of then).
-# KIVI_IDX=2 serves it with the pages' slots 32 tiles at a time (idx_ahead 2), once an A/B says so.
+# KIVI_IDX=2 serves it with the pages' slots 32 tiles at a time (idx_ahead 2; the default since session 34).
 # Usage (carry .bundle):  GIT_SHA=<sha> L=480 bash bench/calls/s33_call4.sh
 set -u
 O=${OUT:?}; L=${L:-480}; export GIT_SHA
