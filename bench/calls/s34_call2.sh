@@ -3,9 +3,9 @@
 # Call 1 timed the head-major scales (the default since 25d3340) at the served shape, int4 sym 640 x 3k
 # 0.468 ms against token-major 0.518 (-9.6%; raw/session34_h100/call1/b/decode_sweep_splits.json).
 # Here, under the commit's own defaults (no KVTUNER_DECODE): the served int4 row (issue 7's 2.2x
-# target), then issue 3's table (its int4 HBM target) after an idx 1/2 A/B at its shape, ~480 s.  The served KV2 with per-channel keys
-# (idx_ahead 2 is that kernel's default since call 1) needs ~330 s: a call of its own, s33_call4.sh
-# (its last step here only starts in a call given more than 600 s).
+# target), then issue 3's table (its int4 HBM target) after an idx 1/2 A/B at its shape, ~480 s.
+# The served KV2 with per-channel keys (idx_ahead 2 is that kernel's default since call 1) needs
+# ~330 s: a call of its own, s33_call4.sh (its last step here starts only with more than 600 s).
 # Usage (carry .bundle):  GIT_SHA=<sha> L=570 bash bench/calls/s34_call2.sh   (L=300: the served int4 row only;
 # the later steps start only where their NEED is left)
 set -u
