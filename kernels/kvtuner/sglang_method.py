@@ -85,9 +85,11 @@ class KVTunerKVCacheMethod(KVCacheQuantMethodBase):
     def slot_move_views(scales: list) -> list:
         """The scale buffers as SGLang's row-wise slot move needs them (patch 0009): a head-major
         buffer (``alloc_meta``) as one ``[slots, n_meta]`` view per head, whole rows per slot."""
+        from kvtuner.ops.types import is_head_major
+
         out = []
         for t in scales:
-            if t.dim() == 3 and t.shape[1] > 1 and t.stride(1) > t.stride(0):
+            if is_head_major(t):
                 out += [t[:, h] for h in range(t.shape[1])]
             else:
                 out.append(t)

@@ -22,6 +22,11 @@ def meta_layout_default() -> str:
     return v
 
 
+def is_head_major(meta: torch.Tensor) -> bool:
+    """Whether a ``[rows, heads, n]`` meta tensor is stored head-major (:func:`alloc_meta`)."""
+    return meta.dim() == 3 and meta.shape[1] > 1 and meta.stride(1) > meta.stride(0)
+
+
 def alloc_meta(rows: int, heads: int, n_meta: int, device, layout: Optional[str] = None,
                zeros: bool = False) -> torch.Tensor:
     """A float16 meta tensor ``[rows, heads, n_meta]``.  ``layout`` (default
@@ -137,8 +142,7 @@ class QuantKV:
     @property
     def meta_layout(self) -> str:
         """``head`` where one head's meta rows are contiguous (:func:`alloc_meta`), else ``token``."""
-        m = self.meta
-        return "head" if m.dim() == 3 and m.shape[1] > 1 and m.stride(1) > m.stride(0) else "token"
+        return "head" if is_head_major(self.meta) else "token"
 
     def with_meta_layout(self, layout: str) -> "QuantKV":
         """The same pool (data shared) with its meta copied into ``layout`` (for A/B tools and tests)."""
