@@ -6,7 +6,7 @@
 # target), then issue 3's table (its int4 HBM target) after an idx 1/2 A/B at its shape, ~480 s.
 # The served KV2 with per-channel keys (idx_ahead 2 is that kernel's default since call 1) needs
 # ~330 s: a call of its own, s33_call4.sh (its last step here starts only with more than 600 s).
-# Usage (carry .bundle):  GIT_SHA=<sha> L=570 bash bench/calls/s34_call2.sh   (L=300: the served int4 row only;
+# Usage (carry .bundle):  GIT_SHA=<sha> L=570 [AB=0] bash bench/calls/s34_call2.sh   (L=300: the served int4 row only;
 # the later steps start only where their NEED is left)
 set -u
 O=${OUT:?}; L=${L:-570}; export GIT_SHA
@@ -18,7 +18,8 @@ echo "[t] $SECONDS s after the served int4 row"
 # the table's shape is 64 x 8k, where idx_ahead 2 looked faster in call 1 on a machine too noisy to
 # say (int4 asym 0.136 against 0.164 ms): A/B it at both head counts first, ~50 s, and take it for the
 # table where it wins by >= 2% at both (the served shape keeps 1: 0.2-1.2% slower there)
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep split-sweep32" SPLIT_SHAPES=64x8192 \
+# (AB=0 skips it: the table then runs with idx 1, the default)
+[ "${AB:-1}" = 1 ] && OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="split-sweep split-sweep32" SPLIT_SHAPES=64x8192 \
     SPLIT_SPLITS=2,4 SPLIT_CFGS=int4,int4_sym SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,3,1,0,0,2,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 tar xzf "$O/b/run.tgz" -C /tmp decode_sweep_splits.json decode_sweep_splits32.json 2>/dev/null
