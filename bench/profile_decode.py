@@ -5,6 +5,8 @@
         python bench/profile_decode.py --cfg int4_sym --heads 28/4 --batch 64 --ctx 8192 --splits 4 \
         --page 64 --kw swap=1,pair=1,num_stages=2
 
+``--cfg K2V2`` (or K4V4, K4V2): the per-channel-keys decode (``kivi_decode_attention``; keys in groups
+of 64 tokens, a bf16 ring of 64, values paged as served: ``bench/kivi_decode.py``'s pool).
 ``--page``: slots in whole pages with values transposed within pages (``QuantKV.page``, the served
 layout of ``--page-size 64``); ``--kw``: keyword arguments of ``decode_attention`` (integers; 1/0
 for flags), e.g. the swapped form's launch.  ``--check`` validates the arguments and exits.
@@ -35,7 +37,8 @@ def parse_kw(s: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cfg", default="int4", help="bf16 (SGLang's kernel) or a decode_sweep config")
+    ap.add_argument("--cfg", default="int4", help="bf16 (SGLang's kernel), a decode_sweep config or a per-channel "
+                    "kivi_decode config (K2V2, K4V4, K4V2)")
     ap.add_argument("--kw", default="", help="decode_attention keywords, e.g. 'swap=1,num_stages=2'")
     ap.add_argument("--heads", default="32/8", help="query/KV heads")
     ap.add_argument("--page", type=int, default=0, help="pages of this many slots, values transposed within pages")
@@ -46,13 +49,16 @@ def main() -> int:
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
     from decode_sweep import CFGS
+    from kivi_decode import CFGS as KIVI
     try:
         kw = parse_kw(args.kw)
         hq, hkv = (int(x) for x in args.heads.split("/"))
     except ValueError as e:
         ap.error(str(e))
-    if args.cfg != "bf16" and args.cfg not in CFGS:
-        ap.error(f"--cfg: bf16 or one of {sorted(CFGS)}, got {args.cfg!r}")
+    if args.cfg != "bf16" and args.cfg not in CFGS and args.cfg not in KIVI:
+        ap.error(f"--cfg: bf16 or one of {sorted(CFGS) + sorted(KIVI)}, got {args.cfg!r}")
+    if args.cfg in KIVI and args.ctx % 64:
+        ap.error(f"--cfg {args.cfg}: --ctx must be whole key groups of 64")
     if args.page and args.ctx % args.page:
         ap.error(f"--page {args.page}: --ctx must be whole pages")
     if args.check:
@@ -74,6 +80,14 @@ def main() -> int:
         fwd, _ = try_sglang()
         kc, vc, idx, indptr = make(b, args.ctx, hkv, d, 16, 16, d, False, dev, page=args.page)
         call = lambda: fwd(q, kc.data, vc.data, o, indptr, idx, lg, lse, ns, args.splits, d**-0.5, 1.0, 1.0)  # noqa: E731
+    elif args.cfg in KIVI:
+        from kivi_decode import kivi_pool
+        from kvtuner.ops import kivi_decode_attention
+
+        kc, vc, ring, idx, indptr, req = kivi_pool(b, args.ctx, hkv, d, *KIVI[args.cfg], 64, 64, dev)
+        vc = vc.to_paged(64)
+        call = lambda: kivi_decode_attention(q, kc, ring, vc, o, indptr, idx, req, 64, lg, lse, ns, args.splits,  # noqa: E731
+                                             d**-0.5, **kw)
     else:
         kb, vb, g, asym = CFGS[args.cfg]
         kc, vc, idx, indptr = make(b, args.ctx, hkv, d, kb, vb, g, asym, dev, page=args.page)

@@ -37,6 +37,7 @@ def test_tools_refuse_unknown_names_in_one_line():
         (["bench/step_profile.py", "--configs", "int5"], "int5"),
         (["bench/profile_decode.py", "--kw", "swap=1,meta=1"], "meta=1"),
         (["bench/profile_decode.py", "--cfg", "int3"], "int3"),
+        (["bench/profile_decode.py", "--cfg", "K2V2", "--ctx", "3000"], "--ctx"),
         (["bench/decode_sweep.py", "--out", "o", "--paged", "64", "--variants", "none", "--vt", "1,3,1,0,0,1,0,1,0,2"], "mw"),
     ]
     for args, word in cases:
@@ -53,6 +54,8 @@ def test_tools_accept_valid_arguments_with_check():
                  ["bench/step_profile.py", "--configs", "int4", "bf16"],
                  ["bench/profile_decode.py", "--cfg", "int4_sym", "--heads", "28/4", "--page", "64", "--kw",
                   "swap=1,meta_words=0,num_stages=2"],
+                 ["bench/profile_decode.py", "--cfg", "K2V2", "--heads", "28/4", "--batch", "1024", "--ctx", "3072",
+                  "--kw", "idx_ahead=2"],
                  ["bench/decode_sweep.py", "--out", "o", "--paged", "64", "--variants", "none", "--vt", "1,2,1,0,0,1,0,1,0,1"],
                  ["bench/kernels_bench.py"]):
         p = _run(*args, "--check")
