@@ -154,7 +154,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     """The per-channel-keys stage 1 with tokens on the MMA's M side (``decode_swapped``'s
     ``_kivi_decode_stage1_swapped``): key pages of ``group`` tokens, values transposed within them,
     a residual window of one page, specialized on the strides of a real pool (``KS_META_WORDS=0``:
-    the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time)."""
+    the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time;
+    ``KS_KEY_BIAS=1``: the key codes' bias off once a tile, ``kivi_decode_attention``'s ``key_bias``)."""
     import torch
 
     from kvtuner.format import TensorFormat
@@ -173,7 +174,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   **{k: v for k, v in _v_constexprs(vf).items() if k != "V_QMIN"},
                   SPLIT_Q=False, V_PAGE=group, CODES_ASM=bool(codes_asm), DOT_F32=False,
                   META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
-                  IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")))
+                  IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")),
+                  KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1")
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

@@ -151,8 +151,8 @@ def _history(pool: Pool):
     pool.check_semantics()
 
 
-# values transposed within the pages (--kvtuner-v-layout page) for three of them
-PAGED = [pytest.param(*CFGS[i].values, True, id=CFGS[i].id + "-vpage") for i in (0, 2, 5)]
+# values transposed within the pages (--kvtuner-v-layout page) for four of them (symmetric keys last)
+PAGED = [pytest.param(*CFGS[i].values, True, id=CFGS[i].id + "-vpage") for i in (0, 2, 5, 1)]
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage", [pytest.param(*c.values, False, id=c.id) for c in CFGS]
@@ -197,10 +197,15 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
              ("plain fast swap 16-bit meta", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, False),
              # the pages' first slots loaded 32 tiles at a time before their loop (idx_ahead 2)
              ("window+cap fast split swap slot chunks", g + 5, 20.0, [1, 2, 1, 3], None, True, 1e-2, None, None, False,
-              True, None, 2))
+              True, None, 2),
+             # the key codes' bias taken off once a tile (key_bias), with and without the split query
+             ("plain fast swap key bias", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, None, None,
+              True),
+             ("window+cap fast split swap key bias", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False,
+              True, None, 2, True))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages, later, swap, mw, ia = (tuned + [None] * 6)[:6]
+        pf, stages, later, swap, mw, ia, kbias = (tuned + [None] * 7)[:7]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if swap and not vpage:
             with pytest.raises(ValueError, match="transposed within the key pages"):
@@ -223,7 +228,8 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         sm = d**-0.5
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
-                              prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw, idx_ahead=ia)
+                              prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw, idx_ahead=ia,
+                              key_bias=kbias)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                           pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                           logit_cap=cap,
@@ -385,6 +391,6 @@ def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
                                      ms, d**-0.5, **kw)
 
     usual = run(swap=False)
-    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}, {"num_stages": 3}):
+    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}, {"num_stages": 3}, {"key_bias": True}):
         assert_close(run(swap=True, split_q=True, **kw), ref, atol=1e-2)
         assert_close(run(swap=True, **kw), usual, atol=2e-3, rtol=2e-3)  # (sums in another order)

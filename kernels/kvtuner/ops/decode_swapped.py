@@ -348,9 +348,14 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
                     K_QMIN: tl.constexpr, KC: tl.constexpr, KNF: tl.constexpr, KW: tl.constexpr,
                     SPLIT_Q: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
                     V_ASYM: tl.constexpr, VNC: tl.constexpr, VC: tl.constexpr, VNM: tl.constexpr,
-                    V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr):
+                    V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr,
+                    KEY_BIAS: tl.constexpr = False):
     """One packed-page tile of the per-channel swapped loop (its first slot ``first``, tokens from
-    ``p``): the page's scores, ``codes [tokens, bytes] x (q * s)^T``, and the softmax step."""
+    ``p``): the page's scores, ``codes [tokens, bytes] x (q * s)^T``, and the softmax step.
+    ``KEY_BIAS``: the key codes go to the MMA as converted, ``1024 + u * 2**(f*bits)``, with no
+    subtraction a code; the bias comes off the scores once a tile instead, as ``sum_c (K - 1024) *
+    fp16(q * s)`` (``K``: the symmetric codes' ``q_min * 2**(f*bits)``, 0 asymmetric) summed over the
+    fields with the asymmetric keys' ``sum_c q * offset``, one reduction a tile."""
     pos = p + offs_b
     mask_ld = pos < s1
     mask_n = mask_ld & (pos >= w0)
@@ -359,28 +364,44 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
     k_raw = _load_chunks(Kd, loc * stride_kd_s + k_head_d, offs_b < BLOCK_N, 1, KC, False)[0]  # [tokens, KC]
     moff = page * stride_km_p + k_head_m
     qk = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    if K_ASYM:
+    if KEY_BIAS:
+        cacc = tl.zeros([KC, BLOCK_H], dtype=tl.float32)  # the fields' corrections, reduced once
+    elif K_ASYM:
         corr = tl.zeros([BLOCK_H], dtype=tl.float32)
     for f in tl.static_range(KNF):
         s_f = _load_f16_run(Km, moff + f * KC, KC, KW)
         w = qc[f] * (s_f * (1.0 / (1 << (f * K_BITS))))[:, None]
         hi = w.to(tl.float16)
-        # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
         if CODES_ASM:
             c = _codes_asm(k_raw, K_BITS, f)
         else:
             c = _codes(k_raw, K_BITS, f)
-        if K_ASYM:
+        if KEY_BIAS:
+            codes = c.to(tl.float16)  # 1024 + u * 2**(f*bits), exact (< 1280)
+        elif K_ASYM:
+            # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
             codes = (c - 1024.0).to(tl.float16)
         else:
             codes = (c - (1024.0 - K_QMIN * (1 << (f * K_BITS)))).to(tl.float16)
         qk = tl.dot(codes, hi, qk)
+        if KEY_BIAS:
+            wr = hi.to(tl.float32)  # what the MMAs multiplied, so the bias cancels exactly
         if SPLIT_Q:
-            qk = tl.dot(codes, (w - hi.to(tl.float32)).to(tl.float16), qk)
-        if K_ASYM:
+            lo = (w - hi.to(tl.float32)).to(tl.float16)
+            qk = tl.dot(codes, lo, qk)
+            if KEY_BIAS:
+                wr += lo.to(tl.float32)
+        if KEY_BIAS:
+            if K_ASYM:
+                cacc += qc[f] * _load_f16_run(Km, moff + K_D + f * KC, KC, KW)[:, None] - 1024.0 * wr
+            else:
+                cacc += wr * (K_QMIN * (1 << (f * K_BITS)) - 1024.0)
+        elif K_ASYM:
             o_f = _load_f16_run(Km, moff + K_D + f * KC, KC, KW)
             corr += tl.sum(qc[f] * o_f[:, None], 0)
-    if K_ASYM:
+    if KEY_BIAS:
+        qk += tl.sum(cacc, 0)[None, :]
+    elif K_ASYM:
         qk += corr[None, :]
     v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
                             VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
@@ -399,7 +420,7 @@ def _kivi_decode_stage1_swapped(
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
-    META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
+    META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -445,7 +466,7 @@ def _kivi_decode_stage1_swapped(
                         Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                         v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                         BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
-                        V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
+                        V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS)
         else:
             # a tile's slots are one run of a page (pages are whole, tiles never straddle one): its first
             # slot, loaded a tile ahead, gives them all, so the pipeliner can issue the tile's copies early
@@ -457,7 +478,7 @@ def _kivi_decode_stage1_swapped(
                     Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                     v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                     BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
-                    V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS)
+                    V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS)
         if nq < s1:
             # the ring's full-precision keys (the newest tokens), RC channels a dot
             RC: tl.constexpr = 32 if K_D >= 32 else K_D

@@ -635,6 +635,7 @@ def kivi_decode_attention(
     swap: bool | None = None,
     meta_words: bool | None = None,
     idx_ahead: int | None = None,
+    key_bias: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -669,7 +670,10 @@ def kivi_decode_attention(
     ``idx_ahead`` (swapped form; ``KVTUNER_DECODE``'s ninth field): 2 (default) loads the packed
     pages' first slots of 32 tiles at once before their loop (as :func:`kvtuner.ops.decode_attention`'s
     swapped form can); 1 loads each a tile ahead.  2 was timed faster for K2V2 on an H100 (1024 x 3k:
-    0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``)."""
+    0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``).
+    ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field; off until timed): the key codes
+    enter the MMAs with their conversion bias of 1024, taken off the scores once a tile, which saves
+    a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -770,9 +774,11 @@ def kivi_decode_attention(
         if idx_ahead not in (1, 2):
             raise ValueError(f"idx_ahead {idx_ahead}: 1 or 2 (the per-channel swapped form's page slots: a tile "
                              "ahead, or 32 tiles at once)")
+        if key_bias is None:
+            key_bias = bool(env.get("key_bias", 0))
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
-            IDX_AHEAD=int(idx_ahead), num_warps=num_warps,
+            IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
