@@ -130,7 +130,7 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                            idx_ahead: int = 1):
     """The paged stage 1 with tokens on the MMA's M side (``decode_swapped``, ``swap``): 64-token
     tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head); the slot
-    index loaded ``idx_ahead`` tiles ahead."""
+    index loaded ``idx_ahead`` tiles ahead (``KS_V_BIAS=1``: ``decode_attention``'s ``v_bias``)."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode_swapped as S
     from kvtuner.ops._common import fmt_constexprs, qmin_of
@@ -141,7 +141,8 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   **{"K_" + k: v for k, v in fmt_constexprs(kf).items()},
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
-                  PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1")
+                  PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
+                  V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1")
     consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
     consts["HQ"] = hq = kv_group * 4
     return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg,
@@ -155,7 +156,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     ``_kivi_decode_stage1_swapped``): key pages of ``group`` tokens, values transposed within them,
     a residual window of one page, specialized on the strides of a real pool (``KS_META_WORDS=0``:
     the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time;
-    ``KS_KEY_BIAS=1``: the key codes' bias off once a tile, ``kivi_decode_attention``'s ``key_bias``)."""
+    ``KS_KEY_BIAS=1`` / ``KS_V_BIAS=1``: the key / value codes' bias off once a tile,
+    ``kivi_decode_attention``'s ``key_bias`` / ``v_bias``)."""
     import torch
 
     from kvtuner.format import TensorFormat
@@ -175,7 +177,7 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   SPLIT_Q=False, V_PAGE=group, CODES_ASM=bool(codes_asm), DOT_F32=False,
                   META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
                   IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")),
-                  KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1")
+                  KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1", V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1")
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

@@ -1,47 +1,63 @@
 #!/usr/bin/env bash
 # Session 35, call 3 (H100; queued, not run: four starts refused).  The served KV2 with per-channel keys is
-# 20,610 tok/s (2.32x bf16, target 2.5x; session 35 call 2).  Its decode kernel, the swapped per-channel
-# form, runs ~1,634 loop instructions a 64-token tile (offline, sm_90, K2V2 asym, idx 2), about 0.34 ms of
-# issue in its 0.60 ms at 1024 x 3k.  key_bias (KVTUNER_DECODE's 15th field) feeds the MMAs the key codes
-# with their conversion bias and takes it off the scores once a tile: 1,579 instructions (-3.4%).
-#  1. kivi_decode.py K2V2 at 1024 x 3k and 64 x 8k, 2/4 splits, idx 2 with key_bias off / on, ~60 s;
-#  2. where key_bias wins by >= 2% at 1024 x 3k and its check against the reference holds, the served KV2
-#     row with it (~300 s); else none;
-#  3. Nsight Compute of the K2V2 decode at 1024 x 3k (the served default) and of issue 3's int4 asym row
-#     at 64 x 8k (28/4 heads, pages of 64, 4 splits: 64.1% of HBM against 70%), ~90 s.
-# Usage (carry .bundle):  GIT_SHA=<sha> L=570 bash bench/calls/s35_call3.sh   (L=150: the A/B and one profile)
+# 20,610 tok/s (2.32x bf16, target 2.5x; session 35 call 2).  Built since, off until timed: key_bias and v_bias
+# (KVTUNER_DECODE's 15th and 16th fields) feed the MMAs the key / value codes with their conversion bias
+# and take it off once a tile.  Offline (sm_90, one warp, 3 stages): K2V2 asym per-channel 1,634 -> 1,466 loop
+# instructions and 255 -> 168 registers (9 one-warp programs an SM instead of 8: shared memory limits it now);
+# int4 sym per-token (v_bias) 1,278 -> 1,251 and 198 -> 168 (10 programs either way).
+#  1. ~100 s: kivi_decode.py K2V2 at 1024 x 3k (idx 2; off, key_bias, both) and decode_sweep.py int4 sym/asym
+#     at 640 x 3k and 64 x 8k (2/4 splits) without and with v_bias;
+#  2. where both biases win by >= 2% for K2V2 at 1024 x 3k (checks holding), the served KV2 row with them
+#     (~300 s), else where v_bias wins for int4 sym at 640 x 3k, the served int4 row with it;
+#  3. Nsight Compute of the K2V2 decode at 1024 x 3k where time is left.
+# Usage (carry .bundle):  GIT_SHA=<sha> L=570 bash bench/calls/s35_call3.sh   (L=150: the A/B alone)
 set -u
 O=${OUT:?}; L=${L:-570}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
-# (on another Hopper, an H200: the A/B and the profiles only; the served row's baseline is the H100's)
+# (on another Hopper, an H200: the A/B and the profile only; the served rows' baseline is the H100's)
 H100=0; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && H100=1
-OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="kivi-w1" KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072,64x8192 \
-    KIVI_SPLITS=2,4 KIVI_VARIANTS='i2:idx_ahead=2;kb:idx_ahead=2,key_bias=1' bash bench/run_single_gpu.sh e2e
-echo "[t] $SECONDS s after the sweep"
-tar xzf "$O/b/run.tgz" -C /tmp kivi_decode_w1.json 2>/dev/null
-kb=$(python3 - <<'PY'
-import json
+VB=",,,,,,,,,,,,,,,1"  # KVTUNER_DECODE: v_bias
+OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="kivi-w1 split-sweep split-sweep%$VB" KIVI_CFGS=K2V2 \
+    KIVI_SHAPES=1024x3072 KIVI_SPLITS=2,4 KIVI_VARIANTS='i2:idx_ahead=2;kb:idx_ahead=2,key_bias=1;kbvb:idx_ahead=2,key_bias=1,v_bias=1' \
+    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4 SPLIT_CFGS=int4_sym,int4 SPLIT_VT='1,3,1,0,0,1,0,1,0,1' \
+    bash bench/run_single_gpu.sh e2e
+echo "[t] $SECONDS s after the sweeps"
+mkdir -p /tmp/s35 && tar xzf "$O/b/run.tgz" -C /tmp/s35 2>/dev/null
+dec=$(python3 - <<'PY'
+import glob, json
+def best(path, cfg, shape):
+    d = json.load(open(path))
+    row = next(r for r in d["timings"] if r["cfg"] == cfg and r["shape"] == shape)
+    return min(min(t.values()) for k, t in row["variants"].items() if "error" not in t)
+out = []
 try:
-    d = json.load(open("/tmp/kivi_decode_w1.json"))
-    t = d["timings"]["1024x3072 K2V2"]["best_ms"]
-    new, old = t["kivi_r64_kb"], t["kivi_r64_i2"]
-    ok = d["checks"]["K2V2"]["kb"] < 2 * d["checks"]["K2V2"]["i2"] + 1e-3
-    print("win" if new <= 0.98 * old and ok else "lose", round(new, 4), round(old, 4), "check", ok)
+    d = json.load(open("/tmp/s35/kivi_decode_w1.json"))
+    t, c = d["timings"]["1024x3072 K2V2"]["best_ms"], d["checks"]["K2V2"]
+    ok = c["kbvb"] < 2 * c["i2"] + 1e-3
+    out.append(f"kivi {'win' if t['kivi_r64_kbvb'] <= 0.98 * t['kivi_r64_i2'] and ok else 'lose'} "
+               f"{t['kivi_r64_i2']:.4f} {t['kivi_r64_kb']:.4f} {t['kivi_r64_kbvb']:.4f} check {ok}")
 except Exception as e:  # noqa: BLE001
-    print("lose error", type(e).__name__, e)
+    out.append(f"kivi lose error {type(e).__name__}")
+try:
+    tuned = glob.glob("/tmp/s35/decode_sweep_splits_t*.json")[0]
+    new, old = best(tuned, "int4_sym", "640x3072"), best("/tmp/s35/decode_sweep_splits.json", "int4_sym", "640x3072")
+    out.append(f"int4 {'win' if new <= 0.98 * old else 'lose'} {old:.4f} {new:.4f}")
+except Exception as e:  # noqa: BLE001
+    out.append(f"int4 lose error {type(e).__name__}")
+print(" ; ".join(out))
 PY
 )
-echo "[decision] key_bias at 1024 x 3k: $kb"
-if [ "${kb%% *}" = win ] && [ $H100 = 1 ]; then
-    OUT=$O/c DEADLINE=$((L - SECONDS - 100)) NEED=300 SUITE="int2_perchannel_vpage_g1024:concurrency:decode_heavy:1024%,,,,,,,,,,,,,,1" \
-        bash bench/run_single_gpu.sh e2e
-    echo "[t] $SECONDS s after the served row"
+echo "[decision] $dec"
+if [ $H100 = 1 ] && [[ "$dec" == "kivi win"* ]]; then
+    OUT=$O/c DEADLINE=$((L - SECONDS - 60)) NEED=300 \
+        SUITE="int2_perchannel_vpage_g1024:concurrency:decode_heavy:1024%,,,,,,,,,,,,,,1,1" bash bench/run_single_gpu.sh e2e
+elif [ $H100 = 1 ] && [[ "$dec" == *"int4 win"* ]]; then
+    OUT=$O/c DEADLINE=$((L - SECONDS - 60)) NEED=300 \
+        SUITE="int4_p64_vpage_g1024:concurrency:decode_heavy:640%$VB" bash bench/run_single_gpu.sh e2e
 fi
+echo "[t] $SECONDS s after the served row"
 if [ $((L - SECONDS)) -ge 60 ]; then
     OUT=$O bash bench/calls/ncu_stage1.sh k2v2_1024x3k --cfg K2V2 --heads 28/4 --batch 1024 --ctx 3072 --splits 2
+    (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
 fi
-if [ $((L - SECONDS)) -ge 60 ]; then
-    OUT=$O bash bench/calls/ncu_stage1.sh i4a_64x8k_p64 --cfg int4 --heads 28/4 --page 64 --batch 64 --ctx 8192 --splits 4
-fi
-[ -d "$O/ncu" ] && (cd "$O" && tar czf ncu.tgz ncu && rm -rf ncu)
 echo "[t] $SECONDS s at the end"

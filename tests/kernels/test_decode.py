@@ -170,8 +170,11 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,,1")
     assert D._env_tuning() == {"key_bias": 1}
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")
-    with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias"):
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,,,1")
+    assert D._env_tuning() == {"v_bias": 1}
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")
+    with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")

@@ -202,10 +202,15 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
              ("plain fast swap key bias", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, None, None,
               True),
              ("window+cap fast split swap key bias", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False,
-              True, None, 2, True))
+              True, None, 2, True),
+             # the value codes' bias too (v_bias), alone and with key_bias
+             ("window+cap fast split swap v bias", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False,
+              True, None, 2, None, True),
+             ("plain fast swap both biases", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, None,
+              None, True, True))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages, later, swap, mw, ia, kbias = (tuned + [None] * 7)[:7]
+        pf, stages, later, swap, mw, ia, kbias, vbias = (tuned + [None] * 8)[:8]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if swap and not vpage:
             with pytest.raises(ValueError, match="transposed within the key pages"):
@@ -229,7 +234,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
                               prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw, idx_ahead=ia,
-                              key_bias=kbias)
+                              key_bias=kbias, v_bias=vbias)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                           pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                           logit_cap=cap,
@@ -391,6 +396,6 @@ def test_kivi_decode_gpu_long_swapped(device, kbits, vbits, asym):
                                      ms, d**-0.5, **kw)
 
     usual = run(swap=False)
-    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}, {"num_stages": 3}, {"key_bias": True}):
+    for kw in ({}, {"maxnreg": 128}, {"num_warps": 2}, {"num_stages": 3}, {"key_bias": True}, {"v_bias": True}):
         assert_close(run(swap=True, split_q=True, **kw), ref, atol=1e-2)
         assert_close(run(swap=True, **kw), usual, atol=2e-3, rtol=2e-3)  # (sums in another order)

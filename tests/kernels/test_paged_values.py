@@ -469,6 +469,12 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(run(pv, swap=True, pair=True, min_splits=3), ref)
     with pytest.raises(ValueError, match="loop form of the swapped decode"):
         run(pv, swap=False, pair=True)
+    # the value codes' bias off once a tile (v_bias): alone, with two tiles a step, with a split floor
+    assert_close(run(pv, swap=True, v_bias=True), ref)
+    assert_close(run(pv, swap=True, v_bias=True), o, atol=5e-3, rtol=5e-3)
+    assert_close(run(pv, swap=True, v_bias=True, pair=True, min_splits=3), ref)
+    with pytest.raises(ValueError, match="v_bias is a form of the swapped decode"):
+        run(pv, swap=False, v_bias=True)
     with pytest.raises(ValueError, match="transposed-page layout"):
         run(vc, swap=True)
     if (kb, vb, asym) == (4, 4, False):  # KVTUNER_DECODE's swap applies to paged pools only

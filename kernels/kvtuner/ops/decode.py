@@ -330,13 +330,15 @@ def _codes(raw, BITS: tl.constexpr, F: tl.constexpr):
     return ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
-def _codes_ptx(mask: int) -> tl.constexpr:
+def _codes_ptx(mask: int, magic: int = 0x6400) -> tl.constexpr:
     """PTX of :func:`_codes_asm` for one field mask: each pair of bytes spread into the halves of a
-    32-bit register (``prmt``), masked and given the exponent of 1024 (``and`` + ``or``: one LOP3)."""
+    32-bit register (``prmt``), masked and given the exponent of 1024 (``and`` + ``or``: one LOP3);
+    ``magic``: another float16 exponent pattern (:func:`_codes_e`)."""
     m2 = mask | (mask << 16)
+    c2 = magic | (magic << 16)
     return tl.constexpr(
         "{\n.reg .b32 t0, t1, m, c;\n"
-        f"mov.b32 m, {m2};\nmov.b32 c, 0x64006400;\n"
+        f"mov.b32 m, {m2};\nmov.b32 c, {c2};\n"
         "prmt.b32 t0, $2, 0, 0x4140;\nprmt.b32 t1, $2, 0, 0x4342;\n"
         "lop3.b32 $0, t0, m, c, 0xEA;\nlop3.b32 $1, t1, m, c, 0xEA;\n}"  # (t & m) | c
     )
@@ -387,6 +389,9 @@ def _word_codes(words, BITS: tl.constexpr, CODES_ASM: tl.constexpr):
                                          dtype=(tl.float16,) * 16, is_pure=True, pack=1)
 _PTX_0F, _PTX_F0 = _codes_ptx(0x0F), _codes_ptx(0xF0)
 _PTX_03, _PTX_0C, _PTX_30, _PTX_C0 = _codes_ptx(0x03), _codes_ptx(0x0C), _codes_ptx(0x30), _codes_ptx(0xC0)
+# _codes_e's: field f of b bits with the exponent of 2**(10 - f*b)
+_PTX_E4_1 = _codes_ptx(0xF0, (25 - 4) << 10)
+_PTX_E2_1, _PTX_E2_2, _PTX_E2_3 = (_codes_ptx(0x03 << 2 * f, (25 - 2 * f) << 10) for f in (1, 2, 3))
 
 
 @triton.jit
@@ -410,6 +415,35 @@ def _codes_asm(raw, BITS: tl.constexpr, F: tl.constexpr):
             ptx: tl.constexpr = _PTX_C0
     return tl.inline_asm_elementwise(asm=ptx, constraints="=r,=r,r", args=[raw], dtype=tl.float16,
                                      is_pure=True, pack=4)
+
+
+@triton.jit
+def _codes_e(raw, BITS: tl.constexpr, F: tl.constexpr, CODES_ASM: tl.constexpr):
+    """float16 ``2**(10 - F*BITS) + u``, u the bit field F of each byte, unshifted: the field masked in
+    place under the exponent of ``2**(10 - F*BITS)`` (exact: u < 2**BITS is below that power's
+    unit step of 1), as cheap as :func:`_codes` (field 0 is the same), with no ``2**(F*BITS)`` factor
+    left for the other operand: the values' ``v_bias`` form (``decode_swapped._softmax_pv_t``)."""
+    if F == 0:
+        if CODES_ASM:
+            c = _codes_asm(raw, BITS, 0)
+        else:
+            c = _codes(raw, BITS, 0)
+    elif CODES_ASM:
+        if BITS == 4:
+            ptx: tl.constexpr = _PTX_E4_1
+        elif F == 1:
+            ptx: tl.constexpr = _PTX_E2_1
+        elif F == 2:
+            ptx: tl.constexpr = _PTX_E2_2
+        else:
+            ptx: tl.constexpr = _PTX_E2_3
+        c = tl.inline_asm_elementwise(asm=ptx, constraints="=r,=r,r", args=[raw], dtype=tl.float16, is_pure=True,
+                                      pack=4)
+    else:
+        M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
+        E: tl.constexpr = (25 - F * BITS) << 10
+        c = ((raw.to(tl.int32) & M) | E).to(tl.int16).to(tl.float16, bitcast=True)
+    return c
 
 
 @triton.jit
@@ -995,8 +1029,8 @@ def _meta_words_fit(kv: QuantKV) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias"``
-    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` 1 or 0: on or off;
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias"``
+    (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
     global _ENV_TUNING
@@ -1005,11 +1039,11 @@ def _env_tuning() -> dict:
 
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
-                "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias")
+                "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
-                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias (integers)")
+                             "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -1057,6 +1091,7 @@ def decode_attention(
     min_splits: int | None = None,
     pair: bool | None = None,
     meta_words: bool | None = None,
+    v_bias: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1122,6 +1157,10 @@ def decode_attention(
       session 32; :func:`_meta_words_fit` checks the alignment; where it fails, the 16-bit loads).
       Offline (sm_80/sm_90) the four-warp forms gain the copies but also loop instructions for
       symmetric int4 and int8 (+18%), so they keep the 16-bit loads until timed.
+    * ``v_bias`` (swapped form; ``KVTUNER_DECODE``'s sixteenth field; off until timed): the value codes
+      of bit field f enter the MMAs as ``2**(10 - f*bits) + u`` (:func:`_codes_e`) against one
+      ``fp16(p * scale)`` a scale group, the bias taken off each chunk's accumulator once a tile
+      (``decode_swapped._softmax_pv_t``'s ``V_BIAS``): no float16 subtraction a pair of codes.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1187,6 +1226,10 @@ def decode_attention(
         if meta_words is None:  # on for the swapped form (ncu: its tiles waited on 16-bit meta loads)
             meta_words = bool(env.get("meta_words", 1 if swap else 0))
         meta_words = bool(meta_words) and _meta_words_fit(k_cache) and _meta_words_fit(v_cache)
+        if v_bias is None:
+            v_bias = bool(env.get("v_bias", 0)) and bool(swap)
+        if v_bias and not swap:
+            raise ValueError("v_bias is a form of the swapped decode (swap)")
         if swap:
             if not v_page:
                 raise ValueError("swap reads values in the transposed-page layout (QuantKV.page); this pool is "
@@ -1250,7 +1293,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=meta_words,
+            META_WORDS=meta_words, V_BIAS=bool(v_bias),
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

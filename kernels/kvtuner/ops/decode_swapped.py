@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kvtuner.ops.decode import (_codes, _codes_asm, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
+from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
                                 _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
@@ -75,13 +75,19 @@ def _init_t(BLOCK_H: tl.constexpr, VC: tl.constexpr, NK: tl.constexpr):
 @triton.jit
 def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale, LOGIT_CAP: tl.constexpr,
                   LOG2: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr, V_ASYM: tl.constexpr,
-                  CODES_ASM: tl.constexpr, qk2=None, mask_n2=None, v_raw2=None, v_mt2=None, TWO: tl.constexpr = False):
+                  CODES_ASM: tl.constexpr, qk2=None, mask_n2=None, v_raw2=None, v_mt2=None, TWO: tl.constexpr = False,
+                  V_BIAS: tl.constexpr = False):
     """One tile of the swapped forms after the scores ``qk [tokens, heads]``: the online softmax over
     the tokens (axis 0, sums every tile), then ``O^T += codes^T [bytes, tokens] x fp16(p * scale *
     2**-(f*bits)) [tokens, heads]`` for each value chunk (``v_raw`` ``[VC, tokens]`` byte chunks as the
     transposed pages store them, ``v_mt`` the per-token meta columns).  ``TWO``: a second tile
     (``qk2``, ``mask_n2``, ``v_raw2``, ``v_mt2``) in the same step: one max, one rescale of the
-    accumulators, and each chunk's two dots chained.  Returns ``(e_max, e_sum, accs)``."""
+    accumulators, and each chunk's two dots chained.  ``V_BIAS``: the codes of bit field f go to the MMA
+    as ``2**(10 - f*bits) + u`` (:func:`decode._codes_e`, no subtraction a pair of codes) against one
+    ``fp16(p * scale)`` a scale group (no ``2**-(f*bits)`` a field), and each chunk's accumulator
+    starts ``2**(10 - f*bits) - q_min`` (sym; asym: ``2**(10 - f*bits)``) times that group's
+    ``sum_t fp16(p * scale)`` lower: the same rounded products the MMAs add, so the bias cancels up to
+    float32 accumulation.  Returns ``(e_max, e_sum, accs)``."""
     VP: tl.constexpr = V_D * V_BITS // 8
     VC: tl.constexpr = V_G if V_G < VP else VP
     VNC: tl.constexpr = VP // VC
@@ -108,16 +114,41 @@ def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                 c += tl.sum(p2 * v_mt2[VNG + g][:, None], 0)
             corrs = corrs + (c,)
     new_accs = ()
-    for k in tl.static_range(VNF * VNC):
-        ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
-        a = accs[k] * re_scale[None, :]
-        if V_ASYM:
-            a = a + corrs[k // VCPG][None, :]
-        a = tl.dot(_vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps, a)
-        if TWO:
-            ps2 = (p2 * (v_mt2[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
-            a = tl.dot(_vcodes(v_raw2[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps2, a)
-        new_accs = new_accs + (a,)
+    if V_BIAS:
+        pss = ()
+        pss2 = ()
+        sums = ()
+        for g in tl.static_range(VNG):
+            ps = (p * v_mt[g][:, None]).to(tl.float16)
+            pss = pss + (ps,)
+            sg = tl.sum(ps.to(tl.float32), 0)
+            if TWO:
+                ps2 = (p2 * v_mt2[g][:, None]).to(tl.float16)
+                pss2 = pss2 + (ps2,)
+                sg += tl.sum(ps2.to(tl.float32), 0)
+            sums = sums + (sg,)
+        for k in tl.static_range(VNF * VNC):
+            # the chunk's bias: 2**(10 - f*bits), plus -q_min = 2**(bits-1) for symmetric codes
+            if V_ASYM:
+                cb = corrs[k // VCPG] - (1 << (10 - k // VNC * V_BITS)) * sums[k // VCPG]
+            else:
+                cb = -((1 << (10 - k // VNC * V_BITS)) + (1 << (V_BITS - 1))) * sums[k // VCPG]
+            a = accs[k] * re_scale[None, :] + cb[None, :]
+            a = tl.dot(_codes_e(v_raw[k % VNC], V_BITS, k // VNC, CODES_ASM), pss[k // VCPG], a)
+            if TWO:
+                a = tl.dot(_codes_e(v_raw2[k % VNC], V_BITS, k // VNC, CODES_ASM), pss2[k // VCPG], a)
+            new_accs = new_accs + (a,)
+    else:
+        for k in tl.static_range(VNF * VNC):
+            ps = (p * (v_mt[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
+            a = accs[k] * re_scale[None, :]
+            if V_ASYM:
+                a = a + corrs[k // VCPG][None, :]
+            a = tl.dot(_vcodes(v_raw[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps, a)
+            if TWO:
+                ps2 = (p2 * (v_mt2[k // VCPG] * (1.0 / (1 << (k // VNC * V_BITS))))[:, None]).to(tl.float16)
+                a = tl.dot(_vcodes(v_raw2[k % VNC], V_BITS, k // VNC, V_ASYM, CODES_ASM), ps2, a)
+            new_accs = new_accs + (a,)
     return m_new, e_sum, new_accs
 
 
@@ -190,7 +221,8 @@ def _step_t(Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d
             VC: tl.constexpr, VNM: tl.constexpr, V_PAGE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
             K_BITS: tl.constexpr, K_ASYM: tl.constexpr, KNG: tl.constexpr, KCPG: tl.constexpr,
             LOGIT_CAP: tl.constexpr, LOG2: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr,
-            V_BITS: tl.constexpr, V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr):
+            V_BITS: tl.constexpr, V_ASYM: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr,
+            V_BIAS: tl.constexpr = False):
     """One tile of the swapped loop (page ``pg``, offset ``t0``): its loads, scores and softmax step."""
     k_raw, k_mt, v_raw, v_mt = _tile_t(
         Kd, Km, Vd, Vm, pg, t0, mask_n, k_head_d, k_head_m, v_head_d, v_head_m, stride_kd_s, stride_km_s,
@@ -198,7 +230,7 @@ def _step_t(Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d
     qk = _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N, BLOCK_H, K_BITS, K_ASYM, KNG, KCPG,
                    KNC, CODES_ASM)
     return _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
 
 
 @triton.jit
@@ -214,6 +246,7 @@ def _decode_stage1_swapped(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
     MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False,
 ):
     """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
     their scores independent of each other, one softmax step and one rescale of the accumulators for
@@ -283,7 +316,7 @@ def _decode_stage1_swapped(
                                  KCPG, KNC, CODES_ASM)
                 e_max, e_sum, accs = _softmax_pv_t(qk_a, mask_a, mask_h, e_max, e_sum, accs, v_raw_a, v_mt_a, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM,
-                                                   qk_b, mask_b, v_raw_b, v_mt_b, True)
+                                                   qk_b, mask_b, v_raw_b, v_mt_b, True, V_BIAS)
         elif IDX_AHEAD == 2:
             # the first slots of up to SLOT_CHUNK tiles loaded at once before their loop (one load's
             # latency for all of them; ncu: with a slot loaded a tile ahead, each tile still waited
@@ -297,7 +330,7 @@ def _decode_stage1_swapped(
                         Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
                         stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
                         e_max, e_sum, accs, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, BLOCK_H, K_BITS, K_ASYM,
-                        KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS)
+                        KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS, V_BIAS)
         else:
             f_a = 0
             if IDX_AHEAD:
@@ -309,7 +342,7 @@ def _decode_stage1_swapped(
                     Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d, v_head_m,
                     stride_kd_s, stride_km_s, stride_vd_s, stride_vm_s, qs, kconst, qsums, q_scale, sm_scale,
                     e_max, e_sum, accs, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, BLOCK_H, K_BITS, K_ASYM,
-                    KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS)
+                    KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS, V_BIAS)
 
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)
@@ -349,7 +382,7 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
                     SPLIT_Q: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_BITS: tl.constexpr,
                     V_ASYM: tl.constexpr, VNC: tl.constexpr, VC: tl.constexpr, VNM: tl.constexpr,
                     V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr, META_WORDS: tl.constexpr,
-                    KEY_BIAS: tl.constexpr = False):
+                    KEY_BIAS: tl.constexpr = False, V_BIAS: tl.constexpr = False):
     """One packed-page tile of the per-channel swapped loop (its first slot ``first``, tokens from
     ``p``): the page's scores, ``codes [tokens, bytes] x (q * s)^T``, and the softmax step.
     ``KEY_BIAS``: the key codes go to the MMA as converted, ``1024 + u * 2**(f*bits)``, with no
@@ -406,7 +439,7 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
     v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
                             VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
     return _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+                         LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
 
 
 @triton.jit
@@ -421,6 +454,7 @@ def _kivi_decode_stage1_swapped(
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -466,7 +500,7 @@ def _kivi_decode_stage1_swapped(
                         Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                         v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                         BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
-                        V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS)
+                        V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS, V_BIAS)
         else:
             # a tile's slots are one run of a page (pages are whole, tiles never straddle one): its first
             # slot, loaded a tile ahead, gives them all, so the pipeliner can issue the tile's copies early
@@ -478,7 +512,7 @@ def _kivi_decode_stage1_swapped(
                     Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head_d, k_head_m, v_head_d,
                     v_head_m, stride_kd_s, stride_km_p, stride_vd_s, stride_vm_s, sm_scale, e_max, e_sum, accs,
                     BLOCK_N, BLOCK_H, LOGIT_CAP, LOG2, K_BITS, K_D, K_G, K_ASYM, K_QMIN, KC, KNF, KW, SPLIT_Q,
-                    V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS)
+                    V_D, V_G, V_BITS, V_ASYM, VNC, VC, VNM, V_PAGE, CODES_ASM, META_WORDS, KEY_BIAS, V_BIAS)
         if nq < s1:
             # the ring's full-precision keys (the newest tokens), RC channels a dot
             RC: tl.constexpr = 32 if K_D >= 32 else K_D
@@ -506,6 +540,6 @@ def _kivi_decode_stage1_swapped(
                 v_raw, v_mt = _v_tile_t(Vd, Vm, first, loc, v_head_d, v_head_m, stride_vd_s, stride_vm_s, mask_ld,
                                         VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
-                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM)
+                                                   LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
     _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)

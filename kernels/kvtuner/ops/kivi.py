@@ -636,6 +636,7 @@ def kivi_decode_attention(
     meta_words: bool | None = None,
     idx_ahead: int | None = None,
     key_bias: bool | None = None,
+    v_bias: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -673,7 +674,9 @@ def kivi_decode_attention(
     0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``).
     ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field; off until timed): the key codes
     enter the MMAs with their conversion bias of 1024, taken off the scores once a tile, which saves
-    a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``)."""
+    a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``).
+    ``v_bias`` (swapped form; the sixteenth field; off until timed): the same for the value codes
+    (:func:`kvtuner.ops.decode_attention`'s ``v_bias``)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -776,9 +779,11 @@ def kivi_decode_attention(
                              "ahead, or 32 tiles at once)")
         if key_bias is None:
             key_bias = bool(env.get("key_bias", 0))
+        if v_bias is None:
+            v_bias = bool(env.get("v_bias", 0))
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
-            IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), num_warps=num_warps,
+            IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
