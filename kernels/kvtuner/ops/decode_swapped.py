@@ -133,7 +133,7 @@ def _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                 cb = corrs[k // VCPG] - (1 << (10 - k // VNC * V_BITS)) * sums[k // VCPG]
             else:
                 cb = -((1 << (10 - k // VNC * V_BITS)) + (1 << (V_BITS - 1))) * sums[k // VCPG]
-            a = accs[k] * re_scale[None, :] + cb[None, :]
+            a = tl.fma(accs[k], re_scale[None, :], cb[None, :])
             a = tl.dot(_codes_e(v_raw[k % VNC], V_BITS, k // VNC, CODES_ASM), pss[k // VCPG], a)
             if TWO:
                 a = tl.dot(_codes_e(v_raw2[k % VNC], V_BITS, k // VNC, CODES_ASM), pss2[k // VCPG], a)
@@ -426,9 +426,10 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
                 wr += lo.to(tl.float32)
         if KEY_BIAS:
             if K_ASYM:
-                cacc += qc[f] * _load_f16_run(Km, moff + K_D + f * KC, KC, KW)[:, None] - 1024.0 * wr
+                cacc = tl.fma(qc[f], _load_f16_run(Km, moff + K_D + f * KC, KC, KW)[:, None], cacc)
+                cacc = tl.fma(wr, -1024.0, cacc)
             else:
-                cacc += wr * (K_QMIN * (1 << (f * K_BITS)) - 1024.0)
+                cacc = tl.fma(wr, K_QMIN * (1 << (f * K_BITS)) - 1024.0, cacc)
         elif K_ASYM:
             o_f = _load_f16_run(Km, moff + K_D + f * KC, KC, KW)
             corr += tl.sum(qc[f] * o_f[:, None], 0)
