@@ -148,30 +148,14 @@ def test_decode_tuning_from_environment(device, monkeypatch):
     assert D._env_tuning() == {"sum_later": 0, "maxnreg": 0}
     o, ref, _ = _run(device, 4, 64, 4, 64, True, 128, 7, 1, [70, 3], 0.0, -1)
     assert_close(o, ref)
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,0,0")
-    assert D._env_tuning() == {"k_words": 0, "idx_ahead": 0}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,1")
-    assert D._env_tuning() == {"lazy": 1}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,1")
-    assert D._env_tuning() == {"swap": 1}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,3")
-    assert D._env_tuning() == {"min_splits": 3}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,1")
-    assert D._env_tuning() == {"pair": 1}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,0")
-    assert D._env_tuning() == {"meta_words": 0}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,,1")
-    assert D._env_tuning() == {"key_bias": 1}
-    monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,,,1")
-    assert D._env_tuning() == {"v_bias": 1}
+    # one field at a time: its position names it
+    for raw, parsed in ((",,,,,,,0,0", {"k_words": 0, "idx_ahead": 0}), (",,,,,,,,,1", {"lazy": 1}),
+                        (",,,,,,,,,,1", {"swap": 1}), (",,,,,,,,,,,3", {"min_splits": 3}), (",,,,,,,,,,,,1", {"pair": 1}),
+                        (",,,,,,,,,,,,,0", {"meta_words": 0}), (",,,,,,,,,,,,,,1", {"key_bias": 1}),
+                        (",,,,,,,,,,,,,,,1", {"v_bias": 1})):
+        monkeypatch.setattr(D, "_ENV_TUNING", None)
+        monkeypatch.setenv("KVTUNER_DECODE", raw)
+        assert D._env_tuning() == parsed, raw
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1")
     with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias"):

@@ -324,10 +324,12 @@ def _decode_stage2(
 
 
 @triton.jit
-def _codes(raw, BITS: tl.constexpr, F: tl.constexpr):
-    """float16 ``1024 + (raw & (mask << F*BITS))`` for a uint8 tile (exact: < 1280)."""
+def _codes(raw, BITS: tl.constexpr, F: tl.constexpr, E: tl.constexpr = False):
+    """float16 ``1024 + (raw & (mask << F*BITS))`` for a uint8 tile (exact: < 1280); ``E``: under the
+    exponent of ``2**(10 - F*BITS)`` instead (:func:`_codes_e`)."""
     M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
-    return ((raw.to(tl.int32) & M) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    X: tl.constexpr = 0x6400 - ((F * BITS) << 10) * E  # the exponent bits of 1024, or of 2**(10 - F*BITS)
+    return ((raw.to(tl.int32) & M) | X).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 def _codes_ptx(mask: int, magic: int = 0x6400) -> tl.constexpr:
@@ -395,24 +397,26 @@ _PTX_E2_1, _PTX_E2_2, _PTX_E2_3 = (_codes_ptx(0x03 << 2 * f, (25 - 2 * f) << 10)
 
 
 @triton.jit
-def _codes_asm(raw, BITS: tl.constexpr, F: tl.constexpr):
+def _codes_asm(raw, BITS: tl.constexpr, F: tl.constexpr, E: tl.constexpr = False):
     """:func:`_codes` in PTX, four bytes at a time (CUDA only; the interpreter takes ``_codes``)."""
     if BITS == 8:
         ptx: tl.constexpr = _PTX_FF
     elif BITS == 4:
         if F == 0:
             ptx: tl.constexpr = _PTX_0F
+        elif E:
+            ptx: tl.constexpr = _PTX_E4_1
         else:
             ptx: tl.constexpr = _PTX_F0
     else:
         if F == 0:
             ptx: tl.constexpr = _PTX_03
         elif F == 1:
-            ptx: tl.constexpr = _PTX_0C
+            ptx: tl.constexpr = _PTX_E2_1 if E else _PTX_0C
         elif F == 2:
-            ptx: tl.constexpr = _PTX_30
+            ptx: tl.constexpr = _PTX_E2_2 if E else _PTX_30
         else:
-            ptx: tl.constexpr = _PTX_C0
+            ptx: tl.constexpr = _PTX_E2_3 if E else _PTX_C0
     return tl.inline_asm_elementwise(asm=ptx, constraints="=r,=r,r", args=[raw], dtype=tl.float16,
                                      is_pure=True, pack=4)
 
@@ -423,26 +427,10 @@ def _codes_e(raw, BITS: tl.constexpr, F: tl.constexpr, CODES_ASM: tl.constexpr):
     place under the exponent of ``2**(10 - F*BITS)`` (exact: u < 2**BITS is below that power's
     unit step of 1), as cheap as :func:`_codes` (field 0 is the same), with no ``2**(F*BITS)`` factor
     left for the other operand: the values' ``v_bias`` form (``decode_swapped._softmax_pv_t``)."""
-    if F == 0:
-        if CODES_ASM:
-            c = _codes_asm(raw, BITS, 0)
-        else:
-            c = _codes(raw, BITS, 0)
-    elif CODES_ASM:
-        if BITS == 4:
-            ptx: tl.constexpr = _PTX_E4_1
-        elif F == 1:
-            ptx: tl.constexpr = _PTX_E2_1
-        elif F == 2:
-            ptx: tl.constexpr = _PTX_E2_2
-        else:
-            ptx: tl.constexpr = _PTX_E2_3
-        c = tl.inline_asm_elementwise(asm=ptx, constraints="=r,=r,r", args=[raw], dtype=tl.float16, is_pure=True,
-                                      pack=4)
+    if CODES_ASM:
+        c = _codes_asm(raw, BITS, F, True)
     else:
-        M: tl.constexpr = ((1 << BITS) - 1) << (F * BITS)
-        E: tl.constexpr = (25 - F * BITS) << 10
-        c = ((raw.to(tl.int32) & M) | E).to(tl.int16).to(tl.float16, bitcast=True)
+        c = _codes(raw, BITS, F, True)
     return c
 
 
