@@ -244,6 +244,10 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         except AssertionError as e:
             failed.append(f"{name}: {str(e).splitlines()[0]}")
     assert not failed, "; ".join(failed)
+    with pytest.raises(ValueError, match="forms of the swapped per-channel decode"):
+        kivi_decode_attention(q, pool.k, pool.resid, pool.v, q.float(), indptr, idx, ridx, pool.r,
+                              torch.empty(4, hq, 4, d, device=device), torch.empty(4, hq, 4, device=device),
+                              torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=False, key_bias=True)
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",

@@ -757,6 +757,8 @@ def kivi_decode_attention(
                   SLIDING_WINDOW=int(sliding_window), R=int(residual_length), K_BITS=kf.bits, K_D=kf.head_dim, K_G=g,
                   K_ASYM=bool(kf.asym), K_QMIN=qmin_of(kf), DOT_F32=dot_in_f32(q.dtype), SPLIT_Q=bool(split_q),
                   V_PAGE=int(v_page), num_stages=num_stages)
+    if (key_bias or v_bias) and not swap:
+        raise ValueError("key_bias and v_bias are forms of the swapped per-channel decode (swap)")
     if swap:
         if not (packed and v_page):
             raise ValueError("swap reads packed values transposed within the key pages (QuantKV.page)")
