@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 36, call 1 (H100): session 35's queued call 3 (s35_call3.sh) with 8 KV splits and 32/8 heads added to
+# Session 36, call 1 (H100): session 35's queued call 3 (s35_call3.sh) with 6 and 8 KV splits and 32/8 heads added to
 # the int4 sweeps at 64 x 8k, issue 3's shape (session 35: 28/4 int4 asym 0.177 ms at 2 splits, 0.142 at 4; only
 # 1,024 one-warp programs at 4 splits, under 8 an SM: does 8 splits, 2,048, fill it?).
 # Session 35's notes on call 3 follow.  The served KV2 with per-channel keys is
@@ -22,7 +22,7 @@ H100=0; nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 && H100
 VB=",,,,,,,,,,,,,,,1"  # KVTUNER_DECODE: v_bias
 OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=40 KBENCH="kivi-w1 split-sweep split-sweep%$VB split-sweep32 split-sweep32%$VB" KIVI_CFGS=K2V2 \
     KIVI_SHAPES=1024x3072 KIVI_SPLITS=2,4 KIVI_VARIANTS='i2:idx_ahead=2;kb:idx_ahead=2,key_bias=1;kbvb:idx_ahead=2,key_bias=1,v_bias=1' \
-    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4,8 SPLIT_CFGS=int4_sym,int4 SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
+    SPLIT_SHAPES=640x3072,64x8192 SPLIT_SPLITS=2,4,6,8 SPLIT_CFGS=int4_sym,int4 SPLIT_VT='1,3,1,0,0,1,0,1,0,1;1,2,1,0,0,1,0,1,0,1' \
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the sweeps"
 mkdir -p /tmp/s35 && ls $O/b; tar xzf "$O/b/run.tgz" -C /tmp/s35 2>/dev/null
