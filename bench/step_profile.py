@@ -38,7 +38,7 @@ FAMILIES = [
     ("attention decode (kvtuner)", r"_decode_stage[12]"),
     ("attention decode (sglang triton)", r"_fwd_(grouped_)?kernel_stage[12]"),
     ("attention (flashinfer/fa3)", r"flashinfer|BatchDecode|BatchPrefill|flash_fwd|FlashAttn"),
-    ("kv store", r"_store_kernel|_kivi_(token|page)_kernel|set_kv|store_cache|copy_to_kv|reshape_and_cache"),
+    ("kv store", r"_store(_tile)?_kernel|_kivi_(token|page)_kernel|set_kv|store_cache|copy_to_kv|reshape_and_cache"),
     ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|Kernel2|matmul"),
     ("norm / activation / rope", r"rmsnorm|RMSNorm|silu|act_and_mul|rotary|rope|norm"),
     ("sampling / logits", r"argmax|softmax|sampl|topk|logits|cross_device_reduce|gather"),

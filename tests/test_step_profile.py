@@ -31,3 +31,9 @@ def test_summarize_groups_kernels_per_step(tmp_path):
 def test_unknown_configuration_is_one_line(capsys):
     assert SP.main(["--configs", "int5", "--out", "/tmp/x.json"]) == 2
     assert "unknown configuration 'int5'" in capsys.readouterr().err
+
+
+def test_store_kernels_are_kv_store():
+    """The per-token store's token-tile kernel and the per-channel store's kernels count as the KV store."""
+    for name in ("_store_kernel", "_store_tile_kernel", "_kivi_page_kernel", "_kivi_token_kernel"):
+        assert SP.family(name) == "kv store", name
