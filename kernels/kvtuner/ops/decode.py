@@ -1145,8 +1145,8 @@ def decode_attention(
       session 32; :func:`_meta_words_fit` checks the alignment; where it fails, the 16-bit loads).
       Offline (sm_80/sm_90) the four-warp forms gain the copies but also loop instructions for
       symmetric int4 and int8 (+18%), so they keep the 16-bit loads until timed.
-    * ``v_bias`` (swapped form; ``KVTUNER_DECODE``'s sixteenth field; off until timed): the value codes
-      of bit field f enter the MMAs as ``2**(10 - f*bits) + u`` (:func:`_codes_e`) against one
+    * ``v_bias`` (swapped form; ``KVTUNER_DECODE``'s sixteenth field; off: slower on an H100, int4 sym
+      640 x 3k 0.479 vs 0.472 ms): the value codes of bit field f enter the MMAs as ``2**(10 - f*bits) + u`` (:func:`_codes_e`) against one
       ``fp16(p * scale)`` a scale group, the bias taken off each chunk's accumulator once a tile
       (``decode_swapped._softmax_pv_t``'s ``V_BIAS``): no float16 subtraction a pair of codes.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums

@@ -672,10 +672,11 @@ def kivi_decode_attention(
     pages' first slots of 32 tiles at once before their loop (as :func:`kvtuner.ops.decode_attention`'s
     swapped form can); 1 loads each a tile ahead.  2 was timed faster for K2V2 on an H100 (1024 x 3k:
     0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``).
-    ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field; off until timed): the key codes
-    enter the MMAs with their conversion bias of 1024, taken off the scores once a tile, which saves
+    ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field; off: -0.3% at 1024 x 3k on an
+    H100): the key codes enter the MMAs with their conversion bias of 1024, taken off the scores once a tile, which saves
     a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``).
-    ``v_bias`` (swapped form; the sixteenth field; off until timed): the same for the value codes
+    ``v_bias`` (swapped form; the sixteenth field; off: with ``key_bias`` -1.8% at 1024 x 3k on an H100):
+    the same for the value codes
     (:func:`kvtuner.ops.decode_attention`'s ``v_bias``)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
