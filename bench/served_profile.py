@@ -46,7 +46,8 @@ def server_flags(cfg: dict, name: str, extra: str = "") -> tuple[list[str], dict
     return flags, env
 
 
-def main(argv=None) -> int:
+def main(argv=None, server_cls=None) -> int:
+    """``server_cls``: stands in for ``e2e_server.Server`` (tests)."""
     import suite
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     rec: dict = {"config": a.config, "flags": flags, "server_env": senv, "requests": a.requests, "input": a.input,
                  "output": a.output, "steps": a.steps, "argv": sys.argv, "environment": suite.environment()}
     t0 = time.time()
-    server = e2e_server.Server(model, flags, a.port, logs / f"{a.config}.log", a.startup_timeout, env=env)
+    server = (server_cls or e2e_server.Server)(model, flags, a.port, logs / f"{a.config}.log", a.startup_timeout, env=env)
     rec["startup_s"] = round(server.startup_s, 1)
     rec["max_total_num_tokens"] = server.max_total_num_tokens
     try:
