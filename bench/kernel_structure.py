@@ -177,7 +177,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   SPLIT_Q=False, V_PAGE=group, CODES_ASM=bool(codes_asm), DOT_F32=False,
                   META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
                   IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")),
-                  KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1", V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1")
+                  KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1", V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1",
+                  RING_STAGES=int(os.environ.get("KS_RING_STAGES", str(num_stages))))
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

@@ -207,10 +207,15 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
              ("window+cap fast split swap v bias", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False,
               True, None, 2, None, True),
              ("plain fast swap both biases", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True, None,
-              None, True, True))
+              None, True, True),
+             # the ring's loop without async copies (ring_stages 1), alone and with both biases
+             ("window+cap fast split swap ring 1", g + 5, 20.0, [2, 2, 1, 3], None, True, 1e-2, None, None, False,
+              True, None, 2, None, None, 1),
+             ("plain fast swap both biases ring 1", -1, 0.0, [1, 3, 2, 4], None, False, 4e-2, None, None, False, True,
+              None, None, True, True, 1))
     failed = []
     for name, window, cap, splits, path, split_q, atol, *tuned in cases:
-        pf, stages, later, swap, mw, ia, kbias, vbias = (tuned + [None] * 8)[:8]
+        pf, stages, later, swap, mw, ia, kbias, vbias, rst = (tuned + [None] * 9)[:9]
         q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
         if swap and not vpage:
             with pytest.raises(ValueError, match="transposed within the key pages"):
@@ -234,7 +239,7 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse, ns, ms, sm,
                               logit_cap=cap, sliding_window=window, packed_path=path, split_q=split_q,
                               prefetch=pf, num_stages=stages, sum_later=later, swap=swap, meta_words=mw, idx_ahead=ia,
-                              key_bias=kbias, v_bias=vbias)
+                              key_bias=kbias, v_bias=vbias, ring_stages=rst)
         ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
                                           pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm,
                                           logit_cap=cap,
@@ -248,6 +253,11 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
         kivi_decode_attention(q, pool.k, pool.resid, pool.v, q.float(), indptr, idx, ridx, pool.r,
                               torch.empty(4, hq, 4, d, device=device), torch.empty(4, hq, 4, device=device),
                               torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=False, key_bias=True)
+    if vpage:
+        with pytest.raises(ValueError, match="ring_stages 0: at least 1"):
+            kivi_decode_attention(q, pool.k, pool.resid, pool.v, q.float(), indptr, idx, ridx, pool.r,
+                                  torch.empty(4, hq, 4, d, device=device), torch.empty(4, hq, 4, device=device),
+                                  torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=True, ring_stages=0)
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",

@@ -455,7 +455,7 @@ def _kivi_decode_stage1_swapped(
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
@@ -522,7 +522,7 @@ def _kivi_decode_stage1_swapped(
             for c in tl.static_range(K_D // RC):
                 qr = qr + (tl.load(q_col + c * RC + offs_rc[:, None], mask=mask_h[None, :], other=0.0),)
             ring = tl.load(req_idx + b).to(tl.int64)
-            for p in range(tl.maximum(s0, nq), s1, BLOCK_N):
+            for p in tl.range(tl.maximum(s0, nq), s1, BLOCK_N, num_stages=RING_STAGES):
                 pos = p + offs_b
                 mask_ld = pos < s1
                 mask_n = mask_ld & (pos >= w0)

@@ -637,6 +637,7 @@ def kivi_decode_attention(
     idx_ahead: int | None = None,
     key_bias: bool | None = None,
     v_bias: bool | None = None,
+    ring_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -677,7 +678,13 @@ def kivi_decode_attention(
     a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``).
     ``v_bias`` (swapped form; the sixteenth field; off: with ``key_bias`` -1.8% at 1024 x 3k on an H100):
     the same for the value codes
-    (:func:`kvtuner.ops.decode_attention`'s ``v_bias``)."""
+    (:func:`kvtuner.ops.decode_attention`'s ``v_bias``).
+    ``ring_stages`` (swapped form; the seventeenth field; default: the pages' ``num_stages``): the
+    pipeline stages of the loop over the ring's bf16 keys (at most two tiles a split).  Pipelined, a
+    tile of them (64 x 128 bf16) is staged through 16 KB of shared memory, more than the pages' loop
+    needs; 1 loads them without async copies: 12 KB a one-warp program instead of 23 (offline, sm_90,
+    K2V2 asym with ``key_bias`` and ``v_bias`` under a cap of 168 registers: 12 programs an SM instead
+    of 9; untimed)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -784,9 +791,14 @@ def kivi_decode_attention(
             key_bias = bool(env.get("key_bias", 0))
         if v_bias is None:
             v_bias = bool(env.get("v_bias", 0))
+        if ring_stages is None:  # the ring's loop pipelined as the pages' unless asked (KVTUNER_DECODE's 17th field)
+            ring_stages = env.get("ring_stages", num_stages)
+        if int(ring_stages) < 1:
+            raise ValueError(f"ring_stages {ring_stages}: at least 1 (1: the ring's keys loaded without async copies)")
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
-            IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), num_warps=num_warps,
+            IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
+            num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
