@@ -260,6 +260,38 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
                                   torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=True, ring_stages=0)
 
 
+def test_kivi_swapped_tuning_from_the_environment(device, monkeypatch):
+    """``KVTUNER_DECODE``'s swap / key_bias / v_bias / ring_stages fields reach the per-channel swapped decode
+    (what a served A/B sets): the result still equals the reference, and a ring_stages of 0 from the
+    environment is refused as it would be from an argument."""
+    from kvtuner.ops import decode as D
+
+    kbits, g, rg, asym, d, hq, hkv = CFGS[2].values
+    gen = torch.Generator().manual_seed(11)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=4, vpage=True)
+    _history(pool)
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    ms, sm = 4, d**-0.5
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm)
+
+    def run():
+        o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
+        kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r,
+                              torch.empty(len(rings), hq, ms, d, device=device),
+                              torch.empty(len(rings), hq, ms, device=device),
+                              torch.tensor([1, 3, 2, 4], dtype=torch.int32, device=device), ms, sm)
+        return o
+
+    monkeypatch.setattr(D, "_ENV_TUNING", {"num_stages": 3, "swap": 1, "key_bias": 1, "v_bias": 1, "ring_stages": 1})
+    assert_close(run(), ref, atol=4e-2)
+    monkeypatch.setattr(D, "_ENV_TUNING", {"swap": 1, "ring_stages": 0})
+    with pytest.raises(ValueError, match="ring_stages 0: at least 1"):
+        run()
+
+
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",
                          [pytest.param(*CFGS[i].values, False, id=CFGS[i].id) for i in (0, 1, 2, 3, 5)] + PAGED[:2])
 def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv, vpage):
