@@ -1,6 +1,7 @@
 """`bench/run_single_gpu.sh check` (no GPU): every queued job's tool validates its arguments
 (`--check`) so a typo costs seconds here, not a device call."""
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,21 @@ def test_sweep_pick_compares_the_best_of_two_variant_sets(tmp_path):
     assert _run(*base, "--shape", "64x8192").stdout.split()[:3] == ["lose", "0", "error"]
     only = ["--shape", "640x3072", "--gain", "0.98", "--only", "_s3_"]  # the 3-stage variants only
     assert _run(*base, *only).stdout.split() == ["lose", "3", "0.53", "0.54"]
+
+
+def test_kivi_pick_takes_the_fastest_new_variant_whose_check_holds(tmp_path):
+    """bench/calls/kivi_pick.py: the per-channel decision inside a device call (kivi_decode.py keys one
+    shape's timings by the configuration), a check that got worse loses, a missing file is a fallback line."""
+    f = tmp_path / "kivi.json"
+    res = {"checks": {"K2V2": {"i2": 7e-4, "a": 8e-4, "b": 9e-4}},
+           "timings": {"K2V2": {"best_ms": {"kivi_r64_i2": 0.60, "kivi_r64_a": 0.55, "kivi_r64_b": 0.57}}}}
+    f.write_text(json.dumps(res))
+    base = ["bench/calls/kivi_pick.py", str(f), "--cfg", "K2V2", "--shape", "1024x3072", "--old", "i2"]
+    out = _run(*base, "--new", "a,b", "--gain", "0.97").stdout.split()
+    assert out[:2] == ["win", "a"] and "a 0.5500" in " ".join(out) and out[-2:] == ["check", "True"]
+    assert _run(*base, "--new", "b", "--gain", "0.9").stdout.split()[:2] == ["lose", "b"]
+    res["checks"]["K2V2"]["a"] = 5e-3  # wrong past twice the default's error: no win however fast
+    res["timings"] = {"1024x3072 K2V2": res["timings"]["K2V2"]}  # several shapes: "SHAPE CFG" keys
+    f.write_text(json.dumps(res))
+    assert _run(*base, "--new", "a", "--gain", "0.97").stdout.split()[:2] == ["lose", "a"]
+    assert _run(*base[:1], str(tmp_path / "none.json"), *base[2:], "--new", "a").stdout.split()[:2] == ["lose", "error"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 36, call 1 (H100): session 35's queued call 3 (s35_call3.sh) with 6 and 8 KV splits and 32/8 heads added to
+# Session 36, call 1 (H100): session 35's queued call 3 (s35_call3.sh, removed: this one runs it) with 6 and 8 KV splits and 32/8 heads added to
 # the int4 sweeps at 64 x 8k, issue 3's shape (session 35: 28/4 int4 asym 0.177 ms at 2 splits, 0.142 at 4; only
 # 1,024 one-warp programs at 4 splits, under 8 an SM: does 8 splits, 2,048, fill it?).
 # Session 35's notes on call 3 follow.  The served KV2 with per-channel keys is

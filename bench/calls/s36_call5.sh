@@ -15,20 +15,8 @@ OUT=$O/b DEADLINE=$((L - SECONDS)) NEED=30 KBENCH="kivi-w1" KIVI_CFGS=K2V2 KIVI_
     bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the A/B"
 mkdir -p /tmp/s36 && tar xzf "$O/b/run.tgz" -C /tmp/s36 2>/dev/null
-dec=$(python3 - <<'PY'
-import json
-try:
-    d = json.load(open("/tmp/s36/kivi_decode_w1.json"))
-    row = d["timings"].get("1024x3072 K2V2") or d["timings"]["K2V2"]
-    t, c = row["best_ms"], d["checks"]["K2V2"]
-    best = min(("r1m168", "kbvb_r1m168"), key=lambda v: t[f"kivi_r64_{v}"])
-    ok = c[best] < 2 * c["i2"] + 1e-3
-    win = t[f"kivi_r64_{best}"] <= 0.97 * t["kivi_r64_i2"] and ok
-    print(f"{'win' if win else 'lose'} {best} " + " ".join(f"{k[9:]} {v:.4f}" for k, v in t.items()) + f" check {ok}")
-except Exception as e:  # noqa: BLE001
-    print(f"lose error {type(e).__name__} {e}")
-PY
-)
+dec=$(python3 bench/calls/kivi_pick.py /tmp/s36/kivi_decode_w1.json --cfg K2V2 --shape 1024x3072 --new r1m168,kbvb_r1m168 \
+    --old i2 --gain 0.97)
 echo "[decision] $dec"
 # KVTUNER_DECODE: 3 stages (4th), a cap of 168 (7th), swap (11th), [key_bias, v_bias (15th, 16th)], ring_stages 1 (17th)
 TUNE=""
