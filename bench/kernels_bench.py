@@ -73,6 +73,46 @@ def bench_ms(fn, quick: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 400, return_mode="median"))
 
 
+def graph_ms(fn, quick: bool) -> float | None:
+    """GPU time of ``fn`` replayed from a CUDA graph, median over replays, the L2 cache flushed (outside the
+    graph) before each as :func:`bench_ms` (``triton.testing.do_bench``) flushes it.  ``do_bench`` times an
+    eager call, and an eager call's Python and kernel launches run on the CPU while the GPU waits whenever
+    they take longer than the flush ahead of them: batch 1 x 1k int4 read 0.116 ms there, for microseconds
+    of GPU work.  The server replays decode from CUDA graphs, so this is the time it sees.  None where
+    ``fn`` cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # (warm-up off the capture, as torch.cuda.graph asks)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+    except Exception:  # noqa: BLE001  (a call that syncs or allocates on the host cannot be captured)
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(10):
+        g.replay()
+    n = 50 if quick else 200
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        start[i].record()
+        g.replay()
+        end[i].record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(start, end))
+    del g, flush
+    return float(times[n // 2])
+
+
 def fill_pool(kc: QuantKV, vc: QuantKV) -> None:
     s, h = kc.num_slots, kc.num_heads
     chunk = 1 << 18
@@ -159,6 +199,10 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     t = bench_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
     moved = k_bytes + v_bytes + q.numel() * 2 + o.numel() * 2 + idx.numel() * idx.element_size()
     res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns, "splits_from": ns_from}
+    if args.graph:
+        tg = graph_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
+        if tg:
+            res.update(graph_ms=tg, graph_GBps=moved / tg / 1e6)
     if kf.quantized and vf.quantized and args.page >= 64:  # the swapped default launch raises the count to a floor
         from kvtuner.ops.decode import swap_default_warps, swap_min_splits
 
@@ -173,6 +217,11 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
                 args.quick,
             )
             res["sglang_ms"] = sg
+            if args.graph:
+                sgg = graph_ms(lambda: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, logits, lse, nsplit, ms, sm, 1.0, 1.0),
+                               args.quick)
+                if sgg:
+                    res["sglang_graph_ms"] = sgg
         except Exception as e:  # noqa: BLE001
             res["sglang_error"] = f"{type(e).__name__}: {e}"[:300]
     if cfg == "bf16" and args.flashinfer:
@@ -180,6 +229,9 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
             fn, tc = flashinfer_decode(q, kc.data, vc.data, indptr, idx, hq, hkv, d)
             res["flashinfer_max_abs_diff"] = float((fn().float() - o.float()).abs().max())  # o: the last triton decode (bf16)
             res["flashinfer_ms"] = bench_ms(fn, args.quick)
+            fig = graph_ms(fn, args.quick) if args.graph else None
+            if fig:
+                res["flashinfer_graph_ms"] = fig
             res["flashinfer_tensor_cores"] = tc
         except Exception as e:  # noqa: BLE001
             res["flashinfer_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -242,6 +294,8 @@ def main() -> int:
                          "transposed-page layout, as served with --page-size P (a power of two, 16..128)")
     ap.add_argument("--store-only", action="store_true",
                     help="only the store table (and the 8k prefill it is compared with), every store form")
+    ap.add_argument("--no-graph", dest="graph", action="store_false",
+                    help="skip the CUDA-graph replay timings of decode (graph_ms, sglang_graph_ms, flashinfer_graph_ms)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     if args.page and (not 16 <= args.page <= 128 or args.page & (args.page - 1)):
@@ -292,7 +346,7 @@ def main() -> int:
     }
     jobs = [] if args.store_only else [(b, c, hq, hkv, cfg) for (b, c) in shapes for (hq, hkv) in heads for cfg in cfgs]
     it = tqdm(jobs, desc="decode") if tqdm is not None else jobs
-    base = {}
+    base, base_graph = {}, {}  # SGLang's bf16 decode per shape: eager and replayed from a CUDA graph
     for b, c, hq, hkv, cfg in it:
         try:
             r = decode_case(args, b, c, hq, hkv, d, cfg, sglang_fwd, device, sms)
@@ -302,12 +356,18 @@ def main() -> int:
         row = {"batch": b, "ctx": c, "hq": hq, "hkv": hkv, "d": d, "config": cfg, **r}
         if "ms" in r:
             row["frac_hbm_peak"] = r["GBps"] * 1e9 / peak if peak == peak else None
+            if "graph_GBps" in r:
+                row["graph_frac_hbm_peak"] = r["graph_GBps"] * 1e9 / peak if peak == peak else None
             key = (b, c, hq, hkv)
             if cfg == "bf16":
                 base[key] = r.get("sglang_ms", r["ms"])
                 row["baseline"] = "sglang_bf16" if "sglang_ms" in r else "kvtuner_16bit"
+                if "sglang_graph_ms" in r:
+                    base_graph[key] = r["sglang_graph_ms"]
             if key in base:
                 row["speedup_vs_bf16"] = base[key] / r["ms"]
+            if key in base_graph and "graph_ms" in r:
+                row["graph_speedup_vs_bf16"] = base_graph[key] / r["graph_ms"]
         results["decode"].append(row)
         if tqdm is None:
             print(json.dumps(row), flush=True)
@@ -337,6 +397,8 @@ def main() -> int:
         fp = r.get("frac_hbm_peak") or float("nan")
         print(f"{r['batch']:>4} {r['ctx']:>6} {r['hq']:>3}/{r['hkv']:<2} {r['config']:>5} {r['ms']:8.4f} "
               f"{r['GBps']:8.0f} {100 * fp:6.1f} {r.get('speedup_vs_bf16', float('nan')):7.2f}"
+              + (f"  graph {r['graph_ms']:.4f} ms {100 * (r.get('graph_frac_hbm_peak') or float('nan')):5.1f}%"
+                 f" x bf16 {r.get('graph_speedup_vs_bf16', float('nan')):.2f}" if "graph_ms" in r else "")
               + (f"  (sglang bf16 {r['sglang_ms']:.4f} ms)" if "sglang_ms" in r else "")
               + (f"  (flashinfer bf16 {r['flashinfer_ms']:.4f} ms)" if "flashinfer_ms" in r else ""))
     for r in results["store"]:
