@@ -113,6 +113,23 @@ def graph_ms(fn, quick: bool) -> float | None:
     return float(times[n // 2])
 
 
+def sweep_timer(method: str):
+    """The timing function of the sweep scripts (``decode_sweep.py``, ``kivi_decode.py``) and a record of it
+    for their JSON: ``graph`` (:func:`graph_ms`, falling back to ``do_bench`` for a call it cannot capture,
+    counted) or ``eager`` (``do_bench``, warm-up 25 ms, 150 ms of calls, as before session 36)."""
+    record = {"method": method, "eager_fallbacks": 0}
+
+    def timer(fn) -> float:
+        if method == "graph":
+            t = graph_ms(fn, quick=False)
+            if t is not None:
+                return t
+            record["eager_fallbacks"] += 1
+        return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+    return timer, record
+
+
 def fill_pool(kc: QuantKV, vc: QuantKV) -> None:
     s, h = kc.num_slots, kc.num_heads
     chunk = 1 << 18

@@ -30,13 +30,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 from kvtuner import reference as R  # noqa: E402
 from kvtuner.format import TensorFormat  # noqa: E402
 from kvtuner.ops import QuantKV, decode_attention, kivi_decode_attention, kivi_store  # noqa: E402
-from kernels_bench import fill_pool, git_sha  # noqa: E402
+from kernels_bench import fill_pool, git_sha, sweep_timer  # noqa: E402
 
 CFGS = {"K2V2": (2, 2), "K4V4": (4, 4), "K4V2": (4, 2)}
 
 
 def bench(fn) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+    """One measurement with the timer ``--timing`` chose (set in main)."""
+    return _TIMER[0](fn)
+
+
+_TIMER = [None]  # (kernels_bench.sweep_timer's function)
 
 
 def kivi_pool(batch, ctx, hkv, d, kb, vb, g, r, device, real=False):
@@ -132,6 +136,9 @@ def main() -> int:
     ap.add_argument("--variants", help='per-channel variants "name:key=int,...;..." instead of the default set, '
                                        'e.g. "w4:;w1:num_warps=1,maxnreg=255" (kivi_decode_attention arguments)')
     ap.add_argument("--no-per-token", action="store_true", help="skip the per-token reference row")
+    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
+                    help="graph: each call replayed from a CUDA graph, the L2 flushed before each (as the server runs "
+                         "decode; kernels_bench.graph_ms); eager: triton's do_bench of the call (before session 36)")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     variants = parse_variants(args.variants) if args.variants else DEFAULT_VARIANTS
@@ -157,6 +164,7 @@ def main() -> int:
            "triton": triton.__version__, "git_sha": git_sha(), "argv": sys.argv,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "shape": [*shapes[0], hq, hkv, d], "group": g,
            "vpage": bool(args.vpage), "variants": variants if args.variants else None, "checks": {}, "timings": {}}
+    _TIMER[0], res["timing"] = sweep_timer(args.timing)
     sm = d**-0.5
     for cfg in args.cfgs.split(","):
         kb, vb = CFGS[cfg]
