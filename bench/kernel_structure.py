@@ -157,7 +157,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     a residual window of one page, specialized on the strides of a real pool (``KS_META_WORDS=0``:
     the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time;
     ``KS_KEY_BIAS=1`` / ``KS_V_BIAS=1``: the key / value codes' bias off once a tile,
-    ``kivi_decode_attention``'s ``key_bias`` / ``v_bias``)."""
+    ``kivi_decode_attention``'s ``key_bias`` / ``v_bias``; ``KS_RING_STAGES``: its ``ring_stages``, default
+    the variant's stages)."""
     import torch
 
     from kvtuner.format import TensorFormat
