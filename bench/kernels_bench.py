@@ -80,6 +80,7 @@ def graph_ms(fn, quick: bool) -> float | None:
     they take longer than the flush ahead of them: batch 1 x 1k int4 read 0.116 ms there, for microseconds
     of GPU work.  The server replays decode from CUDA graphs, so this is the time it sees.  None where
     ``fn`` cannot be captured."""
+    stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -91,6 +92,7 @@ def graph_ms(fn, quick: bool) -> float | None:
         with torch.cuda.graph(g):
             fn()
     except Exception:  # noqa: BLE001  (a call that syncs or allocates on the host cannot be captured)
+        torch.cuda.set_stream(stream)  # (a failed capture_end leaves torch.cuda.graph's stream current)
         try:
             torch.cuda.synchronize()
         except Exception:  # noqa: BLE001

@@ -50,5 +50,7 @@ def test_graph_ms_times_a_replay_and_refuses_a_host_sync():
     t = KB.graph_ms(lambda: torch.mul(x, 2.0, out=y), quick=True)
     assert t is not None and 0 < t < 5
     assert torch.equal(y, x * 2)
+    stream = torch.cuda.current_stream()
     assert KB.graph_ms(lambda: float(x.sum().item()), quick=True) is None  # a host sync cannot be captured
+    assert torch.cuda.current_stream() == stream  # (the capture's stream is not left current)
     assert KB.graph_ms(lambda: torch.mul(x, 3.0, out=y), quick=True) is not None  # and capture works after it
