@@ -83,11 +83,11 @@ def graph_ms(fn, quick: bool) -> float | None:
     stream = torch.cuda.current_stream()
     try:
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(stream)
         with torch.cuda.stream(side):  # (warm-up off the capture, as torch.cuda.graph asks)
             for _ in range(3):
                 fn()
-        torch.cuda.current_stream().wait_stream(side)
+        stream.wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
@@ -215,11 +215,15 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
     lse = torch.empty(batch, hq, ms, dtype=torch.float32, device=device)
     nsplit = torch.full((batch,), ns, dtype=torch.int32, device=device)
     sm = d**-0.5
-    t = bench_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
+
+    def ours():
+        return decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm)
+
+    t = bench_ms(ours, args.quick)
     moved = k_bytes + v_bytes + q.numel() * 2 + o.numel() * 2 + idx.numel() * idx.element_size()
     res = {"ms": t, "bytes": moved, "GBps": moved / t / 1e6, "num_kv_splits": ns, "splits_from": ns_from}
     if args.graph:
-        tg = graph_ms(lambda: decode_attention(q, kc, vc, o, indptr, idx, logits, lse, nsplit, ms, sm), args.quick)
+        tg = graph_ms(ours, args.quick)
         if tg:
             res.update(graph_ms=tg, graph_GBps=moved / tg / 1e6)
     if kf.quantized and vf.quantized and args.page >= 64:  # the swapped default launch raises the count to a floor
@@ -230,15 +234,14 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
             res["kvtuner_splits"] = min(ms, max(ns, swap_min_splits(w)))
     sg = None
     if cfg == "bf16" and sglang_fwd is not None:
+        def theirs():
+            return sglang_fwd(q, kc.data, vc.data, o, indptr, idx, logits, lse, nsplit, ms, sm, 1.0, 1.0)
+
         try:
-            sg = bench_ms(
-                lambda: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, logits, lse, nsplit, ms, sm, 1.0, 1.0),
-                args.quick,
-            )
+            sg = bench_ms(theirs, args.quick)
             res["sglang_ms"] = sg
             if args.graph:
-                sgg = graph_ms(lambda: sglang_fwd(q, kc.data, vc.data, o, indptr, idx, logits, lse, nsplit, ms, sm, 1.0, 1.0),
-                               args.quick)
+                sgg = graph_ms(theirs, args.quick)
                 if sgg:
                     res["sglang_graph_ms"] = sgg
         except Exception as e:  # noqa: BLE001

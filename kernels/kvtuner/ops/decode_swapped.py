@@ -410,7 +410,7 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
         else:
             c = _codes(k_raw, K_BITS, f)
         if KEY_BIAS:
-            codes = c.to(tl.float16)  # 1024 + u * 2**(f*bits), exact (< 1280)
+            codes = c  # float16 1024 + u * 2**(f*bits), exact (< 1280)
         elif K_ASYM:
             # float16 u * 2**(f*bits) (asym) or (u + q_min) * 2**(f*bits) (sym): small integers, exact
             codes = (c - 1024.0).to(tl.float16)
