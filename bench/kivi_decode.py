@@ -131,6 +131,9 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--residuals", default="64,128")
     ap.add_argument("--splits", default="1,2,4,8,16")
+    ap.add_argument("--max-splits", type=int, default=0,
+                    help="the workspaces' split count (the server's --triton-attention-num-kv-splits, 8; the launch's "
+                         "grid: programs past a request's splits store an empty result); default: the most of --splits")
     ap.add_argument("--vpage", action="store_true",
                     help="values transposed within the key pages (the served layout at --page-size 64)")
     ap.add_argument("--variants", help='per-channel variants "name:key=int,...;..." instead of the default set, '
@@ -150,6 +153,8 @@ def main() -> int:
     except ValueError as e:
         raise SystemExit(f"kivi_decode: error: {e}") from None
     bad = [c for c in args.cfgs.split(",") if c not in CFGS]
+    if args.max_splits and args.max_splits < max(splits):
+        raise SystemExit(f"kivi_decode: error: --max-splits {args.max_splits} < the most of --splits ({max(splits)})")
     if bad or any(len(sh) != 2 for sh in shapes) or hq % hkv:
         raise SystemExit(f"kivi_decode: error: --cfgs from {sorted(CFGS)}, --shape BxCTX, --heads HQ,HKV "
                          f"(got {bad or args.shape or args.heads})")
@@ -159,11 +164,11 @@ def main() -> int:
         return 0
     device = "cuda"
     d, g = 128, args.group
-    ms = max(splits)
+    ms = args.max_splits or max(splits)
     res = {"what": __doc__.splitlines()[0], "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "git_sha": git_sha(), "argv": sys.argv,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "shape": [*shapes[0], hq, hkv, d], "group": g,
-           "vpage": bool(args.vpage), "variants": variants if args.variants else None, "checks": {}, "timings": {}}
+           "vpage": bool(args.vpage), "max_splits": ms, "variants": variants if args.variants else None, "checks": {}, "timings": {}}
     _TIMER[0], res["timing"] = sweep_timer(args.timing)
     sm = d**-0.5
     for cfg in args.cfgs.split(","):

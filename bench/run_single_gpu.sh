@@ -162,7 +162,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         # batches; offline (sm_90) one warp runs K2V2 asym at 2,343 loop instructions a tile against 4 x 916
         # kivi-w1-mltoken: the same with the pools' per-token meta token-major (KVTUNER_META_LAYOUT=token)
         kivi-w1|kivi-w1-mltoken) local ml=${t_entry#kivi-w1}; kjobs+=("kbench-$t_entry$t_tag=${t_env}${ml:+KVTUNER_META_LAYOUT=token }python3 bench/kivi_decode.py --cfgs ${KIVI_CFGS:-K2V2,K4V4} --heads 28,4 \
-            --shape ${KIVI_SHAPES:-64x8192,256x3072,1024x3072} --residuals 64 --splits ${KIVI_SPLITS:-1,2,4,8} --vpage --no-per-token \
+            --shape ${KIVI_SHAPES:-64x8192,256x3072,1024x3072} --residuals 64 --splits ${KIVI_SPLITS:-1,2,4,8} ${KIVI_MAX_SPLITS:+--max-splits $KIVI_MAX_SPLITS} --vpage --no-per-token \
             --variants '${KIVI_VARIANTS:-w4:;w1:num_warps=1,maxnreg=255;w1_s3:num_warps=1,maxnreg=255,num_stages=3;w1_pf2:num_warps=1,maxnreg=255,prefetch=2,num_stages=3;w1_later:num_warps=1,maxnreg=255,sum_later=1;w4_pf2:prefetch=2,num_stages=3}' \
             --out $OUT/kivi_decode_w1${ml//-/_}$kt.json") ;;
         paged128) kjobs+=("kbench-paged128$t_tag=${t_env}python3 bench/decode_sweep.py --heads 28/4 --shapes 256x3072,64x8192 --splits 1,2 \

@@ -104,3 +104,18 @@ def test_kivi_pick_takes_the_fastest_new_variant_whose_check_holds(tmp_path):
     f.write_text(json.dumps(res))
     assert _run(*base, "--new", "a", "--gain", "0.97").stdout.split()[:2] == ["lose", "a"]
     assert _run(*base[:1], str(tmp_path / "none.json"), *base[2:], "--new", "a").stdout.split()[:2] == ["lose", "error"]
+
+
+def test_kivi_pick_split_counts(tmp_path):
+    """kivi_pick.py --splits-of: a variant's fastest split count wins over the base count only by the gain."""
+    f = tmp_path / "kivi.json"
+    res = {"checks": {"K2V2": {"new": 7e-4}},
+           "timings": {"K2V2": {"kivi_r64_new": {"1": 0.60, "2": 0.59, "3": 0.55, "4": 0.56}}}}
+    f.write_text(json.dumps(res))
+    base = ["bench/calls/kivi_pick.py", str(f), "--cfg", "K2V2", "--shape", "1024x3072", "--splits-of", "new"]
+    assert _run(*base, "--gain", "0.98").stdout.split() == ["win", "3", "1", "0.6000", "2", "0.5900", "3", "0.5500",
+                                                          "4", "0.5600"]
+    assert _run(*base, "--gain", "0.9").stdout.split()[:2] == ["lose", "1"]
+    assert _run(*base, "--base-split", "3").stdout.split()[:2] == ["lose", "3"]
+    assert _run(*base[:-2], "--splits-of", "other").stdout.split()[:2] == ["lose", "error"]
+    assert _run(*base[:-2]).returncode == 2  # neither --new/--old nor --splits-of

@@ -5,8 +5,10 @@ in ``bench/calls/`` (one decision between a call's steps):
 
 prints ``win NAME T_OLD T_NEW ...`` when the fastest of the NEW variants (best over split counts) takes at most
 GAIN x the OLD variant's time and its check against the float32 reference is within twice the OLD's (+1e-3),
-else ``lose NAME ...``; every variant's best time follows.  A missing file, row or variant prints
-``lose error ...`` (a call goes on with its other steps)."""
+else ``lose NAME ...``; every variant's best time follows.  With ``--splits-of NAME --base-split S`` it
+picks a split count of one variant instead: ``win N T_S T_N ...`` when N splits take at most GAIN x the time
+at S (the count the server would give), else ``lose S ...``, every count's time following.  A missing
+file, row or variant prints ``lose error ...`` (a call goes on with its other steps)."""
 
 from __future__ import annotations
 
@@ -25,18 +27,34 @@ def pick(res: dict, cfg: str, shape: str, new: list[str], old: str, gain: float)
             f"check {ok}"]
 
 
+def pick_split(res: dict, cfg: str, shape: str, variant: str, base: int, gain: float) -> list:
+    row = res["timings"].get(f"{shape} {cfg}") or res["timings"][cfg]
+    t = {int(k): v for k, v in row[f"kivi_r64_{variant}"].items()}
+    best = min(t, key=t.get)
+    win = best != base and t[best] <= gain * t[base]
+    return ["win" if win else "lose", best if win else base, *(f"{k} {v:.4f}" for k, v in sorted(t.items()))]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result")
     ap.add_argument("--cfg", required=True)
     ap.add_argument("--shape", required=True)
-    ap.add_argument("--new", required=True, help="comma-separated variant names (kivi_decode.py --variants)")
-    ap.add_argument("--old", required=True)
+    ap.add_argument("--new", help="comma-separated variant names (kivi_decode.py --variants)")
+    ap.add_argument("--old")
+    ap.add_argument("--splits-of", help="a variant whose split counts are compared instead")
+    ap.add_argument("--base-split", type=int, default=1, help="with --splits-of: the count to beat")
     ap.add_argument("--gain", type=float, default=1.0, help="the new wins at <= GAIN x the old time")
     a = ap.parse_args(argv)
+    if not a.splits_of and not (a.new and a.old):
+        ap.error("--new and --old, or --splits-of")
     try:
         with open(a.result) as f:
-            out = pick(json.load(f), a.cfg, a.shape, a.new.split(","), a.old, a.gain)
+            res = json.load(f)
+        if a.splits_of:
+            out = pick_split(res, a.cfg, a.shape, a.splits_of, a.base_split, a.gain)
+        else:
+            out = pick(res, a.cfg, a.shape, a.new.split(","), a.old, a.gain)
     except Exception as e:  # noqa: BLE001  (the decision falls back; the call goes on)
         out = ["lose", "error", type(e).__name__, e]
     print(*out)

@@ -292,6 +292,60 @@ def test_kivi_swapped_tuning_from_the_environment(device, monkeypatch):
         run()
 
 
+def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
+    """The per-channel swapped decode at K2V2 (its default form: both code biases, the ring unpipelined):
+    ``min_splits`` (argument, or ``KVTUNER_DECODE``'s twelfth field) raises each request's split count
+    and never lowers it, and a split with no tokens writes only its -inf log-sum-exp: the workspace rows
+    of empty splits stay as they were (NaN here) and the result still equals the reference."""
+    from kvtuner.ops import decode as D
+
+    kbits, g, rg, asym, d, hq, hkv = CFGS[0].values
+    gen = torch.Generator().manual_seed(5)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=2, vpage=True)
+    _history(pool)
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    ms, sm = 8, d**-0.5
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm)
+    counts = [1, 3, 2, 1]
+
+    def run(**kw):
+        o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
+        logits = torch.full((len(rings), hq, ms, d), float("nan"), device=device)
+        lse = torch.full((len(rings), hq, ms), float("nan"), device=device)
+        kivi_decode_attention(q, pool.k, pool.resid, pool.v, o, indptr, idx, ridx, pool.r, logits, lse,
+                              torch.tensor(counts, dtype=torch.int32, device=device), ms, sm, swap=True, **kw)
+        return o, logits, lse
+
+    lens = (indptr[1:] - indptr[:-1]).tolist()
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    def check(floor, **kw):
+        o, logits, lse = run(**kw)
+        assert_close(o, ref, atol=4e-2)
+        for b, (c, n) in enumerate(zip(counts, lens)):
+            n_splits = min(max(c, floor), ms)
+            per = cdiv(cdiv(n, n_splits), g) * g  # whole tiles (of the page group here) a split
+            used = [s for s in range(ms) if s < n_splits and s * per < n]
+            assert len(used) >= min(n_splits, cdiv(n, g)) - 1, (kw, b, used)
+            assert torch.isfinite(lse[b, :, used]).all(), (kw, b, used)
+            empty = [s for s in range(ms) if s not in used]
+            assert (lse[b, :, empty] == float("-inf")).all(), (kw, b, empty)
+            assert logits[b, :, empty].isnan().all(), (kw, b, empty)  # never written
+
+    check(1)
+    check(2, min_splits=2)
+    check(ms, min_splits=20)  # (at most max_kv_splits)
+    monkeypatch.setattr(D, "_ENV_TUNING", {"min_splits": 3})
+    check(3)
+    with pytest.raises(ValueError, match="min_splits 0: at least 1"):
+        run(min_splits=0)
+
+
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",
                          [pytest.param(*CFGS[i].values, False, id=CFGS[i].id) for i in (0, 1, 2, 3, 5)] + PAGED[:2])
 def test_kivi_extend_and_prefix_sharing(device, kbits, g, rg, asym, d, hq, hkv, vpage):

@@ -268,7 +268,7 @@ def _decode_stage1(
     tl.store(
         Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :],
         out,
-        mask=mask_h[:, None],
+        mask=(mask_h & has)[:, None],  # (an empty split's rows are not written: stage 2 skips a -inf log-sum-exp)
     )
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
@@ -579,7 +579,7 @@ def _store_split(accs, e_rows, o_rows, e_max, Att_O, Att_Lse, b, heads, mask_h, 
         if V_ASYM and SUM_LATER:
             acc = acc + osums[k // VCPG][:, None]
         tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + k * VC + offs_vc[None, :],
-                 acc * inv[:, None], mask=mask_h[:, None])
+                 acc * inv[:, None], mask=(mask_h & has)[:, None])
     if LOG2:
         e_max = e_max * 0.6931471805599453
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
@@ -1134,7 +1134,8 @@ def decode_attention(
       capped at 128 registers it is much slower (0.273), so no cap by default.
     * ``min_splits`` (swapped form only; ``KVTUNER_DECODE``'s twelfth field): the fewest KV splits a
       request gets (``num_kv_splits`` is raised to it, never lowered); default :func:`swap_min_splits`
-      where the swapped form is the default launch, else 1 (the counts as given).
+      where the swapped form is the default launch, else 1 (the counts as given).  The per-channel
+      swapped decode (``kivi_decode_attention``) reads the same field (default 1).
     * ``pair`` (swapped form only; default off, ``KVTUNER_DECODE``'s thirteenth field; untimed): two
       tiles a loop step (``decode_swapped``'s ``PAIR``): their scores independent, one softmax step
       and one rescale of the accumulators for both.

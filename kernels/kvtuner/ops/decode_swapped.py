@@ -184,9 +184,9 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
     has = e_sum > 0
     inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
     offs_vc = tl.arange(0, VC)
-    for k in tl.static_range(NK):
+    for k in tl.static_range(NK):  # (an empty split's rows are not written: stage 2 skips a -inf log-sum-exp)
         tl.store(Att_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + k * VC + offs_vc[:, None],
-                 accs[k] * inv[None, :], mask=mask_h[None, :])
+                 accs[k] * inv[None, :], mask=(mask_h & has)[None, :])
     if LOG2:
         e_max = e_max * 0.6931471805599453
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
@@ -455,14 +455,14 @@ def _kivi_decode_stage1_swapped(
     K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3,
+    V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
     page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
     ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group)."""
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
-        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW, MIN_SPLITS)
     nq = _kivi_nq(n, R, K_G)
     KC: tl.constexpr = K_D * K_BITS // 8
     KNF: tl.constexpr = 8 // K_BITS

@@ -332,7 +332,7 @@ def _pv(acc, p, Vd, Vm, loc, kv_head, mask_ld, offs_dv, stride_vd_s, stride_vd_h
 @triton.jit
 def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.constexpr,
                         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-                        SLIDING_WINDOW: tl.constexpr):
+                        SLIDING_WINDOW: tl.constexpr, MIN_SPLITS: tl.constexpr = 1):
     """What a per-channel stage-1 program works on: request ``b``, its KV head and query
     ``heads`` (``mask_h``), the request's ``n`` slots from ``start``, the first visible
     position ``w0`` (sliding window), and this split's positions ``[s0, s1)``.  Positions
@@ -345,7 +345,7 @@ def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl
     if SLIDING_WINDOW > 0:
         w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
     a0 = w0 // BLOCK_N * BLOCK_N
-    n_splits = tl.maximum(tl.minimum(tl.load(num_kv_splits + b), MAX_SPLITS), 1)
+    n_splits = tl.maximum(tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS), 1)
     per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
     s0 = a0 + per_split * split
     s1 = tl.minimum(s0 + per_split, n)
@@ -416,7 +416,7 @@ def _kivi_decode_stage1(
     out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
     tl.store(Att_O + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_dv[None, :], out,
-             mask=mask_h[:, None])
+             mask=(mask_h & has)[:, None])
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
 
@@ -638,6 +638,7 @@ def kivi_decode_attention(
     key_bias: bool | None = None,
     v_bias: bool | None = None,
     ring_stages: int | None = None,
+    min_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -673,18 +674,22 @@ def kivi_decode_attention(
     pages' first slots of 32 tiles at once before their loop (as :func:`kvtuner.ops.decode_attention`'s
     swapped form can); 1 loads each a tile ahead.  2 was timed faster for K2V2 on an H100 (1024 x 3k:
     0.603 ms against 0.632; session 34, ``bench/results/raw/session34_h100/call1/b/kivi_decode_w1.json``).
-    ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field; off: -0.3% at 1024 x 3k on an
-    H100): the key codes enter the MMAs with their conversion bias of 1024, taken off the scores once a tile, which saves
-    a float16 subtraction per pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``).
-    ``v_bias`` (swapped form; the sixteenth field; off: with ``key_bias`` -1.8% at 1024 x 3k on an H100):
-    the same for the value codes
+    ``key_bias`` (swapped form; ``KVTUNER_DECODE``'s fifteenth field): the key codes enter the MMAs with
+    their conversion bias of 1024, taken off the scores once a tile, which saves a float16 subtraction per
+    pair of codes (offline, sm_90, K2V2 asym: ``bench/NOTES-decode.md``).
+    ``v_bias`` (swapped form; the sixteenth field): the same for the value codes
     (:func:`kvtuner.ops.decode_attention`'s ``v_bias``).
-    ``ring_stages`` (swapped form; the seventeenth field; default: the pages' ``num_stages``): the
-    pipeline stages of the loop over the ring's bf16 keys (at most two tiles a split).  Pipelined, a
-    tile of them (64 x 128 bf16) is staged through 16 KB of shared memory, more than the pages' loop
-    needs; 1 loads them without async copies: 12 KB a one-warp program instead of 23 (offline, sm_90,
-    K2V2 asym with ``key_bias`` and ``v_bias`` under a cap of 168 registers: 12 programs an SM instead
-    of 9; untimed)."""
+    ``ring_stages`` (swapped form; the seventeenth field): the pipeline stages of the loop over the
+    ring's bf16 keys (at most two tiles a split).  Pipelined, a tile of them (64 x 128 bf16) is staged
+    through 16 KB of shared memory, more than the pages' loop needs; 1 loads them without async copies:
+    12 KB a one-warp program instead of 23 (offline, sm_90, K2V2 asym with both biases under a cap of 168
+    registers: 12 programs an SM instead of 8).
+    Defaults of the swapped form: for K2V2, both biases on, ``ring_stages`` 1 and a cap of 168 registers
+    (H100, 1024 x 3k, 28/4 heads, 2 splits: 0.5551 ms against 0.5941 for the plain form; the biases alone
+    had given -1.8%; session 37); other widths: biases off, the ring as the pages' ``num_stages``, no cap.
+    ``min_splits`` (swapped form; ``KVTUNER_DECODE``'s twelfth field; default 1): the fewest KV splits a
+    request gets (``num_kv_splits`` raised to it, never lowered, at most ``max_kv_splits``).  A split
+    with no tokens writes only its -inf log-sum-exp (stage 2 skips it), not its rows of ``attn_logits``."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -775,8 +780,12 @@ def kivi_decode_attention(
         from kvtuner.ops.decode_swapped import _kivi_decode_stage1_swapped
 
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
-        num_warps = num_warps if asked["num_warps"] else 1  # one warp, no register cap, unless asked
-        maxnreg = maxnreg if asked["maxnreg"] else 0
+        # K2V2's measured form (H100, 1024 x 3k, 28/4 heads, 2 splits: 0.5551 ms against 0.5941, session 37's
+        # bench/results/raw/session37_h100/call2/b/kivi_decode_w1.json): both code biases, the ring's keys
+        # unpipelined, 168 registers (12 one-warp programs an SM); other widths keep the plain form
+        k2v2 = kf.bits == 2 and v_cache.fmt.bits == 2
+        num_warps = num_warps if asked["num_warps"] else 1  # one warp unless asked
+        maxnreg = maxnreg if asked["maxnreg"] else (168 if k2v2 else 0)
         vc = {k: v for k, v in _v_constexprs(v_cache.fmt).items() if k != "V_QMIN"}
         if meta_words is None:
             meta_words = bool(env.get("meta_words", 1))
@@ -788,17 +797,21 @@ def kivi_decode_attention(
             raise ValueError(f"idx_ahead {idx_ahead}: 1 or 2 (the per-channel swapped form's page slots: a tile "
                              "ahead, or 32 tiles at once)")
         if key_bias is None:
-            key_bias = bool(env.get("key_bias", 0))
+            key_bias = bool(env.get("key_bias", k2v2))
         if v_bias is None:
-            v_bias = bool(env.get("v_bias", 0))
-        if ring_stages is None:  # the ring's loop pipelined as the pages' unless asked (KVTUNER_DECODE's 17th field)
-            ring_stages = env.get("ring_stages", num_stages)
+            v_bias = bool(env.get("v_bias", k2v2))
+        if ring_stages is None:  # K2V2: unpipelined; else as the pages' loop (KVTUNER_DECODE's 17th field)
+            ring_stages = env.get("ring_stages", 1 if k2v2 else num_stages)
         if int(ring_stages) < 1:
             raise ValueError(f"ring_stages {ring_stages}: at least 1 (1: the ring's keys loaded without async copies)")
+        if min_splits is None:  # KVTUNER_DECODE's twelfth field
+            min_splits = env.get("min_splits", 1)
+        if int(min_splits) < 1:
+            raise ValueError(f"min_splits {min_splits}: at least 1")
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
-            num_warps=num_warps,
+            MIN_SPLITS=min(int(min_splits), max_kv_splits), num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
