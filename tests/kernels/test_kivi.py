@@ -295,8 +295,9 @@ def test_kivi_swapped_tuning_from_the_environment(device, monkeypatch):
 def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
     """The per-channel swapped decode at K2V2 (its default form: both code biases, the ring unpipelined):
     ``min_splits`` (argument, or ``KVTUNER_DECODE``'s twelfth field) raises each request's split count
-    and never lowers it, and a split with no tokens writes only its -inf log-sum-exp: the workspace rows
-    of empty splits stay as they were (NaN here) and the result still equals the reference."""
+    and never lowers it; ``grid_splits`` (the eighteenth) launches fewer programs a pair, each taking
+    several splits; a split with no tokens writes only its -inf log-sum-exp: the workspace rows of empty
+    splits stay as they were (NaN here) and the result still equals the reference."""
     from kvtuner.ops import decode as D
 
     kbits, g, rg, asym, d, hq, hkv = CFGS[0].values
@@ -340,10 +341,16 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
     check(1)
     check(2, min_splits=2)
     check(ms, min_splits=20)  # (at most max_kv_splits)
-    monkeypatch.setattr(D, "_ENV_TUNING", {"min_splits": 3})
+    # a grid of fewer programs than max_kv_splits a pair: each takes every grid_splits-th split
+    check(1, grid_splits=1)
+    check(2, min_splits=2, grid_splits=3)
+    check(ms, min_splits=ms, grid_splits=2)
+    monkeypatch.setattr(D, "_ENV_TUNING", {"min_splits": 3, "grid_splits": 2})
     check(3)
     with pytest.raises(ValueError, match="min_splits 0: at least 1"):
         run(min_splits=0)
+    with pytest.raises(ValueError, match="grid_splits -1: 0"):
+        run(grid_splits=-1)
 
 
 @pytest.mark.parametrize("kbits,g,rg,asym,d,hq,hkv,vpage",

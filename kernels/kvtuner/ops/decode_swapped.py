@@ -444,26 +444,21 @@ def _kivi_page_step(Kd, Km, Vd, Vm, first, p, s1, w0, offs_b, qc, mask_h, k_head
 
 
 @triton.jit
-def _kivi_decode_stage1_swapped(
-    Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
+def _kivi_swapped_split(
+    Q, Kd, Km, Kr, Vd, Vm, kv_indices, req_idx, Att_O, Att_Lse, sm_scale,
     stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
     stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    b, sp, kv_head, heads, mask_h, start, w0, s0, s1, nq,
     KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
-    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
-    META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
+    LOGIT_CAP: tl.constexpr, R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr,
+    K_ASYM: tl.constexpr, K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr,
+    V_ASYM: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, META_WORDS: tl.constexpr, IDX_AHEAD: tl.constexpr, KEY_BIAS: tl.constexpr,
+    V_BIAS: tl.constexpr, RING_STAGES: tl.constexpr,
 ):
-    """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
-    the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
-    page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
-    ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group)."""
-    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
-        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW, MIN_SPLITS)
-    nq = _kivi_nq(n, R, K_G)
+    """Split ``sp`` of a per-channel swapped program: positions ``[s0, s1)`` of request ``b`` (none where
+    ``s1 <= s0``: then only its -inf log-sum-exp is written), its result into the stage-1 workspaces."""
     KC: tl.constexpr = K_D * K_BITS // 8
     KNF: tl.constexpr = 8 // K_BITS
     VP: tl.constexpr = V_D * V_BITS // 8
@@ -542,5 +537,49 @@ def _kivi_decode_stage1_swapped(
                                         VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
-    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
+    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+
+
+@triton.jit
+def _kivi_decode_stage1_swapped(
+    Q, Kd, Km, Kr, Vd, Vm, kv_indptr, kv_indices, req_idx, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr, V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
+    META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
+    GRID_SPLITS: tl.constexpr = 0,
+):
+    """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
+    the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
+    page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
+    ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group)."""
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per = _kivi_program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW, MIN_SPLITS)
+    nq = _kivi_nq(n, R, K_G)
+    if GRID_SPLITS > 0 and GRID_SPLITS < MAX_SPLITS:
+        # GRID_SPLITS programs a (request, KV-head block), not MAX_SPLITS: this one takes splits split,
+        # split + GRID_SPLITS, ... (one past the request's count is empty, s0 >= n, and writes only its -inf)
+        for sp in range(split, MAX_SPLITS, GRID_SPLITS):
+            s0p = s0 + (sp - split) * per
+            _kivi_swapped_split(
+                Q, Kd, Km, Kr, Vd, Vm, kv_indices, req_idx, Att_O, Att_Lse, sm_scale,
+                stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+                stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                stride_ls, b, sp, kv_head, heads, mask_h, start, w0, s0p, tl.minimum(s0p + per, n), nq,
+                KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
+                SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES)
+    else:
+        _kivi_swapped_split(
+            Q, Kd, Km, Kr, Vd, Vm, kv_indices, req_idx, Att_O, Att_Lse, sm_scale,
+            stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
+            stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+            stride_ls, b, split, kv_head, heads, mask_h, start, w0, s0, s1, nq,
+            KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
+            SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES)

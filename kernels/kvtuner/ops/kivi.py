@@ -337,7 +337,7 @@ def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl
     ``heads`` (``mask_h``), the request's ``n`` slots from ``start``, the first visible
     position ``w0`` (sliding window), and this split's positions ``[s0, s1)``.  Positions
     stay absolute (a page's channel scales are found from them) and splits start at
-    multiples of BLOCK_N, so no tile straddles a page."""
+    multiples of BLOCK_N (``per_split`` positions a split), so no tile straddles a page."""
     b, split, kv_head, heads, mask_h = _program_heads(KV_GROUP, HQ, BLOCK_H)
     start = tl.load(kv_indptr + b).to(tl.int64)
     n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
@@ -349,7 +349,7 @@ def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl
     per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
     s0 = a0 + per_split * split
     s1 = tl.minimum(s0 + per_split, n)
-    return b, split, kv_head, heads, mask_h, start, n, w0, s0, s1
+    return b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per_split
 
 
 @triton.jit
@@ -365,7 +365,7 @@ def _kivi_decode_stage1(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr, V_QMIN: tl.constexpr,
     DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr = 0,
 ):
-    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, _ = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
     nq = _kivi_nq(n, R, K_G)
 
@@ -513,7 +513,7 @@ def _kivi_decode_stage1_packed(
     DOT_F32: tl.constexpr, SPLIT_Q: tl.constexpr, PREFETCH: tl.constexpr, V_PAGE: tl.constexpr = 0,
     CODES_ASM: tl.constexpr = False, SUM_LATER: tl.constexpr = False,
 ):
-    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1 = _kivi_program_range(
+    b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, _ = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW)
     nq = _kivi_nq(n, R, K_G)
 
@@ -639,6 +639,7 @@ def kivi_decode_attention(
     v_bias: bool | None = None,
     ring_stages: int | None = None,
     min_splits: int | None = None,
+    grid_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -689,7 +690,12 @@ def kivi_decode_attention(
     had given -1.8%; session 37); other widths: biases off, the ring as the pages' ``num_stages``, no cap.
     ``min_splits`` (swapped form; ``KVTUNER_DECODE``'s twelfth field; default 1): the fewest KV splits a
     request gets (``num_kv_splits`` raised to it, never lowered, at most ``max_kv_splits``).  A split
-    with no tokens writes only its -inf log-sum-exp (stage 2 skips it), not its rows of ``attn_logits``."""
+    with no tokens writes only its -inf log-sum-exp (stage 2 skips it), not its rows of ``attn_logits``.
+    ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``):
+    programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
+    ``grid_splits``-th split.  The server's grid has 8 (``--triton-attention-num-kv-splits``) while
+    requests of similar lengths at a large batch get 1-2 from SGLang's count, so most programs would be
+    empty; with 2, at most one a pair is."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -808,10 +814,16 @@ def kivi_decode_attention(
             min_splits = env.get("min_splits", 1)
         if int(min_splits) < 1:
             raise ValueError(f"min_splits {min_splits}: at least 1")
-        _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
+        if grid_splits is None:  # KVTUNER_DECODE's eighteenth field; 0: max_kv_splits
+            grid_splits = env.get("grid_splits", 0)
+        gs = min(int(grid_splits), max_kv_splits) or max_kv_splits
+        if gs < 1:
+            raise ValueError(f"grid_splits {grid_splits}: 0 (max_kv_splits) or at least 1")
+        _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
-            MIN_SPLITS=min(int(min_splits), max_kv_splits), num_warps=num_warps,
+            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=gs if gs < max_kv_splits else 0,
+            num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
