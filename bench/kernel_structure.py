@@ -130,7 +130,8 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                            idx_ahead: int = 1):
     """The paged stage 1 with tokens on the MMA's M side (``decode_swapped``, ``swap``): 64-token
     tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head); the slot
-    index loaded ``idx_ahead`` tiles ahead (``KS_V_BIAS=1``: ``decode_attention``'s ``v_bias``)."""
+    index loaded ``idx_ahead`` tiles ahead (``KS_V_BIAS=1``: ``decode_attention``'s ``v_bias``; ``KS_SPLITS``:
+    ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none)."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode_swapped as S
     from kvtuner.ops._common import fmt_constexprs, qmin_of
@@ -142,7 +143,7 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
                   PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
-                  V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1")
+                  V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1", GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")))
     consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
     consts["HQ"] = hq = kv_group * 4
     return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg,

@@ -475,6 +475,15 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(run(pv, swap=True, v_bias=True, pair=True, min_splits=3), ref)
     with pytest.raises(ValueError, match="v_bias is a form of the swapped decode"):
         run(pv, swap=False, v_bias=True)
+    # fewer programs a (request, KV-head block) than max_kv_splits (grid_splits), each taking every
+    # grid_splits-th split: the same splits, so the same numbers; with a floor and with two tiles a step
+    assert_close(run(pv, swap=True, grid_splits=1), o, atol=1e-6, rtol=1e-6)
+    assert_close(run(pv, swap=True, grid_splits=2, min_splits=3), ref)
+    assert_close(run(pv, swap=True, grid_splits=3, pair=True), ref)
+    with pytest.raises(ValueError, match="grid_splits is a launch of the swapped decode"):
+        run(pv, swap=False, sum_later=False, grid_splits=2)
+    with pytest.raises(ValueError, match="grid_splits -1: 0"):
+        run(pv, swap=True, grid_splits=-1)
     with pytest.raises(ValueError, match="transposed-page layout"):
         run(vc, swap=True)
     if (kb, vb, asym) == (4, 4, False):  # KVTUNER_DECODE's swap applies to paged pools only
@@ -486,6 +495,10 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
             assert_close(run(vc), ref, atol=5e-3, rtol=5e-3)  # (token-major: the usual form, no error)
             # the environment's idx_ahead 2 applies to the swapped form and reads as 1 elsewhere
             D._ENV_TUNING = {"idx_ahead": 2}
+            assert_close(run(pv, swap=True), o, atol=1e-6, rtol=1e-6)
+            assert_close(run(pv, sum_later=False), ref)
+            # the environment's grid_splits applies to the swapped form, and is no error elsewhere
+            D._ENV_TUNING = {"grid_splits": 2}
             assert_close(run(pv, swap=True), o, atol=1e-6, rtol=1e-6)
             assert_close(run(pv, sum_later=False), ref)
         finally:

@@ -54,12 +54,20 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
         win = tl.minimum(seq_len, SLIDING_WINDOW + 1)
         start = start + (seq_len - win)
         seq_len = win
-    n_splits = tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS)
-    n_splits = tl.maximum(n_splits, 1)
-    per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
+    per_split = _split_width(num_kv_splits, b, seq_len, MIN_BLOCK, MAX_SPLITS, MIN_SPLITS)
     s0 = per_split * split
     s1 = tl.minimum(s0 + per_split, seq_len)
     return b, split, kv_head, heads, mask_h, start, s0, s1
+
+
+@triton.jit
+def _split_width(num_kv_splits, b, seq_len, MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                 MIN_SPLITS: tl.constexpr):
+    """Tokens a KV split of request ``b`` covers (whole MIN_BLOCK tiles): its ``seq_len`` over
+    ``num_kv_splits[b]`` splits, at least ``MIN_SPLITS``, at most ``MAX_SPLITS``."""
+    n_splits = tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS)
+    n_splits = tl.maximum(n_splits, 1)
+    return tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
 
 
 @triton.jit
@@ -1082,6 +1090,7 @@ def decode_attention(
     pair: bool | None = None,
     meta_words: bool | None = None,
     v_bias: bool | None = None,
+    grid_splits: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1152,6 +1161,9 @@ def decode_attention(
       640 x 3k 0.479 vs 0.472 ms): the value codes of bit field f enter the MMAs as ``2**(10 - f*bits) + u`` (:func:`_codes_e`) against one
       ``fp16(p * scale)`` a scale group, the bias taken off each chunk's accumulator once a tile
       (``decode_swapped._softmax_pv_t``'s ``V_BIAS``): no float16 subtraction a pair of codes.
+    * ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``;
+      untimed): programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
+      ``grid_splits``-th split, so a grid of 8 (the server's) with 2-4 splits used has no empty programs.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1242,6 +1254,10 @@ def decode_attention(
         if idx_ahead is None:  # (the environment's 2 applies to the swapped form; 1 elsewhere)
             idx_ahead = env.get("idx_ahead", 1)
             idx_ahead = 1 if idx_ahead == 2 and not swap else idx_ahead
+        if grid_splits is None:  # (the environment's applies where the swapped form is launched)
+            grid_splits = env.get("grid_splits", 0) if swap else 0
+        if grid_splits and not swap:
+            raise ValueError("grid_splits is a launch of the swapped decode (swap)")
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -1273,7 +1289,10 @@ def decode_attention(
         from kvtuner.ops.decode_swapped import _decode_stage1_swapped
 
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
-        _decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), max_kv_splits)](
+        gs = min(int(grid_splits or 0), max_kv_splits) or max_kv_splits
+        if gs < 1:
+            raise ValueError(f"grid_splits {grid_splits}: 0 (max_kv_splits) or at least 1")
+        _decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
@@ -1284,7 +1303,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=meta_words, V_BIAS=bool(v_bias),
+            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=gs if gs < max_kv_splits else 0,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
-                                _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _vcodes)
+                                _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _split_width,
+                                _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -234,25 +235,21 @@ def _step_t(Kd, Km, Vd, Vm, pg, t0, mask_n, mask_h, k_head_d, k_head_m, v_head_d
 
 
 @triton.jit
-def _decode_stage1_swapped(
-    Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
+def _token_swapped_split(
+    Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, sm_scale,
     stride_qb, stride_qh,
     stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
     stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
-    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    b, sp, kv_head, heads, mask_h, start, s0, s1,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
-    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
-    MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False,
+    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr, IDX_AHEAD: tl.constexpr,
+    PAIR: tl.constexpr, META_WORDS: tl.constexpr, V_BIAS: tl.constexpr,
 ):
-    """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
-    their scores independent of each other, one softmax step and one rescale of the accumulators for
-    both (``_softmax_pv_t``'s ``TWO``); the slot indices of both are loaded a step ahead."""
-    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
-        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, -1, MIN_SPLITS)
+    """Split ``sp`` of a per-token swapped program: positions ``[s0, s1)`` of request ``b`` (none where
+    ``s1 <= s0``: then only its -inf log-sum-exp is written), its result into the stage-1 workspaces."""
     lo = 0
     if SLIDING_WINDOW > 0:
         seq_len = (tl.load(kv_indptr + b + 1) - tl.load(kv_indptr + b)).to(tl.int32)
@@ -344,8 +341,52 @@ def _decode_stage1_swapped(
                     e_max, e_sum, accs, KNC, KC, KNM, VNC, VC, VNM, V_PAGE, BLOCK_N, BLOCK_H, K_BITS, K_ASYM,
                     KNG, KCPG, LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, META_WORDS, V_BIAS)
 
-    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
+    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+
+
+@triton.jit
+def _decode_stage1_swapped(
+    Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, num_kv_splits, sm_scale,
+    stride_qb, stride_qh,
+    stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
+    stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+    K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
+    V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
+    K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
+    MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False, GRID_SPLITS: tl.constexpr = 0,
+):
+    """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
+    their scores independent of each other, one softmax step and one rescale of the accumulators for
+    both (``_softmax_pv_t``'s ``TWO``); the slot indices of both are loaded a step ahead.
+    ``GRID_SPLITS`` (0: the grid has ``MAX_SPLITS`` programs a (request, KV-head block)): a grid of that
+    many, each taking splits split, split + GRID_SPLITS, ... (one past the request's count is empty)."""
+    b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
+        kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, -1, MIN_SPLITS)
+    if GRID_SPLITS > 0 and GRID_SPLITS < MAX_SPLITS:
+        n = (tl.load(kv_indptr + b + 1) - start).to(tl.int32)
+        per = _split_width(num_kv_splits, b, n, BLOCK_N, MAX_SPLITS, MIN_SPLITS)
+        for sp in range(split, MAX_SPLITS, GRID_SPLITS):
+            s0p = sp * per
+            _token_swapped_split(
+                Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, sm_scale, stride_qb, stride_qh,
+                stride_kd_s, stride_kd_h, stride_km_s, stride_km_h, stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+                stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+                b, sp, kv_head, heads, mask_h, start, s0p, tl.minimum(s0p + per, n),
+                BLOCK_H, BLOCK_N, LOGIT_CAP, SLIDING_WINDOW, K_BITS, K_D, K_G, K_ASYM, V_BITS, V_D, V_G, V_ASYM,
+                K_QMIN, V_PAGE, CODES_ASM, IDX_AHEAD, PAIR, META_WORDS, V_BIAS)
+    else:
+        _token_swapped_split(
+            Q, Kd, Km, Vd, Vm, kv_indptr, kv_indices, Att_O, Att_Lse, sm_scale, stride_qb, stride_qh,
+            stride_kd_s, stride_kd_h, stride_km_s, stride_km_h, stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
+            stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+            b, split, kv_head, heads, mask_h, start, s0, s1,
+            BLOCK_H, BLOCK_N, LOGIT_CAP, SLIDING_WINDOW, K_BITS, K_D, K_G, K_ASYM, V_BITS, V_D, V_G, V_ASYM,
+            K_QMIN, V_PAGE, CODES_ASM, IDX_AHEAD, PAIR, META_WORDS, V_BIAS)
 
 
 @triton.jit
