@@ -260,22 +260,29 @@ def test_kivi_store_decode_gather(device, kbits, g, rg, asym, d, hq, hkv, vpage)
                                   torch.ones(4, dtype=torch.int32, device=device), 4, 1.0, swap=True, ring_stages=0)
 
 
+def _paged_case(device, cfg, seed, vbits):
+    """A pool of configuration ``cfg`` (values page-transposed) after :func:`_history`, four requests
+    over its rings, a query and the reference's decode of it."""
+    kbits, g, rg, asym, d, hq, hkv = cfg
+    gen = torch.Generator().manual_seed(seed)
+    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=vbits, vpage=True)
+    _history(pool)
+    rings = [0, 1, 2, 3]
+    indptr, idx, ridx = pool.requests(rings)
+    q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
+                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, d**-0.5)
+    return pool, rings, indptr, idx, ridx, q, ref, (g, d, hq)
+
+
 def test_kivi_swapped_tuning_from_the_environment(device, monkeypatch):
     """``KVTUNER_DECODE``'s swap / key_bias / v_bias / ring_stages fields reach the per-channel swapped decode
     (what a served A/B sets): the result still equals the reference, and a ring_stages of 0 from the
     environment is refused as it would be from an argument."""
     from kvtuner.ops import decode as D
 
-    kbits, g, rg, asym, d, hq, hkv = CFGS[2].values
-    gen = torch.Generator().manual_seed(11)
-    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=4, vpage=True)
-    _history(pool)
-    rings = [0, 1, 2, 3]
-    indptr, idx, ridx = pool.requests(rings)
-    q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    pool, rings, indptr, idx, ridx, q, ref, (g, d, hq) = _paged_case(device, CFGS[2].values, 11, vbits=4)
     ms, sm = 4, d**-0.5
-    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
-                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm)
 
     def run():
         o = torch.full((len(rings), hq, d), float("nan"), dtype=torch.float32, device=device)
@@ -300,16 +307,8 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
     splits stay as they were (NaN here) and the result still equals the reference."""
     from kvtuner.ops import decode as D
 
-    kbits, g, rg, asym, d, hq, hkv = CFGS[0].values
-    gen = torch.Generator().manual_seed(5)
-    pool = Pool(device, gen, kbits, g, g * rg, asym, d, hkv, vbits=2, vpage=True)
-    _history(pool)
-    rings = [0, 1, 2, 3]
-    indptr, idx, ridx = pool.requests(rings)
-    q = (torch.randn(len(rings), hq, d, generator=gen) * 2).to(torch.bfloat16).to(device)
+    pool, rings, indptr, idx, ridx, q, ref, (g, d, hq) = _paged_case(device, CFGS[0].values, 5, vbits=2)
     ms, sm = 8, d**-0.5
-    ref = R.decode_attention_kivi_ref(q, pool.k.data, pool.k.meta, pool.kf, pool.resid, pool.r,
-                                      pool.v.token_major().data, pool.v.meta, pool.vf, indptr, idx, ridx, sm)
     counts = [1, 3, 2, 1]
 
     def run(**kw):
