@@ -318,8 +318,19 @@ def main() -> int:
                     help="only the store table (and the 8k prefill it is compared with), every store form")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
                     help="skip the CUDA-graph replay timings of decode (graph_ms, sglang_graph_ms, flashinfer_graph_ms)")
+    ap.add_argument("--shapes", help="only these BxCTX shapes, comma-separated (e.g. 64x8192; default: the full table)")
+    ap.add_argument("--cfgs", help=f"only these configurations, comma-separated (from {', '.join(CONFIGS)})")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
+    try:
+        only_shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
+    except ValueError:
+        ap.error(f"--shapes {args.shapes!r}: BxCTX[,BxCTX...]")
+    if only_shapes and any(len(sh) != 2 for sh in only_shapes):
+        ap.error(f"--shapes {args.shapes!r}: BxCTX[,BxCTX...]")
+    only_cfgs = args.cfgs.split(",") if args.cfgs else None
+    if only_cfgs and any(c not in CONFIGS for c in only_cfgs):
+        ap.error(f"--cfgs {args.cfgs!r}: from {', '.join(CONFIGS)}")
     if args.page and (not 16 <= args.page <= 128 or args.page & (args.page - 1)):
         ap.error(f"--page {args.page}: a power of two from 16 to 128")
     if args.check:
@@ -347,6 +358,8 @@ def main() -> int:
         shapes = [(b, c) for b in (1, 16, 64, 256) for c in (1024, 8192, 32768)]
         heads = [(32, 8), (28, 4)]
         cfgs = list(CONFIGS)
+    shapes = only_shapes or shapes
+    cfgs = [c for c in cfgs if c in only_cfgs] if only_cfgs else cfgs
     d = 128
     results = {
         "device": name,

@@ -99,7 +99,7 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
     # SUITE_FIRST=1: the (long) suite jobs start before the E2E ones, so they get whole GPUs early
     if [ "${SUITE_FIRST:-0}" = 1 ]; then jobs=("${sjobs[@]}" "${jobs[@]}"); else jobs+=("${sjobs[@]}"); fi
     # KBENCH: kernel microbenchmarks, one job each ("paged": V transposed within pages, below): "full" (bench/kernels_bench.py, issue 3's table, asym
-    # groups of 64) and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
+    # groups of 64; KBENCH_ARGS: more of its arguments, e.g. "--shapes 64x8192") and "serving" (bench/decode_sweep.py at the served decode-heavy shape: 28/4 heads,
     # 256 x 3k and 64 x 8k, the loop forms listed below)
     local kjobs=()
     split_job() {  # the split sweep's job: NAME-SUFFIX HEADS SHAPES (one and two warps, 1-8 splits;
@@ -114,9 +114,9 @@ queue() {  # the E2E and SUITE jobs, side by side on $GPUS, while time is left
         tuning "$c"
         local kt=${t_tag:+${t_tag//-/_}}
         case $t_entry in
-        full) kjobs+=("kbench-full$t_tag=${t_env}python3 bench/kernels_bench.py --asym --out $OUT/kernels_full$kt.json") ;;
+        full) kjobs+=("kbench-full$t_tag=${t_env}python3 bench/kernels_bench.py --asym ${KBENCH_ARGS:-} --out $OUT/kernels_full$kt.json") ;;
         # the same table in the served layout of --page-size 64 (whole pages, values page-transposed)
-        full-p64) kjobs+=("kbench-full-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 --out $OUT/kernels_full_p64$kt.json") ;;
+        full-p64) kjobs+=("kbench-full-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 ${KBENCH_ARGS:-} --out $OUT/kernels_full_p64$kt.json") ;;
         # only the store table in pages of 64 (a prefill's slots), one token a program against token tiles
         store-p64) kjobs+=("kbench-store-p64$t_tag=${t_env}python3 bench/kernels_bench.py --asym --page 64 --store-only --out $OUT/kernels_store_p64$kt.json") ;;
         # variants pf,warps,block_n,maxnreg,stages: the current defaults, no prefetch, and prefetch 2

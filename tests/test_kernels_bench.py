@@ -57,3 +57,20 @@ def test_page_option_lays_out_slots_and_values_as_served():
     assert KB.with_page(args, QuantKV.empty(64, 2, f4), f4).page == 16
     assert KB.with_page(args, QuantKV.empty(64, 2, f4), f16).page == 0  # 16-bit K: token-major, as served
     assert KB.with_page(types.SimpleNamespace(page=0), QuantKV.empty(64, 2, f4), f4).page == 0
+
+
+def test_shape_and_configuration_filters_are_checked():
+    """``--shapes`` / ``--cfgs`` narrow issue 3's table (a targeted rerun); a malformed shape or an unknown
+    configuration is a one-line argument error naming the flag, before any GPU work."""
+    import subprocess
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "kernels_bench.py"), *args, "--check"],
+                              capture_output=True, text=True, timeout=120,
+                              env={"PYTHONPATH": str(ROOT / "kernels"), "PATH": "/usr/bin:/bin"})
+
+    assert run("--shapes", "64x8192,1x1024", "--cfgs", "bf16,int4").returncode == 0
+    bad = run("--shapes", "64x")
+    assert bad.returncode == 2 and "--shapes '64x'" in bad.stderr
+    bad = run("--cfgs", "int4,int5")
+    assert bad.returncode == 2 and "--cfgs 'int4,int5'" in bad.stderr

@@ -153,14 +153,14 @@ def test_decode_tuning_from_environment(device, monkeypatch):
                         (",,,,,,,,,,1", {"swap": 1}), (",,,,,,,,,,,3", {"min_splits": 3}), (",,,,,,,,,,,,1", {"pair": 1}),
                         (",,,,,,,,,,,,,0", {"meta_words": 0}), (",,,,,,,,,,,,,,1", {"key_bias": 1}),
                         (",,,,,,,,,,,,,,,1", {"v_bias": 1}), (",,,,,,,,,,,,,,,,1", {"ring_stages": 1}),
-                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2})):
+                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,0", {"stage2_vec": 0})):
         monkeypatch.setattr(D, "_ENV_TUNING", None)
         monkeypatch.setenv("KVTUNER_DECODE", raw)
         assert D._env_tuning() == parsed, raw
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 19))
+    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 20))
     with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                                         "grid_splits"):
+                                         "grid_splits,stage2_vec"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")

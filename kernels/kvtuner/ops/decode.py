@@ -318,6 +318,48 @@ def _decode_stage2(
     tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
 
 
+@triton.jit
+def _decode_stage2_vec(
+    Att_O, Att_Lse, O, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, stride_b, stride_h,
+    MAX_SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr,
+):
+    """:func:`_decode_stage2` in one pass: every split's log-sum-exp in one load, then the rows of the
+    splits where it is finite in another (two dependent memory round trips instead of two a split; an
+    empty split's row is never read).  ``SP``: MAX_SPLITS rounded up to a power of two."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SP)
+    offs_d = tl.arange(0, DV)
+    lse = tl.load(Att_Lse + b * stride_lb + h * stride_lh + offs_s * stride_ls, mask=offs_s < MAX_SPLITS,
+                  other=float("-inf"))
+    live = lse > float("-inf")
+    m = tl.max(tl.where(live, lse, -3.0e38), 0)
+    w = tl.where(live, tl.exp(tl.where(live, lse, m) - m), 0.0)
+    tv = tl.load(Att_O + b * stride_ob + h * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+                 mask=live[:, None], other=0.0)
+    e_sum = tl.sum(w, 0)
+    acc = tl.sum(tv * w[:, None], 0)
+    out = tl.where(e_sum > 0, acc / tl.where(e_sum > 0, e_sum, 1.0), 0.0)
+    tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
+
+
+def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, max_kv_splits: int,
+            vec: bool | None = None) -> None:
+    """Stage 2 of a split-KV decode: merges the splits' results into ``o [B, Hq, Dv]``.  ``vec``
+    (``KVTUNER_DECODE``'s nineteenth field, default on): :func:`_decode_stage2_vec`; off: the loop over
+    splits (:func:`_decode_stage2`)."""
+    bsz, hq, dv = o.shape
+    if vec is None:
+        vec = bool(_env_tuning().get("stage2_vec", 1))
+    strides = (attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2), attn_lse.stride(0),
+               attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1))
+    if vec:
+        _decode_stage2_vec[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits,
+                                      SP=triton.next_power_of_2(max_kv_splits), DV=dv, num_warps=4)
+    else:
+        _decode_stage2[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fast path: both K and V packed (bits 8/4/2).  The head is cut into byte chunks of
 # C = min(G, P) bytes; chunk c of bit field f holds head elements [k*C, (k+1)*C) with
@@ -1025,7 +1067,7 @@ def _meta_words_fit(kv: QuantKV) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
@@ -1036,12 +1078,12 @@ def _env_tuning() -> dict:
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
                 "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias", "ring_stages",
-                "grid_splits")
+                "grid_splits", "stage2_vec")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
                              "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                             "grid_splits (integers)")
+                             "grid_splits,stage2_vec (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -1091,6 +1133,7 @@ def decode_attention(
     meta_words: bool | None = None,
     v_bias: bool | None = None,
     grid_splits: int | None = None,
+    stage2_vec: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1164,6 +1207,9 @@ def decode_attention(
     * ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``;
       untimed): programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
       ``grid_splits``-th split, so a grid of 8 (the server's) with 2-4 splits used has no empty programs.
+    * ``stage2_vec`` (``KVTUNER_DECODE``'s nineteenth field; default on; untimed): the merge of the splits
+      in one pass (:func:`_decode_stage2_vec`: all log-sum-exps in one load, the live rows in another)
+      instead of a loop with two dependent loads a split; 0 gives the loop.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1371,20 +1417,5 @@ def decode_attention(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-    _decode_stage2[(bsz, hq)](
-        attn_logits,
-        attn_lse,
-        o,
-        attn_logits.stride(0),
-        attn_logits.stride(1),
-        attn_logits.stride(2),
-        attn_lse.stride(0),
-        attn_lse.stride(1),
-        attn_lse.stride(2),
-        o.stride(0),
-        o.stride(1),
-        MAX_SPLITS=max_kv_splits,
-        DV=dv,
-        num_warps=4,
-    )
+    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec)
     return o

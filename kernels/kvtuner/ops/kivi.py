@@ -34,10 +34,10 @@ import triton.language as tl
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
-from kvtuner.ops.decode import (_codes, _decode_stage2, _env_tuning, _f16_words_fit, _load_chunks, _load_chunks_paged,
+from kvtuner.ops.decode import (_codes, _env_tuning, _f16_words_fit, _load_chunks, _load_chunks_paged,
                                 _load_meta, _meta_words_fit, _offset_rows, _program_heads, _pv_chunks_loaded,
-                                _query_scale, _softmax_step, _sm_count, _sm_major, _store_split, _sums_init,
-                                _swap_launch)
+                                _query_scale, _softmax_step, _sm_count, _sm_major, _stage2, _store_split,
+                                _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -640,6 +640,7 @@ def kivi_decode_attention(
     ring_stages: int | None = None,
     min_splits: int | None = None,
     grid_splits: int | None = None,
+    stage2_vec: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -695,7 +696,7 @@ def kivi_decode_attention(
     programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
     ``grid_splits``-th split.  The server's grid has 8 (``--triton-attention-num-kv-splits``) while
     requests of similar lengths at a large batch get 1-2 from SGLang's count, so most programs would be
-    empty; with 2, at most one a pair is."""
+    empty; with 2, at most one a pair is.  ``stage2_vec``: as :func:`kvtuner.ops.decode_attention`'s."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -828,11 +829,7 @@ def kivi_decode_attention(
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
                      **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
-    _decode_stage2[(bsz, hq)](
-        attn_logits, attn_lse, o, attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
-        attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1),
-        MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4,
-    )
+    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec)
     return o
 
 
