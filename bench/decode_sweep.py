@@ -29,7 +29,7 @@ from kvtuner import reference as R  # noqa: E402
 from kvtuner.format import TensorFormat  # noqa: E402
 from kvtuner.ops import QuantKV, decode_attention  # noqa: E402
 from kvtuner.ops.types import META_LAYOUTS  # noqa: E402
-from kernels_bench import fill_pool, git_sha, hbm_peak, slot_order, sweep_timer, try_sglang  # noqa: E402
+from kernels_bench import add_timing_arg, fill_pool, git_sha, hbm_peak, slot_order, sweep_timer, try_sglang  # noqa: E402
 
 CFGS = {  # name: (k bits, v bits, group, asym)
     "int8": (8, 8, 64, False),
@@ -115,9 +115,7 @@ def main() -> int:
     ap.add_argument("--meta-layouts", default="", help="with --vt: time every --vt variant with the pools' meta "
                     "in each of these layouts, e.g. 'head,token' (keys end in _mlhead / _mltoken; "
                     "kvtuner.ops.types.alloc_meta); default: the pools' default layout only, no suffix")
-    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
-                    help="graph: each call replayed from a CUDA graph, the L2 flushed before each (as the server runs "
-                         "decode; kernels_bench.graph_ms); eager: triton's do_bench of the call (before session 36)")
+    add_timing_arg(ap)
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     cfgs = args.cfgs.split(",")

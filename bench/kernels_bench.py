@@ -132,6 +132,13 @@ def sweep_timer(method: str):
     return timer, record
 
 
+def add_timing_arg(ap) -> None:
+    """The sweep scripts' ``--timing`` (the method :func:`sweep_timer` takes)."""
+    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
+                    help="graph: each call replayed from a CUDA graph, the L2 flushed before each (as the server runs "
+                         "decode; kernels_bench.graph_ms); eager: triton's do_bench of the call (before session 36)")
+
+
 def fill_pool(kc: QuantKV, vc: QuantKV) -> None:
     s, h = kc.num_slots, kc.num_heads
     chunk = 1 << 18
@@ -322,12 +329,14 @@ def main() -> int:
     ap.add_argument("--cfgs", help=f"only these configurations, comma-separated (from {', '.join(CONFIGS)})")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
-    try:
-        only_shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
-    except ValueError:
-        ap.error(f"--shapes {args.shapes!r}: BxCTX[,BxCTX...]")
-    if only_shapes and any(len(sh) != 2 for sh in only_shapes):
-        ap.error(f"--shapes {args.shapes!r}: BxCTX[,BxCTX...]")
+    only_shapes = None
+    if args.shapes:
+        try:
+            only_shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+        except ValueError:
+            only_shapes = []
+        if not only_shapes or any(len(sh) != 2 for sh in only_shapes):
+            ap.error(f"--shapes {args.shapes!r}: BxCTX[,BxCTX...]")
     only_cfgs = args.cfgs.split(",") if args.cfgs else None
     if only_cfgs and any(c not in CONFIGS for c in only_cfgs):
         ap.error(f"--cfgs {args.cfgs!r}: from {', '.join(CONFIGS)}")

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from kvtuner import reference as R  # noqa: E402
 from kvtuner.format import TensorFormat  # noqa: E402
 from kvtuner.ops import QuantKV, decode_attention, kivi_decode_attention, kivi_store  # noqa: E402
-from kernels_bench import fill_pool, git_sha, sweep_timer  # noqa: E402
+from kernels_bench import add_timing_arg, fill_pool, git_sha, sweep_timer  # noqa: E402
 
 CFGS = {"K2V2": (2, 2), "K4V4": (4, 4), "K4V2": (4, 2)}
 
@@ -139,9 +139,7 @@ def main() -> int:
     ap.add_argument("--variants", help='per-channel variants "name:key=int,...;..." instead of the default set, '
                                        'e.g. "w4:;w1:num_warps=1,maxnreg=255" (kivi_decode_attention arguments)')
     ap.add_argument("--no-per-token", action="store_true", help="skip the per-token reference row")
-    ap.add_argument("--timing", choices=["graph", "eager"], default="graph",
-                    help="graph: each call replayed from a CUDA graph, the L2 flushed before each (as the server runs "
-                         "decode; kernels_bench.graph_ms); eager: triton's do_bench of the call (before session 36)")
+    add_timing_arg(ap)
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
     args = ap.parse_args()
     variants = parse_variants(args.variants) if args.variants else DEFAULT_VARIANTS

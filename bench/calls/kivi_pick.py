@@ -16,10 +16,13 @@ import argparse
 import json
 
 
-def pick(res: dict, cfg: str, shape: str, new: list[str], old: str, gain: float) -> list:
+def _row(res: dict, cfg: str, shape: str) -> dict:
     # kivi_decode.py keys one shape's timings by the configuration, several by "SHAPE CFG"
-    row = res["timings"].get(f"{shape} {cfg}") or res["timings"][cfg]
-    t, checks = row["best_ms"], res["checks"][cfg]
+    return res["timings"].get(f"{shape} {cfg}") or res["timings"][cfg]
+
+
+def pick(res: dict, cfg: str, shape: str, new: list[str], old: str, gain: float) -> list:
+    t, checks = _row(res, cfg, shape)["best_ms"], res["checks"][cfg]
     best = min(new, key=lambda v: t[f"kivi_r64_{v}"])
     ok = checks[best] < 2 * checks[old] + 1e-3
     win = ok and t[f"kivi_r64_{best}"] <= gain * t[f"kivi_r64_{old}"]
@@ -28,8 +31,7 @@ def pick(res: dict, cfg: str, shape: str, new: list[str], old: str, gain: float)
 
 
 def pick_split(res: dict, cfg: str, shape: str, variant: str, base: int, gain: float) -> list:
-    row = res["timings"].get(f"{shape} {cfg}") or res["timings"][cfg]
-    t = {int(k): v for k, v in row[f"kivi_r64_{variant}"].items()}
+    t = {int(k): v for k, v in _row(res, cfg, shape)[f"kivi_r64_{variant}"].items()}
     best = min(t, key=t.get)
     win = best != base and t[best] <= gain * t[base]
     return ["win" if win else "lose", best if win else base, *(f"{k} {v:.4f}" for k, v in sorted(t.items()))]

@@ -343,6 +343,15 @@ def _decode_stage2_vec(
     tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
 
 
+def _grid_splits(grid_splits: int | None, max_kv_splits: int) -> tuple[int, int]:
+    """A swapped launch's programs a (request, KV-head block) for ``grid_splits`` (0 or None:
+    ``max_kv_splits``; more is clamped to it), and the kernels' ``GRID_SPLITS`` for it (0: the plain grid)."""
+    gs = min(int(grid_splits or 0), max_kv_splits) or max_kv_splits
+    if gs < 1:
+        raise ValueError(f"grid_splits {grid_splits}: 0 (max_kv_splits) or at least 1")
+    return gs, (gs if gs < max_kv_splits else 0)
+
+
 def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, max_kv_splits: int,
             vec: bool | None = None) -> None:
     """Stage 2 of a split-KV decode: merges the splits' results into ``o [B, Hq, Dv]``.  ``vec``
@@ -1335,9 +1344,7 @@ def decode_attention(
         from kvtuner.ops.decode_swapped import _decode_stage1_swapped
 
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
-        gs = min(int(grid_splits or 0), max_kv_splits) or max_kv_splits
-        if gs < 1:
-            raise ValueError(f"grid_splits {grid_splits}: 0 (max_kv_splits) or at least 1")
+        gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
         _decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
@@ -1349,7 +1356,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=gs if gs < max_kv_splits else 0,
+            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=grid_step,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )

@@ -34,10 +34,10 @@ import triton.language as tl
 from kvtuner.format import TensorFormat
 from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_packed, qmin_of, rint_half_even,
                                 row_strides, slot_rows, tanh_f32)
-from kvtuner.ops.decode import (_codes, _env_tuning, _f16_words_fit, _load_chunks, _load_chunks_paged,
+from kvtuner.ops.decode import (_codes, _env_tuning, _f16_words_fit, _grid_splits, _load_chunks, _load_chunks_paged,
                                 _load_meta, _meta_words_fit, _offset_rows, _program_heads, _pv_chunks_loaded,
-                                _query_scale, _softmax_step, _sm_count, _sm_major, _stage2, _store_split,
-                                _sums_init, _swap_launch)
+                                _query_scale, _softmax_step, _sm_count, _sm_major, _split_width, _stage2,
+                                _store_split, _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
 from kvtuner.ops.types import QuantKV
@@ -345,8 +345,7 @@ def _kivi_program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl
     if SLIDING_WINDOW > 0:
         w0 = tl.maximum(n - (SLIDING_WINDOW + 1), 0)
     a0 = w0 // BLOCK_N * BLOCK_N
-    n_splits = tl.maximum(tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS), 1)
-    per_split = tl.cdiv(tl.cdiv(n - a0, n_splits), BLOCK_N) * BLOCK_N
+    per_split = _split_width(num_kv_splits, b, n - a0, BLOCK_N, MAX_SPLITS, MIN_SPLITS)
     s0 = a0 + per_split * split
     s1 = tl.minimum(s0 + per_split, n)
     return b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per_split
@@ -817,13 +816,11 @@ def kivi_decode_attention(
             raise ValueError(f"min_splits {min_splits}: at least 1")
         if grid_splits is None:  # KVTUNER_DECODE's eighteenth field; 0: max_kv_splits
             grid_splits = env.get("grid_splits", 0)
-        gs = min(int(grid_splits), max_kv_splits) or max_kv_splits
-        if gs < 1:
-            raise ValueError(f"grid_splits {grid_splits}: 0 (max_kv_splits) or at least 1")
+        gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
-            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=gs if gs < max_kv_splits else 0,
+            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step,
             num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
