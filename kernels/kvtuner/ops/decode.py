@@ -355,11 +355,11 @@ def _grid_splits(grid_splits: int | None, max_kv_splits: int) -> tuple[int, int]
 def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, max_kv_splits: int,
             vec: bool | None = None) -> None:
     """Stage 2 of a split-KV decode: merges the splits' results into ``o [B, Hq, Dv]``.  ``vec``
-    (``KVTUNER_DECODE``'s nineteenth field, default on): :func:`_decode_stage2_vec`; off: the loop over
-    splits (:func:`_decode_stage2`)."""
+    (``KVTUNER_DECODE``'s nineteenth field, default off: the loop over splits, :func:`_decode_stage2`; 1:
+    :func:`_decode_stage2_vec`, slower on the H100 in session 38)."""
     bsz, hq, dv = o.shape
     if vec is None:
-        vec = bool(_env_tuning().get("stage2_vec", 1))
+        vec = bool(_env_tuning().get("stage2_vec", 0))
     strides = (attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2), attn_lse.stride(0),
                attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1))
     if vec:
@@ -1216,9 +1216,10 @@ def decode_attention(
     * ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``;
       untimed): programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
       ``grid_splits``-th split, so a grid of 8 (the server's) with 2-4 splits used has no empty programs.
-    * ``stage2_vec`` (``KVTUNER_DECODE``'s nineteenth field; default on; untimed): the merge of the splits
-      in one pass (:func:`_decode_stage2_vec`: all log-sum-exps in one load, the live rows in another)
-      instead of a loop with two dependent loads a split; 0 gives the loop.
+    * ``stage2_vec`` (``KVTUNER_DECODE``'s nineteenth field; default off): 1 merges the splits in one pass
+      (:func:`_decode_stage2_vec`: all log-sum-exps in one load, the live rows in another) instead of the
+      loop with two dependent loads a split.  Timed on an H100 (session 38) it lost: per-channel K2V2 at
+      1024 x 3k 0.616 against 0.559 ms, int4 at 64 x 8k 0.1405 against 0.1367 ms.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
