@@ -153,7 +153,7 @@ def test_decode_tuning_from_environment(device, monkeypatch):
                         (",,,,,,,,,,1", {"swap": 1}), (",,,,,,,,,,,3", {"min_splits": 3}), (",,,,,,,,,,,,1", {"pair": 1}),
                         (",,,,,,,,,,,,,0", {"meta_words": 0}), (",,,,,,,,,,,,,,1", {"key_bias": 1}),
                         (",,,,,,,,,,,,,,,1", {"v_bias": 1}), (",,,,,,,,,,,,,,,,1", {"ring_stages": 1}),
-                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,0", {"stage2_vec": 0})):
+                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,1", {"stage2_vec": 1})):
         monkeypatch.setattr(D, "_ENV_TUNING", None)
         monkeypatch.setenv("KVTUNER_DECODE", raw)
         assert D._env_tuning() == parsed, raw

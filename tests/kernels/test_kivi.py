@@ -338,7 +338,7 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
             assert logits[b, :, empty].isnan().all(), (kw, b, empty)  # never written
 
     check(1)
-    check(1, stage2_vec=False)  # (the splits merged by a loop over them)
+    check(1, stage2_vec=True)  # (the splits merged in one pass instead of the loop over them)
     check(2, min_splits=2)
     check(ms, min_splits=20)  # (at most max_kv_splits)
     # a grid of fewer programs than max_kv_splits a pair: each takes every grid_splits-th split

@@ -480,9 +480,9 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(run(pv, swap=True, grid_splits=1), o, atol=1e-6, rtol=1e-6)
     assert_close(run(pv, swap=True, grid_splits=2, min_splits=3), ref)
     assert_close(run(pv, swap=True, grid_splits=3, pair=True), ref)
-    # the splits merged by the loop over splits instead of in one pass (stage2_vec off): the same attention
-    assert_close(run(pv, swap=True, stage2_vec=False), o, atol=1e-5, rtol=1e-5)
-    assert_close(run(pv, sum_later=False, stage2_vec=False), ref)
+    # the splits merged in one pass instead of the loop over splits (stage2_vec on): the same attention
+    assert_close(run(pv, swap=True, stage2_vec=True), o, atol=1e-5, rtol=1e-5)
+    assert_close(run(pv, sum_later=False, stage2_vec=True), ref)
     with pytest.raises(ValueError, match="grid_splits is a launch of the swapped decode"):
         run(pv, swap=False, sum_later=False, grid_splits=2)
     with pytest.raises(ValueError, match="grid_splits -1: 0"):

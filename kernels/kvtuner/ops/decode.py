@@ -1213,9 +1213,12 @@ def decode_attention(
       640 x 3k 0.479 vs 0.472 ms): the value codes of bit field f enter the MMAs as ``2**(10 - f*bits) + u`` (:func:`_codes_e`) against one
       ``fp16(p * scale)`` a scale group, the bias taken off each chunk's accumulator once a tile
       (``decode_swapped._softmax_pv_t``'s ``V_BIAS``): no float16 subtraction a pair of codes.
-    * ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``;
-      untimed): programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
+    * ``grid_splits`` (swapped form; ``KVTUNER_DECODE``'s eighteenth field; default 0: ``max_kv_splits``):
+      programs a (request, KV-head block); with fewer than ``max_kv_splits`` each takes every
       ``grid_splits``-th split, so a grid of 8 (the server's) with 2-4 splits used has no empty programs.
+      Timed on an H100 (session 38) it did not win: int4 at 64 x 8k with 4 a pair tied, per-channel K2V2
+      at 1024 x 3k with 4 / 2 / 1 was 2-3% slower than the plain grid (empty programs store only their
+      log-sum-exp, so they cost little).
     * ``stage2_vec`` (``KVTUNER_DECODE``'s nineteenth field; default off): 1 merges the splits in one pass
       (:func:`_decode_stage2_vec`: all log-sum-exps in one load, the live rows in another) instead of the
       loop with two dependent loads a split.  Timed on an H100 (session 38) it lost: per-channel K2V2 at
