@@ -73,6 +73,30 @@ def bench_ms(fn, quick: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 400, return_mode="median"))
 
 
+def _capture(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up on a side stream, as ``torch.cuda.graph`` asks), or None
+    where it cannot be (a call that syncs or allocates on the host)."""
+    stream = torch.cuda.current_stream()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        stream.wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g
+    except Exception:  # noqa: BLE001
+        torch.cuda.set_stream(stream)  # (a failed capture_end leaves torch.cuda.graph's stream current)
+        try:
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+
 def graph_ms(fn, quick: bool) -> float | None:
     """GPU time of ``fn`` replayed from a CUDA graph, median over replays, the L2 cache flushed (outside the
     graph) before each as :func:`bench_ms` (``triton.testing.do_bench``) flushes it.  ``do_bench`` times an
@@ -80,23 +104,8 @@ def graph_ms(fn, quick: bool) -> float | None:
     they take longer than the flush ahead of them: batch 1 x 1k int4 read 0.116 ms there, for microseconds
     of GPU work.  The server replays decode from CUDA graphs, so this is the time it sees.  None where
     ``fn`` cannot be captured."""
-    stream = torch.cuda.current_stream()
-    try:
-        side = torch.cuda.Stream()
-        side.wait_stream(stream)
-        with torch.cuda.stream(side):  # (warm-up off the capture, as torch.cuda.graph asks)
-            for _ in range(3):
-                fn()
-        stream.wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-    except Exception:  # noqa: BLE001  (a call that syncs or allocates on the host cannot be captured)
-        torch.cuda.set_stream(stream)  # (a failed capture_end leaves torch.cuda.graph's stream current)
-        try:
-            torch.cuda.synchronize()
-        except Exception:  # noqa: BLE001
-            pass
+    g = _capture(fn)
+    if g is None:
         return None
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     for _ in range(10):
@@ -113,6 +122,76 @@ def graph_ms(fn, quick: bool) -> float | None:
     times = sorted(a.elapsed_time(b) for a, b in zip(start, end))
     del g, flush
     return float(times[n // 2])
+
+
+FLUSH_BYTES = 256 << 20
+
+
+def parts_from_events(events: list[dict], flush_bytes: int = FLUSH_BYTES) -> dict | None:
+    """A replayed call's kernels from a profiler trace (chrome-trace events; ``ts``/``dur`` in us): the
+    trace holds L2 flushes (a fill of ``flush_bytes``, recognised by its name or its bytes) each followed by
+    one replay.  Returns, averaged over the replays, each kernel's time (``kernels_us``, by name cut at its
+    first ``(`` or ``<``), their sum (``busy_us``) and the span from the first kernel's start to the last
+    one's end (``span_us``; span - busy = the gaps between the call's kernels).  None without kernel events."""
+    ks = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset")),
+                key=lambda e: float(e["ts"]))
+    if not ks:
+        return None
+
+    def is_flush(e: dict) -> bool:
+        args = e.get("args") or {}
+        return e.get("cat") == "gpu_memset" or int(args.get("bytes", 0) or 0) == flush_bytes or \
+            ("fill" in e["name"].lower() and "elementwise" in e["name"].lower())
+
+    groups: list[list[dict]] = [[]]
+    for e in ks:
+        if is_flush(e):
+            groups.append([])
+        else:
+            groups[-1].append(e)
+    groups = [g for g in groups if g]
+    if not groups:
+        return None
+    per: dict[str, float] = {}
+    spans = []
+    for g in groups:
+        spans.append(max(float(e["ts"]) + float(e["dur"]) for e in g) - float(g[0]["ts"]))
+        for e in g:
+            name = e["name"].split("(")[0].split("<")[0].strip() or e["name"][:60]
+            per[name] = per.get(name, 0.0) + float(e["dur"])
+    n = len(groups)
+    kernels = {k: round(v / n, 2) for k, v in sorted(per.items(), key=lambda kv: -kv[1])}
+    return {"replays": n, "kernels_us": kernels, "busy_us": round(sum(kernels.values()), 2),
+            "span_us": round(sum(spans) / n, 2)}
+
+
+def graph_parts(fn, n: int = 20) -> dict | None:
+    """Where a replayed call's time goes: ``fn`` captured in a CUDA graph, replayed ``n`` times under the
+    torch profiler, each replay after an L2 flush as in :func:`graph_ms`; :func:`parts_from_events` of the
+    trace.  None where ``fn`` cannot be captured or the trace has no kernels."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    g = _capture(fn)
+    if g is None:
+        return None
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(5):
+        g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            flush.zero_()
+            g.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())
+    events = events.get("traceEvents", events) if isinstance(events, dict) else events
+    del g, flush
+    return parts_from_events(events)
 
 
 def sweep_timer(method: str):
@@ -233,6 +312,8 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
         tg = graph_ms(ours, args.quick)
         if tg:
             res.update(graph_ms=tg, graph_GBps=moved / tg / 1e6)
+        if args.parts:
+            res["graph_parts"] = graph_parts(ours)
     if kf.quantized and vf.quantized and args.page >= 64:  # the swapped default launch raises the count to a floor
         from kvtuner.ops.decode import swap_default_warps, swap_min_splits
 
@@ -251,6 +332,8 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
                 sgg = graph_ms(theirs, args.quick)
                 if sgg:
                     res["sglang_graph_ms"] = sgg
+                if args.parts:
+                    res["sglang_graph_parts"] = graph_parts(theirs)
         except Exception as e:  # noqa: BLE001
             res["sglang_error"] = f"{type(e).__name__}: {e}"[:300]
     if cfg == "bf16" and args.flashinfer:
@@ -325,6 +408,10 @@ def main() -> int:
                     help="only the store table (and the 8k prefill it is compared with), every store form")
     ap.add_argument("--no-graph", dest="graph", action="store_false",
                     help="skip the CUDA-graph replay timings of decode (graph_ms, sglang_graph_ms, flashinfer_graph_ms)")
+    ap.add_argument("--parts", action="store_true",
+                    help="also profile 20 graph replays of each decode (graph_parts: each kernel's time, their sum and the "
+                         "span from the first kernel's start to the last one's end, so stage 1, stage 2 and the gap "
+                         "between them apart)")
     ap.add_argument("--shapes", help="only these BxCTX shapes, comma-separated (e.g. 64x8192; default: the full table)")
     ap.add_argument("--cfgs", help=f"only these configurations, comma-separated (from {', '.join(CONFIGS)})")
     ap.add_argument("--check", action="store_true", help="validate the arguments and exit (no GPU)")
@@ -342,6 +429,8 @@ def main() -> int:
         ap.error(f"--cfgs {args.cfgs!r}: from {', '.join(CONFIGS)}")
     if args.page and (not 16 <= args.page <= 128 or args.page & (args.page - 1)):
         ap.error(f"--page {args.page}: a power of two from 16 to 128")
+    if args.parts and not args.graph:
+        ap.error("--parts profiles graph replays: drop --no-graph")
     if args.check:
         return 0
     if not torch.cuda.is_available():

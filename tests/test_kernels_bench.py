@@ -74,3 +74,27 @@ def test_shape_and_configuration_filters_are_checked():
     assert bad.returncode == 2 and "--shapes '64x'" in bad.stderr
     bad = run("--cfgs", "int4,int5")
     assert bad.returncode == 2 and "--cfgs 'int4,int5'" in bad.stderr
+    assert run("--shapes", "64x8192", "--parts").returncode == 0
+    bad = run("--parts", "--no-graph")
+    assert bad.returncode == 2 and "--parts" in bad.stderr
+
+
+def test_graph_parts_splits_a_replay_into_its_kernels_and_gaps():
+    """``--parts``: a profiler trace of flush + replay pairs becomes each kernel's mean time, their sum and the
+    span of the call (first kernel's start to last one's end), so the gap between stage 1 and stage 2 shows."""
+    ev = []
+    for i in range(2):
+        t = 1000.0 * i
+        ev.append({"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": t, "dur": 80.0})
+        ev.append({"ph": "X", "cat": "kernel", "name": "_swapped_stage1_kernel", "ts": t + 90, "dur": 120.0 + 10 * i})
+        ev.append({"ph": "X", "cat": "kernel", "name": "_decode_stage2", "ts": t + 90 + 130 + 10 * i, "dur": 6.0})
+        ev.append({"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": t + 1, "dur": 5.0})
+    p = KB.parts_from_events(ev)
+    assert p["replays"] == 2
+    assert p["kernels_us"] == {"_swapped_stage1_kernel": 125.0, "_decode_stage2": 6.0}
+    assert p["busy_us"] == 131.0 and p["span_us"] == 141.0  # 10 us of gap a call
+    # a flush that is a fill kernel (torch's zero_ as an elementwise fill) splits the same way; templates cut
+    fill = "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<signed char>>(int)"
+    ev2 = [{**e, "cat": "kernel", "name": fill} if e["cat"] == "gpu_memset" else e for e in ev]
+    assert KB.parts_from_events(ev2) == p
+    assert KB.parts_from_events([{"ph": "X", "cat": "cuda_runtime", "name": "x", "ts": 0, "dur": 1}]) is None
