@@ -73,6 +73,9 @@ def bench_ms(fn, quick: bool) -> float:
     return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=100 if quick else 400, return_mode="median"))
 
 
+FLUSH_BYTES = 256 << 20  # the L2 flush before each timed replay (triton's do_bench flushes as much)
+
+
 def _capture(fn):
     """``fn`` captured in a CUDA graph (after a warm-up on a side stream, as ``torch.cuda.graph`` asks), or None
     where it cannot be (a call that syncs or allocates on the host)."""
@@ -107,7 +110,7 @@ def graph_ms(fn, quick: bool) -> float | None:
     g = _capture(fn)
     if g is None:
         return None
-    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
     for _ in range(10):
         g.replay()
     n = 50 if quick else 200
@@ -122,9 +125,6 @@ def graph_ms(fn, quick: bool) -> float | None:
     times = sorted(a.elapsed_time(b) for a, b in zip(start, end))
     del g, flush
     return float(times[n // 2])
-
-
-FLUSH_BYTES = 256 << 20
 
 
 def parts_from_events(events: list[dict], flush_bytes: int = FLUSH_BYTES) -> dict | None:
