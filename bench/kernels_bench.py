@@ -100,6 +100,18 @@ def _capture(fn):
         return None
 
 
+def _warm_replay(fn, warm: int):
+    """``fn`` captured (:func:`_capture`) and replayed ``warm`` times, with the buffer whose zeroing flushes
+    the L2 before each timed replay; None where ``fn`` cannot be captured."""
+    g = _capture(fn)
+    if g is None:
+        return None
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(warm):
+        g.replay()
+    return g, flush
+
+
 def graph_ms(fn, quick: bool) -> float | None:
     """GPU time of ``fn`` replayed from a CUDA graph, median over replays, the L2 cache flushed (outside the
     graph) before each as :func:`bench_ms` (``triton.testing.do_bench``) flushes it.  ``do_bench`` times an
@@ -107,12 +119,10 @@ def graph_ms(fn, quick: bool) -> float | None:
     they take longer than the flush ahead of them: batch 1 x 1k int4 read 0.116 ms there, for microseconds
     of GPU work.  The server replays decode from CUDA graphs, so this is the time it sees.  None where
     ``fn`` cannot be captured."""
-    g = _capture(fn)
-    if g is None:
+    cap = _warm_replay(fn, 10)
+    if cap is None:
         return None
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(10):
-        g.replay()
+    g, flush = cap
     n = 50 if quick else 200
     start = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
@@ -173,12 +183,10 @@ def graph_parts(fn, n: int = 20) -> dict | None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    g = _capture(fn)
-    if g is None:
+    cap = _warm_replay(fn, 5)
+    if cap is None:
         return None
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
-    for _ in range(5):
-        g.replay()
+    g, flush = cap
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
