@@ -153,19 +153,28 @@ def test_decode_tuning_from_environment(device, monkeypatch):
                         (",,,,,,,,,,1", {"swap": 1}), (",,,,,,,,,,,3", {"min_splits": 3}), (",,,,,,,,,,,,1", {"pair": 1}),
                         (",,,,,,,,,,,,,0", {"meta_words": 0}), (",,,,,,,,,,,,,,1", {"key_bias": 1}),
                         (",,,,,,,,,,,,,,,1", {"v_bias": 1}), (",,,,,,,,,,,,,,,,1", {"ring_stages": 1}),
-                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,1", {"stage2_vec": 1})):
+                        (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,1", {"stage2_vec": 1}),
+                        (",,,,,,,,,,,,,,,,,,,1", {"pdl": 1})):
         monkeypatch.setattr(D, "_ENV_TUNING", None)
         monkeypatch.setenv("KVTUNER_DECODE", raw)
         assert D._env_tuning() == parsed, raw
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 20))
+    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 21))
     with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                                         "grid_splits,stage2_vec"):
+                                         "grid_splits,stage2_vec,pdl"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")
     with pytest.raises(ValueError, match="KVTUNER_DECODE"):
         D._env_tuning()
+    monkeypatch.setattr(D, "_ENV_TUNING", None)
+    # pdl (the twentieth field) is a CUDA-on-Hopper launch: off in the interpreter, where the decode runs as before
+    monkeypatch.setenv("KVTUNER_DECODE", ",,,,,,,,,,,,,,,,,,,1")
+    q = torch.zeros(1, 1, 8, device=device)
+    assert D.pdl_on(None, q) == (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    assert D.pdl_on(False, q) is False
+    o, ref, _ = _run(device, 4, 64, 4, 64, True, 128, 7, 1, [70, 3], 0.0, -1)
+    assert_close(o, ref)
     monkeypatch.setattr(D, "_ENV_TUNING", None)
 
 

@@ -483,6 +483,8 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     # the splits merged in one pass instead of the loop over splits (stage2_vec on): the same attention
     assert_close(run(pv, swap=True, stage2_vec=True), o, atol=1e-5, rtol=1e-5)
     assert_close(run(pv, sum_later=False, stage2_vec=True), ref)
+    # stage 2 as a programmatic dependent launch (CUDA on Hopper; elsewhere the plain launch): the same numbers
+    assert_close(run(pv, swap=True, pdl=True), o, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="grid_splits is a launch of the swapped decode"):
         run(pv, swap=False, sum_later=False, grid_splits=2)
     with pytest.raises(ValueError, match="grid_splits -1: 0"):

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from kvtuner.ops._common import dot_in_f32, fetch_rows, fmt_constexprs, mma, pv_packed, qmin_of, scores_packed, meta_arg, row_strides, tanh_f32
 from kvtuner.ops.types import QuantKV, require_token_major
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MIN_BLOCK_KV = 32
 
@@ -296,7 +297,12 @@ def _decode_stage2(
     stride_h,
     MAX_SPLITS: tl.constexpr,
     DV: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    """``PDL``: launched as a programmatic dependent of stage 1 (:func:`_stage2`), so it waits for
+    stage 1's grid to finish before its first load."""
+    if PDL:
+        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, DV)
@@ -321,11 +327,14 @@ def _decode_stage2(
 @triton.jit
 def _decode_stage2_vec(
     Att_O, Att_Lse, O, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls, stride_b, stride_h,
-    MAX_SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, SP: tl.constexpr, DV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """:func:`_decode_stage2` in one pass: every split's log-sum-exp in one load, then the rows of the
     splits where it is finite in another (two dependent memory round trips instead of two a split; an
-    empty split's row is never read).  ``SP``: MAX_SPLITS rounded up to a power of two."""
+    empty split's row is never read).  ``SP``: MAX_SPLITS rounded up to a power of two; ``PDL``: as
+    :func:`_decode_stage2`'s."""
+    if PDL:
+        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, SP)
@@ -353,20 +362,34 @@ def _grid_splits(grid_splits: int | None, max_kv_splits: int) -> tuple[int, int]
 
 
 def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, max_kv_splits: int,
-            vec: bool | None = None) -> None:
+            vec: bool | None = None, pdl: bool = False) -> None:
     """Stage 2 of a split-KV decode: merges the splits' results into ``o [B, Hq, Dv]``.  ``vec``
     (``KVTUNER_DECODE``'s nineteenth field, default off: the loop over splits, :func:`_decode_stage2`; 1:
-    :func:`_decode_stage2_vec`, slower on the H100 in session 38)."""
+    :func:`_decode_stage2_vec`, slower on the H100 in session 38).  ``pdl`` (:func:`pdl_on`): launched as a
+    programmatic dependent launch of stage 1, its programs waiting on the grid dependency."""
     bsz, hq, dv = o.shape
     if vec is None:
         vec = bool(_env_tuning().get("stage2_vec", 0))
     strides = (attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2), attn_lse.stride(0),
                attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1))
+    launch = {"PDL": True, "launch_pdl": True} if pdl else {}
     if vec:
         _decode_stage2_vec[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits,
-                                      SP=triton.next_power_of_2(max_kv_splits), DV=dv, num_warps=4)
+                                      SP=triton.next_power_of_2(max_kv_splits), DV=dv, num_warps=4, **launch)
     else:
-        _decode_stage2[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4)
+        _decode_stage2[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4,
+                                  **launch)
+
+
+def pdl_on(pdl: bool | None, q: torch.Tensor) -> bool:
+    """Whether a decode's stage 2 is a programmatic dependent launch of its stage 1 (``pdl``; None:
+    ``KVTUNER_DECODE``'s twentieth field, default off): stage 2 is then scheduled while stage 1's last
+    programs run and waits on the grid dependency (``griddepcontrol.wait``) instead of the launch gap
+    between two kernels, and the swapped stage 1 signals its dependents as it starts.  CUDA on Hopper
+    or later only (elsewhere, and in the interpreter, off)."""
+    if pdl is None:
+        pdl = bool(_env_tuning().get("pdl", 0))
+    return bool(pdl) and q.is_cuda and torch.version.hip is None and _sm_major(q.device.index) >= 9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1076,7 +1099,7 @@ def _meta_words_fit(kv: QuantKV) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
@@ -1087,12 +1110,12 @@ def _env_tuning() -> dict:
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
                 "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias", "ring_stages",
-                "grid_splits", "stage2_vec")
+                "grid_splits", "stage2_vec", "pdl")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
                              "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                             "grid_splits,stage2_vec (integers)")
+                             "grid_splits,stage2_vec,pdl (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -1143,6 +1166,7 @@ def decode_attention(
     v_bias: bool | None = None,
     grid_splits: int | None = None,
     stage2_vec: bool | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1223,6 +1247,8 @@ def decode_attention(
       (:func:`_decode_stage2_vec`: all log-sum-exps in one load, the live rows in another) instead of the
       loop with two dependent loads a split.  Timed on an H100 (session 38) it lost: per-channel K2V2 at
       1024 x 3k 0.616 against 0.559 ms, int4 at 64 x 8k 0.1405 against 0.1367 ms.
+    * ``pdl`` (``KVTUNER_DECODE``'s twentieth field; default off, untimed): stage 2 as a programmatic
+      dependent launch of stage 1 (:func:`pdl_on`; CUDA on Hopper or later).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1247,6 +1273,7 @@ def decode_attention(
     if bsz == 0:
         return o
     require_token_major("keys (only values take pages)", k_cache)
+    pdl = pdl_on(pdl, q)
     v_page = v_cache.page  # values transposed within pages (QuantKV.page)
     group = hq // hkv
     block_h = 16
@@ -1360,7 +1387,7 @@ def decode_attention(
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=grid_step,
+            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=grid_step, PDL=pdl,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
@@ -1428,5 +1455,5 @@ def decode_attention(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec)
+    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
     return o

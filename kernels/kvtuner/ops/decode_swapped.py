@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
                                 _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _split_width,
@@ -358,13 +359,16 @@ def _decode_stage1_swapped(
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
     MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False, GRID_SPLITS: tl.constexpr = 0,
+    V_BIAS: tl.constexpr = False, GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
     their scores independent of each other, one softmax step and one rescale of the accumulators for
     both (``_softmax_pv_t``'s ``TWO``); the slot indices of both are loaded a step ahead.
     ``GRID_SPLITS`` (0: the grid has ``MAX_SPLITS`` programs a (request, KV-head block)): a grid of that
-    many, each taking splits split, split + GRID_SPLITS, ... (one past the request's count is empty)."""
+    many, each taking splits split, split + GRID_SPLITS, ... (one past the request's count is empty).
+    ``PDL``: stage 2 is a programmatic dependent launch (``decode.pdl_on``): signal it as the program starts."""
+    if PDL:
+        gdc_launch_dependents()
     b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, -1, MIN_SPLITS)
     if GRID_SPLITS > 0 and GRID_SPLITS < MAX_SPLITS:
@@ -595,12 +599,15 @@ def _kivi_decode_stage1_swapped(
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
     V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
-    GRID_SPLITS: tl.constexpr = 0,
+    GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
     page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
-    ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group)."""
+    ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group).
+    ``PDL``: as :func:`_decode_stage1_swapped`'s."""
+    if PDL:
+        gdc_launch_dependents()
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per = _kivi_program_range(
         kv_indptr, num_kv_splits, KV_GROUP, HQ, BLOCK_H, BLOCK_N, MAX_SPLITS, SLIDING_WINDOW, MIN_SPLITS)
     nq = _kivi_nq(n, R, K_G)

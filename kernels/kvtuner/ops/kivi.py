@@ -36,7 +36,7 @@ from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_pack
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _env_tuning, _f16_words_fit, _grid_splits, _load_chunks, _load_chunks_paged,
                                 _load_meta, _meta_words_fit, _offset_rows, _program_heads, _pv_chunks_loaded,
-                                _query_scale, _softmax_step, _sm_count, _sm_major, _split_width, _stage2,
+                                _query_scale, _softmax_step, _sm_count, _sm_major, _split_width, _stage2, pdl_on,
                                 _store_split, _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
@@ -640,6 +640,7 @@ def kivi_decode_attention(
     min_splits: int | None = None,
     grid_splits: int | None = None,
     stage2_vec: bool | None = None,
+    pdl: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -698,7 +699,8 @@ def kivi_decode_attention(
     empty; with 2, at most one a pair is.  Timed (H100, session 38, K2V2 at 1024 x 3k, 1 split): 4 / 2 / 1
     a pair 2-3% slower than the plain grid of 8, whose empty programs only store a log-sum-exp.
     ``stage2_vec``: as :func:`kvtuner.ops.decode_attention`'s (default off: the loop; one pass was 10%
-    slower there)."""
+    slower there).  ``pdl``: as
+    :func:`kvtuner.ops.decode_attention`'s (stage 2 a programmatic dependent launch; default off)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -714,6 +716,7 @@ def kivi_decode_attention(
         raise ValueError("attn_logits / attn_lse must have max_kv_splits in dim 2")
     if bsz == 0:
         return o
+    pdl = pdl_on(pdl, q)
     g = kf.group
     env = _env_tuning() if v_cache.fmt.quantized and packed_path is not False else {}
     eb = env.get("block_n", 0)  # the environment's tile only where it fits this pool's pages
@@ -823,13 +826,13 @@ def kivi_decode_attention(
         _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
             *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
-            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step,
+            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step, PDL=pdl,
             num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
                      **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
-    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec)
+    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
     return o
 
 
