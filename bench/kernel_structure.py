@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "kernels"))
 
 POINTERS = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Kr": "*bf16", "Vd": "*u8", "Vm": "*fp16", "kv_indptr": "*i32",
-            "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32"}
+            "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32", "num_kv_splits": "*i32",
+            "O": "*bf16", "Sem": "*i32"}
 
 
 def _compile(fn, consts: dict, num_warps: int, num_stages: int, arch: int, maxnreg: int = 0, ints: dict | None = None):
@@ -131,7 +132,8 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
     """The paged stage 1 with tokens on the MMA's M side (``decode_swapped``, ``swap``): 64-token
     tiles of pages of ``v_page``, the query heads on N in blocks of 8 (16 past 8 a KV head); the slot
     index loaded ``idx_ahead`` tiles ahead (``KS_V_BIAS=1``: ``decode_attention``'s ``v_bias``; ``KS_SPLITS``:
-    ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none)."""
+    ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none; ``KS_FUSED``: the programs a
+    block that count in its semaphore, ``fused``'s merge, 0 none)."""
     from kvtuner.format import TensorFormat
     from kvtuner.ops import decode_swapped as S
     from kvtuner.ops._common import fmt_constexprs, qmin_of
@@ -143,7 +145,8 @@ def compile_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_dim: i
                   **{"V_" + k: v for k, v in fmt_constexprs(vf).items()},
                   K_QMIN=qmin_of(kf), V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
                   PAIR=os.environ.get("KS_PAIR", "0") == "1", META_WORDS=os.environ.get("KS_META_WORDS", "1") == "1",
-                  V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1", GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")))
+                  V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1", GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")),
+                  FUSED=int(os.environ.get("KS_FUSED", "0")))
     consts["MAX_SPLITS"] = splits = int(os.environ.get("KS_SPLITS", "2"))
     consts["HQ"] = hq = kv_group * 4
     return _compile(S._decode_stage1_swapped, consts, num_warps, num_stages, arch, maxnreg,
@@ -159,7 +162,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     the meta as 16-bit loads; ``KS_IDX_AHEAD=2``: the pages' first slots 32 tiles at a time;
     ``KS_KEY_BIAS=1`` / ``KS_V_BIAS=1``: the key / value codes' bias off once a tile,
     ``kivi_decode_attention``'s ``key_bias`` / ``v_bias``; ``KS_RING_STAGES``: its ``ring_stages``, default
-    the variant's stages; ``KS_SPLITS``: ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none)."""
+    the variant's stages; ``KS_SPLITS``: ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none;
+    ``KS_FUSED``: as :func:`compile_swapped_stage1`'s)."""
     import torch
 
     from kvtuner.format import TensorFormat
@@ -181,7 +185,7 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")),
                   KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1", V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1",
                   RING_STAGES=int(os.environ.get("KS_RING_STAGES", str(num_stages))),
-                  GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")))
+                  GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")), FUSED=int(os.environ.get("KS_FUSED", "0")))
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

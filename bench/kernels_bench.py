@@ -322,6 +322,12 @@ def decode_case(args, batch, ctx, hq, hkv, d, cfg, sglang_fwd, device, sms):
             res.update(graph_ms=tg, graph_GBps=moved / tg / 1e6)
         if args.parts:
             res["graph_parts"] = graph_parts(ours)
+    if kf.quantized and vf.quantized and os.environ.get("KVTUNER_DECODE", "").strip():
+        # a tuned launch (the last replay's output, left in o) against the plain two-stage launch: a merge
+        # inside stage 1 (fused) or a dependent stage 2 (pdl) that raced would show here
+        o2 = torch.empty_like(o)
+        decode_attention(q, kc, vc, o2, indptr, idx, logits, lse, nsplit, ms, sm, pdl=False, fused=False)
+        res["vs_plain_max_abs_diff"] = float((o.float() - o2.float()).abs().max())
     if kf.quantized and vf.quantized and args.page >= 64:  # the swapped default launch raises the count to a floor
         from kvtuner.ops.decode import swap_default_warps, swap_min_splits
 

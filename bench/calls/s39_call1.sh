@@ -7,15 +7,17 @@
 #  2. Issue 3: the 64 x 8k rows with `kernels_bench.py --parts`: 20 graph replays of each decode under the torch
 #     profiler, so stage 1, stage 2 and the gap between them are apart (int4 at 28/4 is ~24 us over its bytes'
 #     time: 66.2% of HBM peak, 70% needs ~0.131 ms of 0.1386); then the same rows with stage 2 as a
-#     programmatic dependent launch of stage 1 (KVTUNER_DECODE's twentieth field, `pdl`, session 39; untimed).
-# Usage (carry .bundle):  GIT_SHA=<sha> L=450 bash bench/calls/s39_call1.sh
+#     programmatic dependent launch of stage 1 (KVTUNER_DECODE's twentieth field, `pdl`), and with no stage 2 at
+#     all, each block's last stage-1 program merging its splits (the twenty-first, `fused`); both session 39,
+#     untimed; each tuned row records its output's difference from the plain launch (vs_plain_max_abs_diff).
+# Usage (carry .bundle):  GIT_SHA=<sha> L=480 bash bench/calls/s39_call1.sh
 set -u
-O=${OUT:?}; L=${L:-450}; export GIT_SHA
+O=${OUT:?}; L=${L:-480}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 rm -f /tmp/stage/queue-done.txt
 OUT=$O/d DEADLINE=$((L - SECONDS - 270)) NEED=40 KBENCH_ARGS="--shapes 64x8192 --cfgs bf16,int8,int4,int2 --no-flashinfer --parts" \
-    KBENCH="full-p64 full-p64%,,,,,,,,,,,,,,,,,,,1" bash bench/run_single_gpu.sh e2e
+    KBENCH="full-p64 full-p64%,,,,,,,,,,,,,,,,,,,,1 full-p64%,,,,,,,,,,,,,,,,,,,1" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the kernel parts"
 (
   export PYTHONPATH=$PWD/kernels:/tmp/site PATH=/tmp/site/bin:$PATH FLASHINFER_WORKSPACE_BASE=/tmp

@@ -340,6 +340,8 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
     check(1)
     check(1, stage2_vec=True)  # (the splits merged in one pass instead of the loop over them)
     check(1, pdl=True)  # (stage 2 a programmatic dependent launch on Hopper; the plain launch elsewhere)
+    check(2, min_splits=2, fused=True)  # (no stage 2: each block's last program merges its splits)
+    check(1, fused=True, grid_splits=2)
     check(2, min_splits=2)
     check(ms, min_splits=20)  # (at most max_kv_splits)
     # a grid of fewer programs than max_kv_splits a pair: each takes every grid_splits-th split

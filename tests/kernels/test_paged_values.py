@@ -485,6 +485,16 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(run(pv, sum_later=False, stage2_vec=True), ref)
     # stage 2 as a programmatic dependent launch (CUDA on Hopper; elsewhere the plain launch): the same numbers
     assert_close(run(pv, swap=True, pdl=True), o, atol=1e-6, rtol=1e-6)
+    # no stage 2 (fused): each (request, KV-head block)'s last program merges its splits; with fewer programs a
+    # block, a split floor and two tiles a step; the semaphores are left at zero for the next call
+    import kvtuner.ops.decode as D
+
+    assert_close(run(pv, swap=True, fused=True), o, atol=1e-6, rtol=1e-6)
+    assert_close(run(pv, swap=True, fused=True, grid_splits=2, min_splits=3), ref)
+    assert_close(run(pv, swap=True, fused=True, pair=True, pdl=True), ref)
+    assert not D.semaphores(q.device, 1).any()
+    with pytest.raises(ValueError, match="fused is a form of the swapped decode"):
+        run(pv, swap=False, sum_later=False, fused=True)
     with pytest.raises(ValueError, match="grid_splits is a launch of the swapped decode"):
         run(pv, swap=False, sum_later=False, grid_splits=2)
     with pytest.raises(ValueError, match="grid_splits -1: 0"):

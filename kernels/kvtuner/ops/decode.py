@@ -283,6 +283,44 @@ def _decode_stage1(
 
 
 @triton.jit
+def _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   stride_ls, stride_b, stride_h, PROGRAMS: tl.constexpr, MAX_SPLITS: tl.constexpr,
+                   BLOCK_H: tl.constexpr, DV: tl.constexpr):
+    """Stage 2 inside stage 1 (``fused``): a stage-1 program that has stored its splits' results counts
+    itself in its (request, KV-head block)'s semaphore (``Sem [B, head blocks]`` int32, zero before the
+    call); the last of the block's ``PROGRAMS`` merges every split of its query heads into ``O`` as
+    :func:`_decode_stage2` does (same order, same arithmetic) and puts the semaphore back to zero for the
+    next call.  The barrier before the count and the count's release / acquire make the other programs'
+    rows visible to the merge; its loads bypass L1 (``.cg``)."""
+    tl.debug_barrier()
+    sem = Sem + b * tl.num_programs(1) + tl.program_id(1)
+    done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
+    if done == PROGRAMS - 1:
+        tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
+        offs_d = tl.arange(0, DV)
+        e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
+        e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, DV], dtype=tl.float32)
+        for s in range(0, MAX_SPLITS):
+            lse = tl.load(Att_Lse + b * stride_lb + heads * stride_lh + s * stride_ls, mask=mask_h,
+                          other=float("-inf"), cache_modifier=".cg")
+            if tl.max(lse, 0) > float("-inf"):  # (a split is live for all heads of the block or none)
+                tv = tl.load(Att_O + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+                             mask=mask_h[:, None], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(lse, e_max)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                old = tl.exp(e_max - m_safe)
+                w = tl.exp(lse - m_safe)
+                acc = acc * old[:, None] + w[:, None] * tv
+                e_sum = e_sum * old + w
+                e_max = m_new
+        has = e_sum > 0
+        out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
+        tl.store(O + b * stride_b + heads[:, None] * stride_h + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=mask_h[:, None])
+
+
+@triton.jit
 def _decode_stage2(
     Att_O,
     Att_Lse,
@@ -379,6 +417,37 @@ def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, 
     else:
         _decode_stage2[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4,
                                   **launch)
+
+
+_SEMAPHORES: dict = {}
+_SEMAPHORES_HELD: list = []
+
+
+def semaphores(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 semaphores for ``fused`` decodes on ``device``, at least ``n`` (requests x KV-head
+    blocks): one buffer a device shared by every call on its stream (each call leaves it zeroed), grown
+    when a call needs more and never freed, since a captured CUDA graph keeps the address of the buffer
+    it was captured with.  Decodes running side by side on two streams need buffers of their own
+    (``decode_attention``'s ``semaphores``)."""
+    t = _SEMAPHORES.get(str(device))
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _SEMAPHORES[str(device)] = t
+        _SEMAPHORES_HELD.append(t)
+    return t
+
+
+def _sem_arg(fused: bool, sems: torch.Tensor | None, q: torch.Tensor, n: int, dummy: torch.Tensor) -> torch.Tensor:
+    """The ``Sem`` argument of a swapped stage 1: the caller's semaphores (checked) or the device's
+    buffer where ``fused``, else ``dummy`` (an int32 tensor the kernel never reads)."""
+    if not fused:
+        return dummy
+    if sems is None:
+        return semaphores(q.device, n)
+    if sems.dtype != torch.int32 or sems.numel() < n or sems.device != q.device:
+        raise ValueError(f"semaphores must be int32 on {q.device} with at least {n} entries (requests x KV-head "
+                         f"blocks), got {sems.dtype} x {sems.numel()} on {sems.device}")
+    return sems
 
 
 def pdl_on(pdl: bool | None, q: torch.Tensor) -> bool:
@@ -1099,7 +1168,7 @@ def _meta_words_fit(kv: QuantKV) -> bool:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl,fused"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
@@ -1110,12 +1179,12 @@ def _env_tuning() -> dict:
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
                 "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias", "ring_stages",
-                "grid_splits", "stage2_vec", "pdl")
+                "grid_splits", "stage2_vec", "pdl", "fused")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
                              "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                             "grid_splits,stage2_vec,pdl (integers)")
+                             "grid_splits,stage2_vec,pdl,fused (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -1167,6 +1236,8 @@ def decode_attention(
     grid_splits: int | None = None,
     stage2_vec: bool | None = None,
     pdl: bool | None = None,
+    fused: bool | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1249,6 +1320,10 @@ def decode_attention(
       1024 x 3k 0.616 against 0.559 ms, int4 at 64 x 8k 0.1405 against 0.1367 ms.
     * ``pdl`` (``KVTUNER_DECODE``'s twentieth field; default off, untimed): stage 2 as a programmatic
       dependent launch of stage 1 (:func:`pdl_on`; CUDA on Hopper or later).
+    * ``fused`` (swapped form; ``KVTUNER_DECODE``'s twenty-first field; default off, untimed): no stage-2
+      kernel: the last stage-1 program of each (request, KV-head block) merges the splits
+      (:func:`_merge_if_last`), counted in ``semaphores`` (int32, at least requests x KV-head blocks,
+      zero before the call and after it; default: :func:`semaphores`' buffer for the device).
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1344,6 +1419,10 @@ def decode_attention(
             grid_splits = env.get("grid_splits", 0) if swap else 0
         if grid_splits and not swap:
             raise ValueError("grid_splits is a launch of the swapped decode (swap)")
+        if fused is None:  # (the environment's applies where the swapped form is launched)
+            fused = bool(env.get("fused", 0)) and bool(swap)
+        if fused and not swap:
+            raise ValueError("fused is a form of the swapped decode (swap)")
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -1365,6 +1444,9 @@ def decode_attention(
             w, mr = _paged_launch(k_cache.fmt, v_cache.fmt)
             num_warps = w if num_warps is None else num_warps
             maxnreg = mr if maxnreg is None else maxnreg
+    if fused and not packed:
+        raise ValueError("fused is a form of the swapped decode (swap)")
+    fused = bool(fused)
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
     valid_h = min(block_h, group)
@@ -1376,18 +1458,20 @@ def decode_attention(
 
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
         gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
-        _decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
+        blocks = triton.cdiv(hq, min(bh, group))
+        _decode_stage1_swapped[(bsz, blocks, gs)](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
             attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
             attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
+            o, _sem_arg(fused, semaphores, q, bsz * blocks, num_kv_splits), o.stride(0), o.stride(1),
             KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
             LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),
             V_PAGE=int(v_page), CODES_ASM=bool(codes_asm), IDX_AHEAD=int(idx_ahead),
             MIN_SPLITS=max(1, min(int(min_splits or 1), max_kv_splits)), PAIR=bool(pair),
-            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=grid_step, PDL=pdl,
+            META_WORDS=meta_words, V_BIAS=bool(v_bias), GRID_SPLITS=grid_step, PDL=pdl, FUSED=gs if fused else 0,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
@@ -1455,5 +1539,6 @@ def decode_attention(
             num_warps=num_warps,
             num_stages=num_stages,
         )
-    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
+    if not fused:
+        _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
     return o

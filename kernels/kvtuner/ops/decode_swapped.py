@@ -22,7 +22,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
-                                _masked_scores, _meta_rows, _paged_tile, _program_range, _query_scale, _split_width,
+                                _masked_scores, _merge_if_last, _meta_rows, _paged_tile, _program_range, _query_scale, _split_width,
                                 _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
@@ -353,20 +353,23 @@ def _decode_stage1_swapped(
     stride_kd_s, stride_kd_h, stride_km_s, stride_km_h,
     stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    O, Sem, stride_o_b, stride_o_h,
     KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
     V_BITS: tl.constexpr, V_D: tl.constexpr, V_G: tl.constexpr, V_ASYM: tl.constexpr,
     K_QMIN: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1,
     MIN_SPLITS: tl.constexpr = 1, PAIR: tl.constexpr = False, META_WORDS: tl.constexpr = False,
-    V_BIAS: tl.constexpr = False, GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False,
+    V_BIAS: tl.constexpr = False, GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False, FUSED: tl.constexpr = 0,
 ):
     """``PAIR``: two tiles a step (the second at ``n0 + BLOCK_N``, fully masked past the split's end),
     their scores independent of each other, one softmax step and one rescale of the accumulators for
     both (``_softmax_pv_t``'s ``TWO``); the slot indices of both are loaded a step ahead.
     ``GRID_SPLITS`` (0: the grid has ``MAX_SPLITS`` programs a (request, KV-head block)): a grid of that
     many, each taking splits split, split + GRID_SPLITS, ... (one past the request's count is empty).
-    ``PDL``: stage 2 is a programmatic dependent launch (``decode.pdl_on``): signal it as the program starts."""
+    ``PDL``: stage 2 is a programmatic dependent launch (``decode.pdl_on``): signal it as the program starts.
+    ``FUSED`` (the programs a (request, KV-head block); 0: off): no stage 2, the block's last program merges
+    the splits into ``O`` (``decode._merge_if_last``, semaphores ``Sem``)."""
     if PDL:
         gdc_launch_dependents()
     b, split, kv_head, heads, mask_h, start, s0, s1 = _program_range(
@@ -391,6 +394,9 @@ def _decode_stage1_swapped(
             b, split, kv_head, heads, mask_h, start, s0, s1,
             BLOCK_H, BLOCK_N, LOGIT_CAP, SLIDING_WINDOW, K_BITS, K_D, K_G, K_ASYM, V_BITS, V_D, V_G, V_ASYM,
             K_QMIN, V_PAGE, CODES_ASM, IDX_AHEAD, PAIR, META_WORDS, V_BIAS)
+    if FUSED > 0:
+        _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                       stride_ls, stride_o_b, stride_o_h, FUSED, MAX_SPLITS, BLOCK_H, V_D)
 
 
 @triton.jit
@@ -592,6 +598,7 @@ def _kivi_decode_stage1_swapped(
     stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
     stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_ls,
+    O, Sem, stride_o_b, stride_o_h,
     KV_GROUP: tl.constexpr, HQ: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MAX_SPLITS: tl.constexpr, LOGIT_CAP: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
     R: tl.constexpr, K_BITS: tl.constexpr, K_D: tl.constexpr, K_G: tl.constexpr, K_ASYM: tl.constexpr,
@@ -599,13 +606,13 @@ def _kivi_decode_stage1_swapped(
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
     V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
-    GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False,
+    GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False, FUSED: tl.constexpr = 0,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
     page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
     ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group).
-    ``PDL``: as :func:`_decode_stage1_swapped`'s."""
+    ``PDL``, ``FUSED``: as :func:`_decode_stage1_swapped`'s."""
     if PDL:
         gdc_launch_dependents()
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per = _kivi_program_range(
@@ -631,3 +638,6 @@ def _kivi_decode_stage1_swapped(
             stride_ls, b, split, kv_head, heads, mask_h, start, w0, s0, s1, nq,
             KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
             SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES)
+    if FUSED > 0:
+        _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                       stride_ls, stride_o_b, stride_o_h, FUSED, MAX_SPLITS, BLOCK_H, V_D)

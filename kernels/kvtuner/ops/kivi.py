@@ -36,7 +36,7 @@ from kvtuner.ops._common import (codes_f16, dot_in_f32, fetch_rows, mma, pv_pack
                                 row_strides, slot_rows, tanh_f32)
 from kvtuner.ops.decode import (_codes, _env_tuning, _f16_words_fit, _grid_splits, _load_chunks, _load_chunks_paged,
                                 _load_meta, _meta_words_fit, _offset_rows, _program_heads, _pv_chunks_loaded,
-                                _query_scale, _softmax_step, _sm_count, _sm_major, _split_width, _stage2, pdl_on,
+                                _query_scale, _sem_arg, _softmax_step, _sm_count, _sm_major, _split_width, _stage2, pdl_on,
                                 _store_split, _sums_init, _swap_launch)
 from kvtuner.ops.extend import _extend_program
 from kvtuner.ops.store import _quantize_head
@@ -641,6 +641,8 @@ def kivi_decode_attention(
     grid_splits: int | None = None,
     stage2_vec: bool | None = None,
     pdl: bool | None = None,
+    fused: bool | None = None,
+    semaphores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -699,8 +701,8 @@ def kivi_decode_attention(
     empty; with 2, at most one a pair is.  Timed (H100, session 38, K2V2 at 1024 x 3k, 1 split): 4 / 2 / 1
     a pair 2-3% slower than the plain grid of 8, whose empty programs only store a log-sum-exp.
     ``stage2_vec``: as :func:`kvtuner.ops.decode_attention`'s (default off: the loop; one pass was 10%
-    slower there).  ``pdl``: as
-    :func:`kvtuner.ops.decode_attention`'s (stage 2 a programmatic dependent launch; default off)."""
+    slower there).  ``pdl``, ``fused`` and ``semaphores``: as :func:`kvtuner.ops.decode_attention`'s (stage 2
+    a programmatic dependent launch, or merged by each block's last stage-1 program; default off)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -823,16 +825,23 @@ def kivi_decode_attention(
         if grid_splits is None:  # KVTUNER_DECODE's eighteenth field; 0: max_kv_splits
             grid_splits = env.get("grid_splits", 0)
         gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
-        _kivi_decode_stage1_swapped[(bsz, triton.cdiv(hq, min(bh, group)), gs)](
-            *args, BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
+        if fused is None:  # KVTUNER_DECODE's twenty-first field
+            fused = bool(env.get("fused", 0))
+        blocks = triton.cdiv(hq, min(bh, group))
+        _kivi_decode_stage1_swapped[(bsz, blocks, gs)](
+            *args, o, _sem_arg(bool(fused), semaphores, q, bsz * blocks, num_kv_splits), o.stride(0), o.stride(1),
+            BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
-            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step, PDL=pdl,
+            MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step, PDL=pdl, FUSED=gs if fused else 0,
             num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
+        if fused:
+            raise ValueError("fused is a form of the swapped per-channel decode (swap)")
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
                      **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
-    _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
+    if not fused:
+        _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
     return o
 
 
