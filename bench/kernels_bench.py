@@ -481,6 +481,7 @@ def main() -> int:
         "triton": triton.__version__,
         "git_sha": git_sha(),
         "argv": sys.argv,
+        "kvtuner_decode_env": os.environ.get("KVTUNER_DECODE", ""),  # launch settings of a tuned run (decode.py)
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "sglang": "available" if sglang_fwd is not None else sglang_status,
         "flashinfer": fi_status,
