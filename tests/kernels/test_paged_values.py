@@ -489,7 +489,7 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     # block, a split floor and two tiles a step; the semaphores are left at zero for the next call
     import kvtuner.ops.decode as D
 
-    assert_close(run(pv, swap=True, fused=True), o, atol=1e-6, rtol=1e-6)
+    assert_close(run(pv, swap=True, fused=True), o, atol=1e-5, rtol=1e-5)  # (one sum, not a running one)
     assert_close(run(pv, swap=True, fused=True, grid_splits=2, min_splits=3), ref)
     assert_close(run(pv, swap=True, fused=True, pair=True, pdl=True), ref)
     assert not D.semaphores(q.device, 1).any()

@@ -288,32 +288,34 @@ def _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_o
                    BLOCK_H: tl.constexpr, DV: tl.constexpr):
     """Stage 2 inside stage 1 (``fused``): a stage-1 program that has stored its splits' results counts
     itself in its (request, KV-head block)'s semaphore (``Sem [B, head blocks]`` int32, zero before the
-    call); the last of the block's ``PROGRAMS`` merges every split of its query heads into ``O`` as
-    :func:`_decode_stage2` does (same order, same arithmetic) and puts the semaphore back to zero for the
-    next call.  The barrier before the count and the count's release / acquire make the other programs'
-    rows visible to the merge; its loads bypass L1 (``.cg``)."""
+    call); the last of the block's ``PROGRAMS`` merges every split of its query heads into ``O`` and puts
+    the semaphore back to zero for the next call.  The barrier before the count and the count's release /
+    acquire make the other programs' rows visible to the merge; its loads bypass L1 (``.cg``).  The merge
+    takes two memory round trips, not two a split as :func:`_decode_stage2`'s loop: every split's
+    log-sum-exp in one ``[splits, heads]`` load, then each split's rows as loads masked off where its
+    weight is 0 (an empty split's row is never read), which do not wait on one another.  It sums
+    ``exp(lse_s - max) * row_s`` once instead of rescaling a running sum, so it rounds differently from
+    stage 2 (float32)."""
     tl.debug_barrier()
     sem = Sem + b * tl.num_programs(1) + tl.program_id(1)
     done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
     if done == PROGRAMS - 1:
         tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
+        SP: tl.constexpr = triton.next_power_of_2(MAX_SPLITS)
+        offs_s = tl.arange(0, SP)
         offs_d = tl.arange(0, DV)
-        e_max = tl.zeros([BLOCK_H], dtype=tl.float32) - float("inf")
-        e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+        lse = tl.load(Att_Lse + b * stride_lb + heads[None, :] * stride_lh + offs_s[:, None] * stride_ls,
+                      mask=(offs_s[:, None] < MAX_SPLITS) & mask_h[None, :], other=float("-inf"),
+                      cache_modifier=".cg")
+        m = tl.max(lse, 0)
+        w = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m)[None, :])  # (0 for an empty split)
+        e_sum = tl.sum(w, 0)
         acc = tl.zeros([BLOCK_H, DV], dtype=tl.float32)
-        for s in range(0, MAX_SPLITS):
-            lse = tl.load(Att_Lse + b * stride_lb + heads * stride_lh + s * stride_ls, mask=mask_h,
-                          other=float("-inf"), cache_modifier=".cg")
-            if tl.max(lse, 0) > float("-inf"):  # (a split is live for all heads of the block or none)
-                tv = tl.load(Att_O + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
-                             mask=mask_h[:, None], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(lse, e_max)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                old = tl.exp(e_max - m_safe)
-                w = tl.exp(lse - m_safe)
-                acc = acc * old[:, None] + w[:, None] * tv
-                e_sum = e_sum * old + w
-                e_max = m_new
+        for s in tl.static_range(MAX_SPLITS):
+            w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
+            tv = tl.load(Att_O + b * stride_ob + heads[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+                         mask=(mask_h & (w_s > 0))[:, None], other=0.0, cache_modifier=".cg")
+            acc += w_s[:, None] * tv
         has = e_sum > 0
         out = tl.where(has[:, None], acc / tl.where(has, e_sum, 1.0)[:, None], 0.0)
         tl.store(O + b * stride_b + heads[:, None] * stride_h + offs_d[None, :], out.to(O.dtype.element_ty),
