@@ -9,7 +9,9 @@
 #  2. Issue 7's served shape: per-channel K2V2 at 1024 x 3k, workspaces of 8, at 1/2/3 splits, plain / fused / pdl
 #     (bench/kivi_decode.py, checked against the reference): with no stage 2 a split may cost less than the wave
 #     tail that one split a pair leaves (4,096 programs on 1,584 slots).
-#  3. Issue 3's full table with `fused` (its header records KVTUNER_DECODE), for bench/results/kernels.json if it wins.
+#  3. Issue 7's int4 shape: the swapped per-token decode at 640 x 3k (int4 sym as served, and asym), 1-3 splits,
+#     plain and fused (bench/decode_sweep.py's split sweep).
+#  4. Issue 3's full table with `fused` (its header records KVTUNER_DECODE), for bench/results/kernels.json if it wins.
 # The served KV2 step's profile (bench/served_profile.py, ~270 s) moved to s39_call3.sh.
 # Usage (carry .bundle):  GIT_SHA=<sha> L=585 bash bench/calls/s39_call1.sh
 set -u
@@ -17,12 +19,15 @@ O=${OUT:?}; L=${L:-585}; export GIT_SHA
 OUT=$O/a bash bench/run_single_gpu.sh bundle > "$O/a.log" 2>&1 || { cat "$O/a.log"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 rm -f /tmp/stage/queue-done.txt
-OUT=$O/d DEADLINE=$((L - SECONDS - 260)) NEED=40 KBENCH_ARGS="--shapes 64x8192 --cfgs bf16,int8,int4,int2 --no-flashinfer --parts" \
+OUT=$O/d DEADLINE=$((L - SECONDS - 300)) NEED=40 KBENCH_ARGS="--shapes 64x8192 --cfgs bf16,int8,int4,int2 --no-flashinfer --parts" \
     KBENCH="full-p64 full-p64%,,,,,,,,,,,,,,,,,,,,1 full-p64%,,,,,,,,,,,,,,,,,,,1" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the 64 x 8k rows"
-OUT=$O/e DEADLINE=$((L - SECONDS - 190)) NEED=30 KBENCH="kivi-w1" KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072 KIVI_SPLITS=1,2,3 \
+OUT=$O/e DEADLINE=$((L - SECONDS - 250)) NEED=30 KBENCH="kivi-w1" KIVI_CFGS=K2V2 KIVI_SHAPES=1024x3072 KIVI_SPLITS=1,2,3 \
     KIVI_MAX_SPLITS=8 KIVI_VARIANTS="g8:;f:fused=1;p:pdl=1" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s after the K2V2 rows"
+OUT=$O/g DEADLINE=$((L - SECONDS - 190)) NEED=30 KBENCH="split-sweep split-sweep%,,,,,,,,,,,,,,,,,,,,1" SPLIT_CFGS=int4_sym,int4 \
+    SPLIT_SHAPES=640x3072 SPLIT_SPLITS=1,2,3 SPLIT_VT='1,3,1,0,0,1,0,1' bash bench/run_single_gpu.sh e2e
+echo "[t] $SECONDS s after the int4 rows"
 rm -f /tmp/stage/queue-done.txt  # (part d ran a job of the same name)
 OUT=$O/f DEADLINE=$((L - SECONDS - 5)) NEED=180 KBENCH="full-p64%,,,,,,,,,,,,,,,,,,,,1" bash bench/run_single_gpu.sh e2e
 echo "[t] $SECONDS s at the end"
