@@ -282,6 +282,10 @@ def _decode_stage1(
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
 
 
+# the most KV splits a fused decode merges (its log-sum-exps are one [MERGE_SPLITS, heads] load)
+MERGE_SPLITS = tl.constexpr(32)
+
+
 @triton.jit
 def _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                    stride_ls, stride_b, stride_h, PROGRAMS: tl.constexpr, MAX_SPLITS: tl.constexpr,
@@ -301,8 +305,7 @@ def _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_o
     done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
     if done == PROGRAMS - 1:
         tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")
-        SP: tl.constexpr = triton.next_power_of_2(MAX_SPLITS)
-        offs_s = tl.arange(0, SP)
+        offs_s = tl.arange(0, MERGE_SPLITS)  # (a literal bound: Triton 3.6's JIT refuses host helpers in kernels)
         offs_d = tl.arange(0, DV)
         lse = tl.load(Att_Lse + b * stride_lb + heads[None, :] * stride_lh + offs_s[:, None] * stride_ls,
                       mask=(offs_s[:, None] < MAX_SPLITS) & mask_h[None, :], other=float("-inf"),
@@ -439,11 +442,15 @@ def semaphores(device: torch.device, n: int) -> torch.Tensor:
     return t
 
 
-def _sem_arg(fused: bool, sems: torch.Tensor | None, q: torch.Tensor, n: int, dummy: torch.Tensor) -> torch.Tensor:
+def _sem_arg(fused: bool, sems: torch.Tensor | None, q: torch.Tensor, n: int, dummy: torch.Tensor,
+             max_kv_splits: int) -> torch.Tensor:
     """The ``Sem`` argument of a swapped stage 1: the caller's semaphores (checked) or the device's
-    buffer where ``fused``, else ``dummy`` (an int32 tensor the kernel never reads)."""
+    buffer where ``fused`` (at most ``MERGE_SPLITS`` splits), else ``dummy`` (an int32 tensor the kernel
+    never reads)."""
     if not fused:
         return dummy
+    if max_kv_splits > MERGE_SPLITS.value:
+        raise ValueError(f"fused merges at most {MERGE_SPLITS.value} KV splits, got max_kv_splits {max_kv_splits}")
     if sems is None:
         return semaphores(q.device, n)
     if sems.dtype != torch.int32 or sems.numel() < n or sems.device != q.device:
@@ -1467,7 +1474,7 @@ def decode_attention(
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
             attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2),
             attn_lse.stride(0), attn_lse.stride(1), attn_lse.stride(2),
-            o, _sem_arg(fused, semaphores, q, bsz * blocks, num_kv_splits), o.stride(0), o.stride(1),
+            o, _sem_arg(fused, semaphores, q, bsz * blocks, num_kv_splits, max_kv_splits), o.stride(0), o.stride(1),
             KV_GROUP=group, HQ=hq, BLOCK_H=bh, BLOCK_N=block_n, MAX_SPLITS=max_kv_splits,
             LOGIT_CAP=float(logit_cap), SLIDING_WINDOW=int(sliding_window),
             **_fmt_kwargs(k_cache, "K_"), **_fmt_kwargs(v_cache, "V_"), K_QMIN=qmin_of(k_cache.fmt),

@@ -829,7 +829,8 @@ def kivi_decode_attention(
             fused = bool(env.get("fused", 0))
         blocks = triton.cdiv(hq, min(bh, group))
         _kivi_decode_stage1_swapped[(bsz, blocks, gs)](
-            *args, o, _sem_arg(bool(fused), semaphores, q, bsz * blocks, num_kv_splits), o.stride(0), o.stride(1),
+            *args, o, _sem_arg(bool(fused), semaphores, q, bsz * blocks, num_kv_splits, max_kv_splits), o.stride(0),
+            o.stride(1),
             BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
             MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step, PDL=pdl, FUSED=gs if fused else 0,
