@@ -33,7 +33,7 @@ PTR = {"Q": "*bf16", "Kd": "*u8", "Km": "*fp16", "Kr": "*bf16", "Vd": "*u8", "Vm
        "kv_indptr": "*i32", "kv_indices": "*i64", "req_idx": "*i64", "Att_O": "*fp32", "Att_Lse": "*fp32",
        "num_kv_splits": "*i32", "K_new": "*bf16", "V_new": "*bf16", "slots": "*i64", "qo_indptr": "*i32",
        "prefix_lens": "*i32", "req_to_token": "*i32", "K_ext": "*bf16", "V_ext": "*bf16", "O": "*bf16",
-       "Out": "*fp32"}
+       "Out": "*fp32", "Sem": "*i32"}
 TARGET = GPUTarget("cuda", 90, 32)
 
 

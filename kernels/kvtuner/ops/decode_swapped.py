@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
-                                _masked_scores, _merge_if_last, _meta_rows, _paged_tile, _program_range, _query_scale, _split_width,
-                                _vcodes)
+                                _masked_scores, _merge_if_last, _meta_rows, _paged_tile, _program_range, _query_scale,
+                                _split_width, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
