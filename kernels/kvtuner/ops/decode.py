@@ -1430,8 +1430,6 @@ def decode_attention(
             raise ValueError("grid_splits is a launch of the swapped decode (swap)")
         if fused is None:  # (the environment's applies where the swapped form is launched)
             fused = bool(env.get("fused", 0)) and bool(swap)
-        if fused and not swap:
-            raise ValueError("fused is a form of the swapped decode (swap)")
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -1453,7 +1451,7 @@ def decode_attention(
             w, mr = _paged_launch(k_cache.fmt, v_cache.fmt)
             num_warps = w if num_warps is None else num_warps
             maxnreg = mr if maxnreg is None else maxnreg
-    if fused and not packed:
+    if fused and not (packed and swap):  # (the launch below: the swapped stage 1 of packed K and V)
         raise ValueError("fused is a form of the swapped decode (swap)")
     fused = bool(fused)
     num_warps = 4 if num_warps is None else num_warps
