@@ -96,10 +96,16 @@ PROMPTS = [
 
 
 def http(url: str, payload=None, timeout=600):
+    """The JSON answer of a GET (or, with ``payload``, a POST); a body that is not JSON comes back as
+    text (SGLang's ``/start_profile`` answers "Start profiling.")."""
     data = None if payload is None else json.dumps(payload).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read() or b"null")
+        body = r.read()
+    try:
+        return json.loads(body or b"null")
+    except ValueError:
+        return body.decode(errors="replace")
 
 
 _LIVE: list = []  # servers to stop however this process ends (timeout's SIGTERM included)
