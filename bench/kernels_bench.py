@@ -251,6 +251,21 @@ def flashinfer_decode(q, k, v, indptr, idx, hq: int, hkv: int, d: int):
     return (lambda: w.run(q, (kp, vp))), tc
 
 
+def fill_record(row: dict, max_splits: int) -> None:
+    """Under ``KVTUNER_DECODE``'s ``fill`` (decode.py): the resident programs the swapped launches of this head
+    layout found (``wave_slots``) and the split floor that gives this row (``fill_splits``)."""
+    from kvtuner.ops import decode as D
+
+    if not D._env_tuning().get("fill") or row["config"] == "bf16":
+        return
+    group = row["hq"] // row["hkv"]
+    slots = sorted({v for k, v in D._WAVE_SLOTS.items() if k[3] == group and k[4] == row["hq"]})
+    row["wave_slots"] = slots
+    if len(slots) == 1:
+        blocks = -(-row["hq"] // min(8 if group <= 8 else 16, group))
+        row["fill_splits"] = D.fill_splits(slots[0], row["batch"] * blocks, max_splits)
+
+
 def num_splits_for(batch: int, ctx: int, hq: int, hkv: int, sms: int, max_splits: int, device) -> tuple[int, str]:
     """The split count the server would give these requests: SGLang's own heuristic (its triton
     backend's ``get_num_kv_splits_triton``, what the patched server runs) where importable, else
@@ -502,6 +517,7 @@ def main() -> int:
             torch.cuda.empty_cache()
             r = {"skipped": f"OOM: {e}"[:200]}
         row = {"batch": b, "ctx": c, "hq": hq, "hkv": hkv, "d": d, "config": cfg, **r}
+        fill_record(row, args.max_splits)
         if "ms" in r:
             row["frac_hbm_peak"] = r["GBps"] * 1e9 / peak if peak == peak else None
             if "graph_GBps" in r:

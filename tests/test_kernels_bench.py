@@ -98,3 +98,24 @@ def test_graph_parts_splits_a_replay_into_its_kernels_and_gaps():
     ev2 = [{**e, "cat": "kernel", "name": fill} if e["cat"] == "gpu_memset" else e for e in ev]
     assert KB.parts_from_events(ev2) == p
     assert KB.parts_from_events([{"ph": "X", "cat": "cuda_runtime", "name": "x", "ts": 0, "dur": 1}]) is None
+
+
+def test_fill_record_names_the_split_floor(monkeypatch):
+    """Under KVTUNER_DECODE's fill a quantized row records the resident programs its launches found and the floor."""
+    from kvtuner.ops import decode as D
+
+    monkeypatch.setattr(D, "_ENV_TUNING", {"fill": 1})
+    monkeypatch.setattr(D, "_WAVE_SLOTS", {(0, "k", "v", 7, 28): 1320, (0, "k", "v", 4, 32): 1188})
+    row = {"config": "int4", "batch": 64, "hq": 28, "hkv": 4}
+    KB.fill_record(row, 8)
+    assert row["wave_slots"] == [1320] and row["fill_splits"] == 5
+    row = {"config": "int4", "batch": 64, "hq": 32, "hkv": 8}
+    KB.fill_record(row, 8)
+    assert row["wave_slots"] == [1188] and row["fill_splits"] == 2
+    bf = {"config": "bf16", "batch": 64, "hq": 28, "hkv": 4}
+    KB.fill_record(bf, 8)
+    assert "wave_slots" not in bf
+    monkeypatch.setattr(D, "_ENV_TUNING", {})
+    row = {"config": "int4", "batch": 64, "hq": 28, "hkv": 4}
+    KB.fill_record(row, 8)
+    assert "wave_slots" not in row

@@ -154,14 +154,15 @@ def test_decode_tuning_from_environment(device, monkeypatch):
                         (",,,,,,,,,,,,,0", {"meta_words": 0}), (",,,,,,,,,,,,,,1", {"key_bias": 1}),
                         (",,,,,,,,,,,,,,,1", {"v_bias": 1}), (",,,,,,,,,,,,,,,,1", {"ring_stages": 1}),
                         (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,1", {"stage2_vec": 1}),
-                        (",,,,,,,,,,,,,,,,,,,1", {"pdl": 1}), (",,,,,,,,,,,,,,,,,,,,1", {"fused": 1})):
+                        (",,,,,,,,,,,,,,,,,,,1", {"pdl": 1}), (",,,,,,,,,,,,,,,,,,,,1", {"fused": 1}),
+                        (",,,,,,,,,,,,,,,,,,,,,1", {"fill": 1})):
         monkeypatch.setattr(D, "_ENV_TUNING", None)
         monkeypatch.setenv("KVTUNER_DECODE", raw)
         assert D._env_tuning() == parsed, raw
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 22))
+    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 23))
     with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                                         "grid_splits,stage2_vec,pdl,fused"):
+                                         "grid_splits,stage2_vec,pdl,fused,fill"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")
@@ -222,3 +223,33 @@ def test_decode_v_transposed_pages_refuses_what_it_cannot_read(device):
         decode_attention(q, kc, vc.to_paged(16), *args, block_n=32)
     with pytest.raises(ValueError, match="whole pages"):
         make_cache(40, 1, kf, device, gen).to_paged(16)
+
+
+def test_fill_splits_fills_one_wave():
+    """``fill``: the split floor that keeps a swapped grid in one wave of the GPU's resident programs."""
+    from kvtuner.ops.decode import fill_splits
+
+    assert fill_splits(1320, 64 * 4, 8) == 5  # 64 x 8k, 28/4 heads, 10 one-warp programs on 132 SMs
+    assert fill_splits(1188, 64 * 4, 8) == 4  # 9 an SM: SGLang's 4 already
+    assert fill_splits(1320, 64 * 8, 8) == 2  # 32/8 heads
+    assert fill_splits(1320, 4096, 8) == 1  # more pairs than slots
+    assert fill_splits(1320, 1, 8) == 8  # the workspaces' count caps it
+    assert fill_splits(0, 0, 8) == 1
+
+
+def test_wave_slots_from_a_compiled_kernel(monkeypatch):
+    """Programs an SM by registers (256 a warp), shared memory (+1 KB a program) and warps, times the SMs; 0 where
+    the compiled kernel does not say (the interpreter)."""
+    from types import SimpleNamespace
+
+    from kvtuner.ops import decode as D
+
+    props = SimpleNamespace(regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+                            max_threads_per_multi_processor=2048, multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    k = SimpleNamespace(n_regs=192, metadata=SimpleNamespace(shared=21504))
+    assert D._wave_slots(k, 0, 1) == 10 * 132  # 192 registers: 10 by registers, 10 by shared memory
+    assert D._wave_slots(SimpleNamespace(n_regs=168, metadata=SimpleNamespace(shared=12288)), 0, 1) == 12 * 132
+    assert D._wave_slots(SimpleNamespace(n_regs=218, metadata=SimpleNamespace(shared=12288)), 0, 1) == 9 * 132
+    assert D._wave_slots(SimpleNamespace(n_regs=64, metadata=SimpleNamespace(shared=0)), 0, 4) == 8 * 132  # 8 by registers
+    assert D._wave_slots(None, 0, 1) == 0

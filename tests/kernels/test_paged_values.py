@@ -493,6 +493,12 @@ def test_swapped_decode_equals_the_reference(device, kb, vb, asym, page, hq, hkv
     assert_close(run(pv, swap=True, fused=True, grid_splits=2, min_splits=3), ref)
     assert_close(run(pv, swap=True, fused=True, pair=True, pdl=True), ref)
     assert not D.semaphores(q.device, 1).any()
+    # fill: the split floor from the GPU's resident programs (known from the second call of a launch on CUDA;
+    # the interpreter's launch keeps its floor): the same attention either way
+    for _ in range(2):
+        assert_close(run(pv, swap=True, fill=True), ref)
+    with pytest.raises(ValueError, match="fill is a launch of the swapped decode"):
+        run(pv, swap=False, sum_later=False, fill=True)
     with pytest.raises(ValueError, match="fused is a form of the swapped decode"):
         run(pv, swap=False, sum_later=False, fused=True)
     with pytest.raises(ValueError, match="grid_splits is a launch of the swapped decode"):

@@ -1174,10 +1174,42 @@ def _meta_words_fit(kv: QuantKV) -> bool:
     return nm not in (2, 4) or _f16_words_fit(kv.meta, nm)
 
 
+def fill_splits(slots: int, pairs: int, max_kv_splits: int) -> int:
+    """The most KV splits a request can take with every (request, KV-head block)'s programs in one wave of
+    ``slots`` resident programs (``pairs`` of them, one program a split), within ``[1, max_kv_splits]``.
+    Where a split's program is bound by its own chain of latencies (the swapped one-warp loop at a few
+    programs an SM), a shorter split is a shorter call while the grid stays one wave: at 64 x 8k with 28/4
+    heads SGLang's heuristic gives 4 splits, 1,024 programs, where an H100 holds 1,320 (10 an SM)."""
+    return max(1, min(max_kv_splits, slots // max(1, pairs)))
+
+
+_WAVE_SLOTS: dict = {}  # a swapped launch's key -> the programs the GPU holds at once (0: not known)
+
+
+def _wave_slots(compiled, device_index: int, num_warps: int) -> int:
+    """The programs of a compiled kernel the GPU holds at once: SMs x the fewest an SM holds by registers
+    (allocated 256 a warp), by shared memory (1 KB reserved a program) and by warps; 0 where the compiled
+    kernel or the device does not say."""
+    try:
+        regs = int(compiled.n_regs)
+        shared = int(getattr(compiled.metadata, "shared", getattr(compiled, "shared", 0)))
+        props = torch.cuda.get_device_properties(device_index)
+    except Exception:  # noqa: BLE001  (no compiled kernel: the interpreter, or another Triton)
+        return 0
+    if regs <= 0:
+        return 0
+    reg_file = int(getattr(props, "regs_per_multiprocessor", 65536))
+    smem = int(getattr(props, "shared_memory_per_multiprocessor", 233472))
+    max_warps = int(getattr(props, "max_threads_per_multi_processor", 2048)) // 32
+    warp_regs = -(-regs * 32 // 256) * 256
+    per_sm = min(reg_file // (warp_regs * num_warps), smem // (shared + 1024), max_warps // num_warps, 32)
+    return max(0, per_sm) * int(props.multi_processor_count)
+
+
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl,fused"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl,fused,fill"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
@@ -1188,12 +1220,12 @@ def _env_tuning() -> dict:
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
                 "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias", "ring_stages",
-                "grid_splits", "stage2_vec", "pdl", "fused")
+                "grid_splits", "stage2_vec", "pdl", "fused", "fill")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
                              "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                             "grid_splits,stage2_vec,pdl,fused (integers)")
+                             "grid_splits,stage2_vec,pdl,fused,fill (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 
@@ -1247,6 +1279,7 @@ def decode_attention(
     pdl: bool | None = None,
     fused: bool | None = None,
     semaphores: torch.Tensor | None = None,
+    fill: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention over the packed pool; writes and returns ``o [B, Hq, Dv]``.
 
@@ -1333,6 +1366,10 @@ def decode_attention(
       kernel: the last stage-1 program of each (request, KV-head block) merges the splits
       (:func:`_merge_if_last`), counted in ``semaphores`` (int32, at least requests x KV-head blocks,
       zero before the call and after it; default: :func:`semaphores`' buffer for the device).
+    * ``fill`` (swapped form; ``KVTUNER_DECODE``'s twenty-second field; default off, untimed): the split
+      floor raised so that the grid's live programs fill one wave of the GPU (:func:`fill_splits`; the
+      kernel's programs an SM read from its first compile for the launch, :func:`_wave_slots`); from the
+      second call of a launch on, CUDA only.
     * ``sum_later`` (packed path; default on, ``KVTUNER_DECODE``'s sixth field): the softmax sums
       and the asymmetric values' offset shares are kept per token and summed once after the loop,
       instead of a sum across the warps every tile (sm_90: fewer barriers and instructions in the
@@ -1430,6 +1467,8 @@ def decode_attention(
             raise ValueError("grid_splits is a launch of the swapped decode (swap)")
         if fused is None:  # (the environment's applies where the swapped form is launched)
             fused = bool(env.get("fused", 0)) and bool(swap)
+        if fill is None:  # (the environment's applies where the swapped form is launched)
+            fill = bool(env.get("fill", 0)) and bool(swap)
     elif block_n <= 0:
         block_n = _default_block_n(k_cache.fmt, v_cache.fmt)
     if v_page:
@@ -1453,6 +1492,8 @@ def decode_attention(
             maxnreg = mr if maxnreg is None else maxnreg
     if fused and not (packed and swap):  # (the launch below: the swapped stage 1 of packed K and V)
         raise ValueError("fused is a form of the swapped decode (swap)")
+    if fill and not (packed and swap):
+        raise ValueError("fill is a launch of the swapped decode (swap)")
     fused = bool(fused)
     num_warps = 4 if num_warps is None else num_warps
     num_stages = 2 if num_stages is None else num_stages
@@ -1466,7 +1507,15 @@ def decode_attention(
         bh = 8 if group <= 8 else 16  # query heads on the MMA's N side, in blocks of 8
         gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
         blocks = triton.cdiv(hq, min(bh, group))
-        _decode_stage1_swapped[(bsz, blocks, gs)](
+        launch_key = None
+        if fill and q.is_cuda:
+            launch_key = (q.device.index, k_cache.fmt, v_cache.fmt, group, hq, block_n, num_warps, num_stages,
+                          maxnreg, v_page, bool(codes_asm), idx_ahead, bool(pair), meta_words, bool(v_bias),
+                          gs, bool(fused))
+            slots = _WAVE_SLOTS.get(launch_key)
+            if slots:
+                min_splits = max(int(min_splits or 1), fill_splits(slots, bsz * blocks, max_kv_splits))
+        compiled = _decode_stage1_swapped[(bsz, blocks, gs)](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
             attn_logits, attn_lse, num_kv_splits, float(sm_scale),
             q.stride(0), q.stride(1), kds, kdh, kms, kmh, vds, vdh, vms, vmh,
@@ -1482,6 +1531,8 @@ def decode_attention(
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}),
         )
+        if launch_key is not None and launch_key not in _WAVE_SLOTS:
+            _WAVE_SLOTS[launch_key] = _wave_slots(compiled, q.device.index, num_warps)
     elif packed:
         _decode_stage1_packed[grid](
             q, k_cache.data, k_cache.meta, v_cache.data, v_cache.meta, kv_indptr, kv_indices,
