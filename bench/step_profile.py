@@ -37,7 +37,8 @@ FAMILIES = [
     # kvtuner.ops' kernels (_kivi_decode_stage1* included) and SGLang 0.5.17's triton decode kernels
     ("attention decode (kvtuner)", r"_decode_stage[12]"),
     ("attention decode (sglang triton)", r"_fwd_(grouped_)?kernel_stage[12]"),
-    ("attention (flashinfer/fa3)", r"flashinfer|BatchDecode|BatchPrefill|flash_fwd|FlashAttn"),
+    # (FlashInfer's own norms, flashinfer::norm::*, are norms: session 40's served profile counted them here)
+    ("attention (flashinfer/fa3)", r"flashinfer::(?!norm::)|BatchDecode|BatchPrefill|flash_fwd|FlashAttn"),
     ("kv store", r"_store(_tile)?_kernel|_kivi_(token|page)_kernel|set_kv|store_cache|copy_to_kv|reshape_and_cache"),
     ("gemm", r"gemm|sm90_xmma|cutlass|cublas|nvjet|Kernel2|matmul"),
     ("norm / activation / rope", r"rmsnorm|RMSNorm|silu|act_and_mul|rotary|rope|norm"),

@@ -37,3 +37,12 @@ def test_store_kernels_are_kv_store():
     """The per-token store's token-tile kernel and the per-channel store's kernels count as the KV store."""
     for name in ("_store_kernel", "_store_tile_kernel", "_kivi_page_kernel", "_kivi_token_kernel"):
         assert SP.family(name) == "kv store", name
+
+
+def test_flashinfer_norms_are_norms():
+    """FlashInfer's fused add-RMSNorm (served with every backend) is a norm, not FlashInfer attention."""
+    name = ("void flashinfer::norm::FusedAddRMSNormKernel<8u, __nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*, "
+            "__nv_bfloat16*, unsigned int, unsigned int, unsigned int, float,")
+    assert SP.family(name) == "norm / activation / rope"
+    assert SP.family("void flashinfer::BatchDecodeWithPagedKVCacheKernel<...>") == "attention (flashinfer/fa3)"
+    assert SP.family("void flashinfer::PrefillKernel<...>") == "attention (flashinfer/fa3)"
