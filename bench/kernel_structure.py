@@ -163,7 +163,7 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
     ``KS_KEY_BIAS=1`` / ``KS_V_BIAS=1``: the key / value codes' bias off once a tile,
     ``kivi_decode_attention``'s ``key_bias`` / ``v_bias``; ``KS_RING_STAGES``: its ``ring_stages``, default
     the variant's stages; ``KS_SPLITS``: ``max_kv_splits``, default 2; ``KS_GRID_SPLITS``: its ``grid_splits``, 0 none;
-    ``KS_FUSED``: as :func:`compile_swapped_stage1`'s)."""
+    ``KS_FUSED``: as :func:`compile_swapped_stage1`'s; ``KS_DIRECT=1``: ``kivi_decode_attention``'s ``direct``)."""
     import torch
 
     from kvtuner.format import TensorFormat
@@ -185,7 +185,8 @@ def compile_kivi_swapped_stage1(kb: int, vb: int, group: int, asym: bool, head_d
                   IDX_AHEAD=int(os.environ.get("KS_IDX_AHEAD", "1")),
                   KEY_BIAS=os.environ.get("KS_KEY_BIAS", "0") == "1", V_BIAS=os.environ.get("KS_V_BIAS", "0") == "1",
                   RING_STAGES=int(os.environ.get("KS_RING_STAGES", str(num_stages))),
-                  GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")), FUSED=int(os.environ.get("KS_FUSED", "0")))
+                  GRID_SPLITS=int(os.environ.get("KS_GRID_SPLITS", "0")), FUSED=int(os.environ.get("KS_FUSED", "0")),
+                  DIRECT=os.environ.get("KS_DIRECT", "0") == "1")
     kc = QuantKV.empty(2 * group, hkv, kf, device="cpu")
     vc = QuantKV.empty(2 * group, hkv, vf, device="cpu").to_paged(group)
     d = head_dim

@@ -111,7 +111,7 @@ def check(kb, vb, device, variants=None, vpage=False):
     for name, kw in variants.items():
         if vpage and kw.get("packed_path") == 0:
             continue  # (the general kernel reads paged values too, but is not what is timed here)
-        if any(kw.get(k) for k in ("key_bias", "v_bias", "grid_splits", "min_splits", "fused")) and "swap" not in kw:
+        if any(kw.get(k) for k in ("key_bias", "v_bias", "grid_splits", "min_splits", "fused", "direct")) and "swap" not in kw:
             kw = {**kw, "swap": 1}  # (forms of the swapped decode, which this small pool's grid would not launch)
         o = torch.empty(batch, hq, d, dtype=torch.float32, device=device)
         lg = torch.empty(batch, hq, 8, d, dtype=torch.float32, device=device)

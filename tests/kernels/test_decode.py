@@ -155,14 +155,14 @@ def test_decode_tuning_from_environment(device, monkeypatch):
                         (",,,,,,,,,,,,,,,1", {"v_bias": 1}), (",,,,,,,,,,,,,,,,1", {"ring_stages": 1}),
                         (",,,,,,,,,,,,,,,,,2", {"grid_splits": 2}), (",,,,,,,,,,,,,,,,,,1", {"stage2_vec": 1}),
                         (",,,,,,,,,,,,,,,,,,,1", {"pdl": 1}), (",,,,,,,,,,,,,,,,,,,,1", {"fused": 1}),
-                        (",,,,,,,,,,,,,,,,,,,,,1", {"fill": 1})):
+                        (",,,,,,,,,,,,,,,,,,,,,1", {"fill": 1}), (",,,,,,,,,,,,,,,,,,,,,,1", {"direct": 1})):
         monkeypatch.setattr(D, "_ENV_TUNING", None)
         monkeypatch.setenv("KVTUNER_DECODE", raw)
         assert D._env_tuning() == parsed, raw
     monkeypatch.setattr(D, "_ENV_TUNING", None)
-    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 23))
+    monkeypatch.setenv("KVTUNER_DECODE", ",".join(["1"] * 24))
     with pytest.raises(ValueError, match="idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                                         "grid_splits,stage2_vec,pdl,fused,fill"):
+                                         "grid_splits,stage2_vec,pdl,fused,fill,direct"):
         D._env_tuning()
     monkeypatch.setattr(D, "_ENV_TUNING", None)
     monkeypatch.setenv("KVTUNER_DECODE", "64,x")

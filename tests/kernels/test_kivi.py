@@ -348,6 +348,25 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
     check(1, grid_splits=1)
     check(2, min_splits=2, grid_splits=3)
     check(ms, min_splits=ms, grid_splits=2)
+    # direct: a request of one split written to o by stage 1 (no workspace row, no log-sum-exp; stage 2 skips it)
+    o, logits, lse = run(direct=True)
+    assert_close(o, ref, atol=4e-2)
+    for b, c in enumerate(counts):
+        if c == 1:
+            assert lse[b].isnan().all() and logits[b].isnan().all(), b  # nothing of it in the workspaces
+        else:
+            assert torch.isfinite(lse[b, :, 0]).all(), b
+    o2, _, _ = run(direct=True, min_splits=2, pdl=True)  # (a floor of 2: no request of one split)
+    assert_close(o2, ref, atol=4e-2)
+    o3, logits3, _ = run(direct=True, min_splits=1)
+    assert_close(o3, o, atol=0, rtol=0)
+    for kw in ({"fused": True}, {"grid_splits": 2}, {"stage2_vec": True}):
+        with pytest.raises(ValueError, match="direct writes one-split requests"):
+            run(direct=True, **kw)
+    monkeypatch.setattr(D, "_ENV_TUNING", {"direct": 1})
+    o4, logits4, _ = run()
+    assert_close(o4, o, atol=0, rtol=0)
+    assert logits4[0].isnan().all()
     monkeypatch.setattr(D, "_ENV_TUNING", {"min_splits": 3, "grid_splits": 2})
     check(3)
     with pytest.raises(ValueError, match="min_splits 0: at least 1"):

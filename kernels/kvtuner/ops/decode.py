@@ -62,12 +62,18 @@ def _program_range(kv_indptr, num_kv_splits, KV_GROUP: tl.constexpr, HQ: tl.cons
 
 
 @triton.jit
+def _n_splits(num_kv_splits, b, MIN_SPLITS: tl.constexpr, MAX_SPLITS: tl.constexpr):
+    """Request ``b``'s KV splits as the kernels take them: ``num_kv_splits[b]`` within ``[MIN_SPLITS,
+    MAX_SPLITS]``, at least 1."""
+    return tl.maximum(tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS), 1)
+
+
+@triton.jit
 def _split_width(num_kv_splits, b, seq_len, MIN_BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
                  MIN_SPLITS: tl.constexpr):
     """Tokens a KV split of request ``b`` covers (whole MIN_BLOCK tiles): its ``seq_len`` over
     ``num_kv_splits[b]`` splits, at least ``MIN_SPLITS``, at most ``MAX_SPLITS``."""
-    n_splits = tl.minimum(tl.maximum(tl.load(num_kv_splits + b), MIN_SPLITS), MAX_SPLITS)
-    n_splits = tl.maximum(n_splits, 1)
+    n_splits = _n_splits(num_kv_splits, b, MIN_SPLITS, MAX_SPLITS)
     return tl.cdiv(tl.cdiv(seq_len, n_splits), MIN_BLOCK) * MIN_BLOCK
 
 
@@ -341,30 +347,39 @@ def _decode_stage2(
     MAX_SPLITS: tl.constexpr,
     DV: tl.constexpr,
     PDL: tl.constexpr = False,
+    Num_kv_splits=None,
+    MIN_SPLITS: tl.constexpr = 1,
+    DIRECT: tl.constexpr = False,
 ):
     """``PDL``: launched as a programmatic dependent of stage 1 (:func:`_stage2`), so it waits for
-    stage 1's grid to finish before its first load."""
+    stage 1's grid to finish before its first load.  ``DIRECT``: a request of one split (``Num_kv_splits``
+    as stage 1 clamps it) was written to ``O`` by stage 1, and is skipped."""
     if PDL:
         gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    offs_d = tl.arange(0, DV)
-    e_max = float("-inf")
-    e_sum = 0.0
-    acc = tl.zeros([DV], dtype=tl.float32)
-    for s in range(0, MAX_SPLITS):
-        lse = tl.load(Att_Lse + b * stride_lb + h * stride_lh + s * stride_ls)
-        if lse > float("-inf"):
-            tv = tl.load(Att_O + b * stride_ob + h * stride_oh + s * stride_os + offs_d)
-            m_new = tl.maximum(lse, e_max)
-            old = tl.exp(e_max - m_new)
-            w = tl.exp(lse - m_new)
-            acc = acc * old + w * tv
-            e_sum = e_sum * old + w
-            e_max = m_new
-    has = e_sum > 0
-    out = tl.where(has, acc / tl.where(has, e_sum, 1.0), 0.0)
-    tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
+    if DIRECT:
+        run = _n_splits(Num_kv_splits, b, MIN_SPLITS, MAX_SPLITS) > 1
+    else:
+        run = True
+    if run:
+        offs_d = tl.arange(0, DV)
+        e_max = float("-inf")
+        e_sum = 0.0
+        acc = tl.zeros([DV], dtype=tl.float32)
+        for s in range(0, MAX_SPLITS):
+            lse = tl.load(Att_Lse + b * stride_lb + h * stride_lh + s * stride_ls)
+            if lse > float("-inf"):
+                tv = tl.load(Att_O + b * stride_ob + h * stride_oh + s * stride_os + offs_d)
+                m_new = tl.maximum(lse, e_max)
+                old = tl.exp(e_max - m_new)
+                w = tl.exp(lse - m_new)
+                acc = acc * old + w * tv
+                e_sum = e_sum * old + w
+                e_max = m_new
+        has = e_sum > 0
+        out = tl.where(has, acc / tl.where(has, e_sum, 1.0), 0.0)
+        tl.store(O + b * stride_b + h * stride_h + offs_d, out.to(O.dtype.element_ty))
 
 
 @triton.jit
@@ -405,21 +420,28 @@ def _grid_splits(grid_splits: int | None, max_kv_splits: int) -> tuple[int, int]
 
 
 def _stage2(attn_logits: torch.Tensor, attn_lse: torch.Tensor, o: torch.Tensor, max_kv_splits: int,
-            vec: bool | None = None, pdl: bool = False) -> None:
+            vec: bool | None = None, pdl: bool = False, direct_splits: tuple | None = None) -> None:
     """Stage 2 of a split-KV decode: merges the splits' results into ``o [B, Hq, Dv]``.  ``vec``
     (``KVTUNER_DECODE``'s nineteenth field, default off: the loop over splits, :func:`_decode_stage2`; 1:
     :func:`_decode_stage2_vec`, slower on the H100 in session 38).  ``pdl`` (:func:`pdl_on`): launched as a
-    programmatic dependent launch of stage 1, its programs waiting on the grid dependency."""
+    programmatic dependent launch of stage 1, its programs waiting on the grid dependency.
+    ``direct_splits`` (``(num_kv_splits, min_splits)``): stage 1 wrote the requests of one split to ``o``
+    (``direct``); the loop skips them (not with ``vec``)."""
     bsz, hq, dv = o.shape
     if vec is None:
         vec = bool(_env_tuning().get("stage2_vec", 0))
     strides = (attn_logits.stride(0), attn_logits.stride(1), attn_logits.stride(2), attn_lse.stride(0),
                attn_lse.stride(1), attn_lse.stride(2), o.stride(0), o.stride(1))
     launch = {"PDL": True, "launch_pdl": True} if pdl else {}
+    if vec and direct_splits is not None:
+        raise ValueError("direct skips one-split requests in the loop stage 2 (stage2_vec off)")
     if vec:
         _decode_stage2_vec[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits,
                                       SP=triton.next_power_of_2(max_kv_splits), DV=dv, num_warps=4, **launch)
     else:
+        if direct_splits is not None:
+            launch.update(Num_kv_splits=direct_splits[0], MIN_SPLITS=max(1, min(int(direct_splits[1]), max_kv_splits)),
+                          DIRECT=True)
         _decode_stage2[(bsz, hq)](attn_logits, attn_lse, o, *strides, MAX_SPLITS=max_kv_splits, DV=dv, num_warps=4,
                                   **launch)
 
@@ -1209,7 +1231,7 @@ def _wave_slots(compiled, device_index: int, num_warps: int) -> int:
 def _env_tuning() -> dict:
     """Launch settings of the packed path from the environment, for A/B runs of a served
     configuration without a code change:
-    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl,fused,fill"``
+    ``KVTUNER_DECODE="block_n,prefetch,num_warps,num_stages,codes_asm,sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,grid_splits,stage2_vec,pdl,fused,fill,direct"``
     (empty fields keep the default; ``codes_asm`` / ``sum_later`` / ``k_words`` / ``lazy`` / ``swap`` / ``pair`` / ``meta_words`` / ``key_bias`` / ``v_bias`` 1 or 0: on or off;
     ``maxnreg`` 0: no register cap; ``idx_ahead`` 0, 1 or 2 (2: the swapped form, else 1); see
     :func:`decode_attention`).  Read once."""
@@ -1220,12 +1242,12 @@ def _env_tuning() -> dict:
         raw = os.environ.get("KVTUNER_DECODE", "").strip()
         keys = ("block_n", "prefetch", "num_warps", "num_stages", "codes_asm", "sum_later", "maxnreg", "k_words",
                 "idx_ahead", "lazy", "swap", "min_splits", "pair", "meta_words", "key_bias", "v_bias", "ring_stages",
-                "grid_splits", "stage2_vec", "pdl", "fused", "fill")
+                "grid_splits", "stage2_vec", "pdl", "fused", "fill", "direct")
         vals = raw.split(",") if raw else []
         if len(vals) > len(keys) or any(v.strip() and not v.strip().isdigit() for v in vals):
             raise ValueError(f"KVTUNER_DECODE={raw!r}: expected block_n,prefetch,num_warps,num_stages,codes_asm,"
                              "sum_later,maxnreg,k_words,idx_ahead,lazy,swap,min_splits,pair,meta_words,key_bias,v_bias,ring_stages,"
-                             "grid_splits,stage2_vec,pdl,fused,fill (integers)")
+                             "grid_splits,stage2_vec,pdl,fused,fill,direct (integers)")
         _ENV_TUNING = {k: int(v) for k, v in zip(keys, vals) if v.strip()}
     return _ENV_TUNING
 

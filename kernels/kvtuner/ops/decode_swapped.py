@@ -22,8 +22,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from kvtuner.ops.decode import (_codes, _codes_asm, _codes_e, _exp, _f16_halves, _first_page, _key_consts, _load_chunks,
-                                _masked_scores, _merge_if_last, _meta_rows, _paged_tile, _program_range, _query_scale,
-                                _split_width, _vcodes)
+                                _masked_scores, _merge_if_last, _meta_rows, _n_splits, _paged_tile, _program_range,
+                                _query_scale, _split_width, _vcodes)
 from kvtuner.ops.kivi import _kivi_nq, _kivi_program_range
 
 
@@ -193,6 +193,18 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
         e_max = e_max * 0.6931471805599453
     lse = tl.where(has, e_max + tl.log(tl.where(has, e_sum, 1.0)), float("-inf"))
     tl.store(Att_Lse + b * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=mask_h)
+
+
+@triton.jit
+def _store_o_t(accs, e_sum, O, b, heads, mask_h, stride_o_b, stride_o_h, NK: tl.constexpr, VC: tl.constexpr):
+    """A request of one split (``direct``): its attention straight into ``O [B, Hq, Dv]`` (each value chunk's
+    ``[VC, heads]`` accumulator over the softmax sum; 0 where it saw no token), no stage-1 workspace."""
+    has = e_sum > 0
+    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    offs_vc = tl.arange(0, VC)
+    for k in tl.static_range(NK):
+        tl.store(O + b * stride_o_b + heads[None, :] * stride_o_h + k * VC + offs_vc[:, None],
+                 (accs[k] * inv[None, :]).to(O.dtype.element_ty), mask=mask_h[None, :])
 
 
 # tiles whose first slots idx_ahead 2 loads at once (one int32 a thread of a warp)
@@ -507,9 +519,12 @@ def _kivi_swapped_split(
     V_ASYM: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr,
     DOT_F32: tl.constexpr, META_WORDS: tl.constexpr, IDX_AHEAD: tl.constexpr, KEY_BIAS: tl.constexpr,
     V_BIAS: tl.constexpr, RING_STAGES: tl.constexpr,
+    O=None, stride_o_b=0, stride_o_h=0, one_split=False, DIRECT: tl.constexpr = False,
 ):
     """Split ``sp`` of a per-channel swapped program: positions ``[s0, s1)`` of request ``b`` (none where
-    ``s1 <= s0``: then only its -inf log-sum-exp is written), its result into the stage-1 workspaces."""
+    ``s1 <= s0``: then only its -inf log-sum-exp is written), its result into the stage-1 workspaces.
+    ``DIRECT`` and ``one_split`` (the request has one split): split 0 writes ``O`` itself and the others
+    nothing (stage 2 skips the request)."""
     KC: tl.constexpr = K_D * K_BITS // 8
     KNF: tl.constexpr = 8 // K_BITS
     VP: tl.constexpr = V_D * V_BITS // 8
@@ -588,8 +603,16 @@ def _kivi_swapped_split(
                                         VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
-    _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os, stride_lb,
-             stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+    if DIRECT:
+        if one_split:
+            if sp == 0:
+                _store_o_t(accs, e_sum, O, b, heads, mask_h, stride_o_b, stride_o_h, VNF * VNC, VC)
+        else:
+            _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os,
+                     stride_lb, stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+    else:
+        _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os, stride_lb,
+                 stride_lh, stride_ls, VNF * VNC, VC, LOG2)
 
 
 @triton.jit
@@ -606,13 +629,14 @@ def _kivi_decode_stage1_swapped(
     SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr = False, DOT_F32: tl.constexpr = False,
     META_WORDS: tl.constexpr = False, IDX_AHEAD: tl.constexpr = 1, KEY_BIAS: tl.constexpr = False,
     V_BIAS: tl.constexpr = False, RING_STAGES: tl.constexpr = 3, MIN_SPLITS: tl.constexpr = 1,
-    GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False, FUSED: tl.constexpr = 0,
+    GRID_SPLITS: tl.constexpr = 0, PDL: tl.constexpr = False, FUSED: tl.constexpr = 0, DIRECT: tl.constexpr = False,
 ):
     """The per-channel-keys decode (``kivi._kivi_decode_stage1_packed``'s arithmetic) with tokens on
     the MMA's M side: the packed pages' scores ``codes [tokens, bytes] x (q * s)^T [bytes, heads]`` (the
     page's channel scales folded into the ``[bytes, heads]`` query, 8 heads a block), the ring's
     ``keys [tokens, channels] x q^T``; values transposed within the key pages (``V_PAGE`` = the key group).
-    ``PDL``, ``FUSED``: as :func:`_decode_stage1_swapped`'s."""
+    ``PDL``, ``FUSED``: as :func:`_decode_stage1_swapped`'s; ``DIRECT``: a request of one split is written to ``O``
+    (its stage 2 skips it; not with ``GRID_SPLITS`` or ``FUSED``)."""
     if PDL:
         gdc_launch_dependents()
     b, split, kv_head, heads, mask_h, start, n, w0, s0, s1, per = _kivi_program_range(
@@ -631,13 +655,17 @@ def _kivi_decode_stage1_swapped(
                 KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
                 SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES)
     else:  # (not folded into the loop above: the timed default compiles without a loop around the body)
+        one = False
+        if DIRECT:
+            one = _n_splits(num_kv_splits, b, MIN_SPLITS, MAX_SPLITS) == 1
         _kivi_swapped_split(
             Q, Kd, Km, Kr, Vd, Vm, kv_indices, req_idx, Att_O, Att_Lse, sm_scale,
             stride_qb, stride_qh, stride_kd_s, stride_kd_h, stride_km_p, stride_km_h, stride_kr_s, stride_kr_h,
             stride_vd_s, stride_vd_h, stride_vm_s, stride_vm_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
             stride_ls, b, split, kv_head, heads, mask_h, start, w0, s0, s1, nq,
             KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
-            SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES)
+            SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES,
+            O, stride_o_b, stride_o_h, one, DIRECT)
     if FUSED > 0:
         _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                        stride_ls, stride_o_b, stride_o_h, FUSED, MAX_SPLITS, BLOCK_H, V_D)

@@ -643,6 +643,7 @@ def kivi_decode_attention(
     pdl: bool | None = None,
     fused: bool | None = None,
     semaphores: torch.Tensor | None = None,
+    direct: bool | None = None,
 ) -> torch.Tensor:
     """Decode attention with per-channel keys; same convention as
     :func:`kvtuner.ops.decode_attention` plus the ring of each request (``req_idx [B]``).
@@ -702,7 +703,10 @@ def kivi_decode_attention(
     a pair 2-3% slower than the plain grid of 8, whose empty programs only store a log-sum-exp.
     ``stage2_vec``: as :func:`kvtuner.ops.decode_attention`'s (default off: the loop; one pass was 10%
     slower there).  ``pdl``, ``fused`` and ``semaphores``: as :func:`kvtuner.ops.decode_attention`'s (stage 2
-    a programmatic dependent launch, or merged by each block's last stage-1 program; default off)."""
+    a programmatic dependent launch, or merged by each block's last stage-1 program; default off).
+    ``direct`` (swapped form; ``KVTUNER_DECODE``'s twenty-third field; default off, untimed): a request of one
+    KV split (SGLang's count at a large batch of similar lengths) is written to ``o`` by its stage-1 program,
+    with no workspace rows and no log-sum-exps, and stage 2 skips it (it still runs for the others)."""
     kf = _check_kivi(k_cache, k_resid, residual_length)
     _check_v_page(v_cache, kf.group)
     bsz, hq, dk = q.shape
@@ -827,6 +831,11 @@ def kivi_decode_attention(
         gs, grid_step = _grid_splits(grid_splits, max_kv_splits)
         if fused is None:  # KVTUNER_DECODE's twenty-first field
             fused = bool(env.get("fused", 0))
+        if direct is None:  # KVTUNER_DECODE's twenty-third field
+            direct = bool(env.get("direct", 0))
+        if direct and (fused or grid_step or stage2_vec or (stage2_vec is None and env.get("stage2_vec"))):
+            raise ValueError("direct writes one-split requests past the loop stage 2: not with fused, grid_splits "
+                             "or stage2_vec")
         blocks = triton.cdiv(hq, min(bh, group))
         _kivi_decode_stage1_swapped[(bsz, blocks, gs)](
             *args, o, _sem_arg(bool(fused), semaphores, q, bsz * blocks, num_kv_splits, max_kv_splits), o.stride(0),
@@ -834,15 +843,18 @@ def kivi_decode_attention(
             BLOCK_H=bh, **common, **vc, CODES_ASM=bool(codes_asm), META_WORDS=words,
             IDX_AHEAD=int(idx_ahead), KEY_BIAS=bool(key_bias), V_BIAS=bool(v_bias), RING_STAGES=int(ring_stages),
             MIN_SPLITS=min(int(min_splits), max_kv_splits), GRID_SPLITS=grid_step, PDL=pdl, FUSED=gs if fused else 0,
-            num_warps=num_warps,
+            DIRECT=bool(direct), num_warps=num_warps,
             **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     else:
         if fused:
             raise ValueError("fused is a form of the swapped per-channel decode (swap)")
+        if direct:
+            raise ValueError("direct is a form of the swapped per-channel decode (swap)")
         kernel[grid](*args, BLOCK_H=block_h, **common, **_v_constexprs(v_cache.fmt), **fast, num_warps=num_warps,
                      **({"maxnreg": int(maxnreg)} if maxnreg and q.is_cuda else {}))
     if not fused:
-        _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl)
+        _stage2(attn_logits, attn_lse, o, max_kv_splits, stage2_vec, pdl,
+                direct_splits=(num_kv_splits, min_splits) if direct else None)
     return o
 
 
