@@ -325,7 +325,8 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
         return -(-a // b)
 
     def check(floor, **kw):
-        o, logits, lse = run(**kw)
+        o, logits, lse = run(**({"direct": False} if not any(k in kw for k in ("fused", "grid_splits", "stage2_vec"))
+                                 else {}), **kw)
         assert_close(o, ref, atol=4e-2)
         for b, (c, n) in enumerate(zip(counts, lens)):
             n_splits = min(max(c, floor), ms)
@@ -358,15 +359,18 @@ def test_kivi_swapped_min_splits_and_empty_splits(device, monkeypatch):
             assert torch.isfinite(lse[b, :, 0]).all(), b
     o2, _, _ = run(direct=True, min_splits=2, pdl=True)  # (a floor of 2: no request of one split)
     assert_close(o2, ref, atol=4e-2)
-    o3, logits3, _ = run(direct=True, min_splits=1)
+    o3, logits3, _ = run(min_splits=1)  # (the default: on where the loop stage 2 runs)
     assert_close(o3, o, atol=0, rtol=0)
+    assert logits3[0].isnan().all()
     for kw in ({"fused": True}, {"grid_splits": 2}, {"stage2_vec": True}):
         with pytest.raises(ValueError, match="direct writes one-split requests"):
             run(direct=True, **kw)
-    monkeypatch.setattr(D, "_ENV_TUNING", {"direct": 1})
-    o4, logits4, _ = run()
-    assert_close(o4, o, atol=0, rtol=0)
-    assert logits4[0].isnan().all()
+    monkeypatch.setattr(D, "_ENV_TUNING", {"direct": 0})  # (KVTUNER_DECODE's twenty-third field 0: off)
+    o4, logits4, lse4 = run()
+    assert_close(o4, ref, atol=4e-2)
+    assert torch.isfinite(lse4[0, :, 0]).all() and torch.isfinite(logits4[0, :, 0]).all()
+    monkeypatch.setattr(D, "_ENV_TUNING", {"stage2_vec": 1})  # (then off by default, with no error)
+    assert_close(run()[0], ref, atol=4e-2)
     monkeypatch.setattr(D, "_ENV_TUNING", {"min_splits": 3, "grid_splits": 2})
     check(3)
     with pytest.raises(ValueError, match="min_splits 0: at least 1"):
