@@ -1201,7 +1201,8 @@ def fill_splits(slots: int, pairs: int, max_kv_splits: int) -> int:
     ``slots`` resident programs (``pairs`` of them, one program a split), within ``[1, max_kv_splits]``.
     Where a split's program is bound by its own chain of latencies (the swapped one-warp loop at a few
     programs an SM), a shorter split is a shorter call while the grid stays one wave: at 64 x 8k with 28/4
-    heads SGLang's heuristic gives 4 splits, 1,024 programs, where an H100 holds 1,320 (10 an SM)."""
+    heads SGLang's heuristic gives 4 splits, 1,024 programs, where an H100 holds 1,320 (10 an SM).  That was
+    the idea; timed, the fifth split there cost 23% (session 40, ``bench/NOTES-decode.md``), so ``fill`` is off."""
     return max(1, min(max_kv_splits, slots // max(1, pairs)))
 
 
