@@ -179,12 +179,19 @@ def _scores_t(k_raw, k_mt, qs, kconst, qsums, q_scale, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
+def _inv_sum(e_sum):
+    """``1 / e_sum`` where the softmax saw a token, else 0 (a split or request with none stores zeros)."""
+    has = e_sum > 0
+    return tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+
+
+@triton.jit
 def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride_ob, stride_oh, stride_os, stride_lb,
              stride_lh, stride_ls, NK: tl.constexpr, VC: tl.constexpr, LOG2: tl.constexpr):
     """A swapped form's stage-1 result of one split: each value chunk's ``[VC, heads]`` accumulator over
     the softmax sum, and the log-sum-exp (``LOG2``: ``e_max`` in base-2 units)."""
     has = e_sum > 0
-    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    inv = _inv_sum(e_sum)
     offs_vc = tl.arange(0, VC)
     for k in tl.static_range(NK):  # (an empty split's rows are not written: stage 2 skips a -inf log-sum-exp)
         tl.store(Att_O + b * stride_ob + heads[None, :] * stride_oh + split * stride_os + k * VC + offs_vc[:, None],
@@ -199,8 +206,7 @@ def _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, split, stride
 def _store_o_t(accs, e_sum, O, b, heads, mask_h, stride_o_b, stride_o_h, NK: tl.constexpr, VC: tl.constexpr):
     """A request of one split (``direct``): its attention straight into ``O [B, Hq, Dv]`` (each value chunk's
     ``[VC, heads]`` accumulator over the softmax sum; 0 where it saw no token), no stage-1 workspace."""
-    has = e_sum > 0
-    inv = tl.where(has, 1.0 / tl.where(has, e_sum, 1.0), 0.0)
+    inv = _inv_sum(e_sum)
     offs_vc = tl.arange(0, VC)
     for k in tl.static_range(NK):
         tl.store(O + b * stride_o_b + heads[None, :] * stride_o_h + k * VC + offs_vc[:, None],
@@ -519,12 +525,12 @@ def _kivi_swapped_split(
     V_ASYM: tl.constexpr, SPLIT_Q: tl.constexpr, V_PAGE: tl.constexpr, CODES_ASM: tl.constexpr,
     DOT_F32: tl.constexpr, META_WORDS: tl.constexpr, IDX_AHEAD: tl.constexpr, KEY_BIAS: tl.constexpr,
     V_BIAS: tl.constexpr, RING_STAGES: tl.constexpr,
-    O=None, stride_o_b=0, stride_o_h=0, one_split=False, DIRECT: tl.constexpr = False,
+    O=None, stride_o_b=0, stride_o_h=0, one_split=False,
 ):
     """Split ``sp`` of a per-channel swapped program: positions ``[s0, s1)`` of request ``b`` (none where
     ``s1 <= s0``: then only its -inf log-sum-exp is written), its result into the stage-1 workspaces.
-    ``DIRECT`` and ``one_split`` (the request has one split): split 0 writes ``O`` itself and the others
-    nothing (stage 2 skips the request)."""
+    ``one_split`` (``direct``, and the request has one split): split 0 writes ``O`` itself and the others
+    nothing (stage 2 skips the request); a constant False without ``direct``."""
     KC: tl.constexpr = K_D * K_BITS // 8
     KNF: tl.constexpr = 8 // K_BITS
     VP: tl.constexpr = V_D * V_BITS // 8
@@ -603,13 +609,9 @@ def _kivi_swapped_split(
                                         VNC, VC, VNM, V_PAGE, BLOCK_N, META_WORDS)
                 e_max, e_sum, accs = _softmax_pv_t(qk, mask_n, mask_h, e_max, e_sum, accs, v_raw, v_mt, sm_scale,
                                                    LOGIT_CAP, LOG2, V_D, V_G, V_BITS, V_ASYM, CODES_ASM, V_BIAS=V_BIAS)
-    if DIRECT:
-        if one_split:
-            if sp == 0:
-                _store_o_t(accs, e_sum, O, b, heads, mask_h, stride_o_b, stride_o_h, VNF * VNC, VC)
-        else:
-            _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os,
-                     stride_lb, stride_lh, stride_ls, VNF * VNC, VC, LOG2)
+    if one_split:
+        if sp == 0:
+            _store_o_t(accs, e_sum, O, b, heads, mask_h, stride_o_b, stride_o_h, VNF * VNC, VC)
     else:
         _store_t(accs, e_max, e_sum, Att_O, Att_Lse, b, heads, mask_h, sp, stride_ob, stride_oh, stride_os, stride_lb,
                  stride_lh, stride_ls, VNF * VNC, VC, LOG2)
@@ -665,7 +667,7 @@ def _kivi_decode_stage1_swapped(
             stride_ls, b, split, kv_head, heads, mask_h, start, w0, s0, s1, nq,
             KV_GROUP, HQ, BLOCK_H, BLOCK_N, LOGIT_CAP, R, K_BITS, K_D, K_G, K_ASYM, K_QMIN, V_BITS, V_D, V_G, V_ASYM,
             SPLIT_Q, V_PAGE, CODES_ASM, DOT_F32, META_WORDS, IDX_AHEAD, KEY_BIAS, V_BIAS, RING_STAGES,
-            O, stride_o_b, stride_o_h, one, DIRECT)
+            O, stride_o_b, stride_o_h, one)
     if FUSED > 0:
         _merge_if_last(Att_O, Att_Lse, O, Sem, b, heads, mask_h, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                        stride_ls, stride_o_b, stride_o_h, FUSED, MAX_SPLITS, BLOCK_H, V_D)
